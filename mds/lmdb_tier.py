@@ -1,0 +1,1067 @@
+"""Disk tier: the recent candles of every series in one LMDB environment.
+
+LMDB maps the file into every process that opens the store path, so a process that starts cold
+reads the last month of a series at memory-map speed, and many reader processes share one copy
+in the page cache with a single writer. The tier is a cache in front of SQLite: everything in it
+can be rebuilt from SQLite, which is why it favours speed over durability and why damage to it
+(a corrupt, truncated or deleted file) is repaired by starting empty rather than by failing.
+
+Layout (see docs/ARCHITECTURE.md, "Disk tier (LMDB)"):
+
+- ``chunks`` database: key ``series key + period start`` (so keys sort by series, then time and
+  a range is one cursor walk); value ``[H, M] + msgpack([version, rows, written_at]) + padding +
+  raw CANDLE_DTYPE rows`` (H is the header length, a multiple of 8, so rows in overflow pages are
+  8-byte aligned; M is the msgpack length).
+- ``held`` database: key ``series key``; value ``msgpack([version, [s0, e0, s1, e1, ...]])``,
+  the half-open ranges the tier holds in full. Chunks and held ranges change in one write
+  transaction, so readers in other processes see both or neither.
+- ``meta`` database: the on-disk format version.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import lmdb
+import msgpack
+import numpy as np
+
+from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
+from mds.errors import StorageUnavailableError
+from mds.timeframes import DAY_MS, HOUR_MS, Timeframe
+from mds.timeutil import now_ms
+
+__all__ = ["CHUNK_PERIOD_MS", "FORMAT_VERSION", "LmdbTier"]
+
+log = logging.getLogger(__name__)
+
+#: On-disk format of this module; bump it when a key or value layout changes. An environment
+#: with another version is cleared on open (it is a cache: SQLite refills it).
+FORMAT_VERSION = 1
+
+#: Chunk period per timeframe: about 500 to 4000 rows (30 to 220 KiB) a chunk, so a
+#: 1,000-candle read touches one to three values and an append rewrites at most one chunk.
+#: Periods are aligned to the epoch (a multiple of whole UTC days, or of an hour for 1s).
+CHUNK_PERIOD_MS: dict[str, int] = {
+    "1s": HOUR_MS,
+    "1m": DAY_MS,
+    "3m": 2 * DAY_MS,
+    "5m": 4 * DAY_MS,
+    "10m": 8 * DAY_MS,
+    "15m": 8 * DAY_MS,
+    "30m": 16 * DAY_MS,
+    "1h": 32 * DAY_MS,
+    "4h": 128 * DAY_MS,
+    "1d": 4096 * DAY_MS,
+    "1w": 4096 * DAY_MS,
+    "1M": 4096 * DAY_MS,
+}
+
+_ROW = CANDLE_DTYPE.itemsize
+_MiB = 1 << 20
+_KEY = struct.Struct(">Q")
+_OFFSET = 1 << 63  # period start as unsigned big-endian: byte order == time order
+_MAX_HELD_INTS = 2_000_000  # a million disjoint ranges per series is far past any real use
+_MAX_ROWS = 1 << 26  # sanity bound on a chunk header's row count
+_DATA = "data.mdb"
+_LOCK = "lock.mdb"
+_RECREATE_LOCK = "recreate.lock"
+_CORRUPTION = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.PanicError,
+    lmdb.BadValsizeError,
+)
+
+Loader = Callable[[str, Timeframe, int, int], np.ndarray]
+
+
+class _Corrupt(Exception):
+    """A value or a file that cannot be what this module wrote."""
+
+
+# -- value codecs --------------------------------------------------------------------------------
+
+
+def _pack_chunk(rows: np.ndarray, written_at: int) -> bytes:
+    head = msgpack.packb([FORMAT_VERSION, len(rows), int(written_at)])
+    m = len(head)
+    h = (m + 2 + 7) & ~7
+    raw = np.ascontiguousarray(rows).view(np.uint8)
+    return b"".join((bytes((h, m)), head, bytes(h - 2 - m), raw.data))
+
+
+def _chunk_header(val: Any) -> tuple[int, int, int]:
+    """``(header length, rows, written_at)`` of a chunk value, checked against its size."""
+    size = len(val)
+    if size < 8:
+        raise _Corrupt("chunk value too short")
+    h, m = val[0], val[1]
+    if h & 7 or m + 2 > h or h > size:
+        raise _Corrupt("bad chunk header length")
+    try:
+        head = msgpack.unpackb(
+            val[2 : 2 + m], max_array_len=8, max_map_len=0, max_str_len=0, max_bin_len=0, max_ext_len=0
+        )
+    except (ValueError, TypeError) as exc:  # msgpack's errors derive from these
+        raise _Corrupt(f"unreadable chunk header: {exc}") from None
+    if type(head) is not list or len(head) != 3 or head[0] != FORMAT_VERSION:
+        raise _Corrupt("chunk header of another format")
+    n, written = head[1], head[2]
+    if type(n) is not int or type(written) is not int or not 0 < n <= _MAX_ROWS or h + n * _ROW != size:
+        raise _Corrupt("chunk header does not match its size")
+    return h, n, written
+
+
+def _chunk_rows(val: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Zero-copy ``(raw rows, ts view, written_at)`` of a chunk value (valid while its txn lives)."""
+    h, n, written = _chunk_header(val)
+    raw = np.frombuffer(val, dtype=CANDLE_RAW, count=n, offset=h)
+    ts = np.ndarray((n,), dtype="<i8", buffer=val, offset=h, strides=(_ROW,))
+    return raw, ts, written
+
+
+def _pack_held(flat: list[int]) -> bytes:
+    return msgpack.packb([FORMAT_VERSION, flat])
+
+
+def _unpack_held(val: Any) -> list[int]:
+    try:
+        obj = msgpack.unpackb(
+            val, max_array_len=_MAX_HELD_INTS, max_map_len=0, max_str_len=0, max_bin_len=0, max_ext_len=0
+        )
+    except (ValueError, TypeError) as exc:
+        raise _Corrupt(f"unreadable held ranges: {exc}") from None
+    if type(obj) is not list or len(obj) != 2 or obj[0] != FORMAT_VERSION or type(obj[1]) is not list:
+        raise _Corrupt("held ranges of another format")
+    flat: list[int] = obj[1]
+    if len(flat) % 2 or any(type(x) is not int for x in flat):
+        raise _Corrupt("held ranges are not pairs of ints")
+    if any(a >= b for a, b in itertools.pairwise(flat)):
+        raise _Corrupt("held ranges are not sorted and disjoint")
+    return flat
+
+
+# -- interval sets as flat sorted lists [s0, e0, s1, e1, ...] (strictly increasing) ----------------
+# Held sets have a handful of ranges; plain lists beat numpy arrays at that size.
+
+
+def _contains(flat: list[int], start: int, end: int) -> bool:
+    i = bisect.bisect_right(flat, start)
+    return bool(i & 1) and end <= flat[i]
+
+
+def _union(flat: list[int], start: int, end: int) -> list[int]:
+    if start >= end:
+        return flat
+    lo = bisect.bisect_left(flat, start)  # ranges ending before start stay (adjacent ones merge)
+    hi = bisect.bisect_right(flat, end)
+    if lo & 1:
+        start = flat[lo - 1]
+        lo -= 1
+    if hi & 1:
+        end = flat[hi]
+        hi += 1
+    return [*flat[:lo], start, end, *flat[hi:]]
+
+
+def _subtract(flat: list[int], start: int, end: int) -> list[int]:
+    if start >= end:
+        return flat
+    out: list[int] = []
+    for i in range(0, len(flat), 2):
+        a, b = flat[i], flat[i + 1]
+        if b <= start or a >= end:
+            out += (a, b)
+            continue
+        if a < start:
+            out += (a, start)
+        if b > end:
+            out += (end, b)
+    return out
+
+
+def _intersect(flat: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    out = []
+    for i in range(0, len(flat), 2):
+        a, b = max(flat[i], start), min(flat[i + 1], end)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _covering(flat: list[int], t: int) -> tuple[int, int] | None:
+    """The held range ``[a, b)`` with ``a <= t < b``."""
+    i = bisect.bisect_right(flat, t)
+    return (flat[i - 1], flat[i]) if i & 1 else None
+
+
+# -- the shared environment handle -----------------------------------------------------------------
+
+
+class _Env:
+    """One LMDB environment per path and process (LMDB forbids opening it twice in a process).
+
+    Owns the recovery logic: map growth, adopting another process's resize, and recreating a
+    damaged environment. Callers hold ``lock`` around every transaction.
+    """
+
+    _registry: ClassVar[dict[str, _Env]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: str, map_size: int, map_size_cap: int, durable: bool) -> None:
+        self.path = path
+        self.map_size_cap = map_size_cap
+        self.initial_map_size = map_size
+        self.durable = durable
+        self.lock = threading.RLock()
+        self.refs = 0
+        self.env: lmdb.Environment | None = None
+        self.fd = -1
+        self.ident: tuple[int, int] | None = None
+        self.min_size = 0
+        self.recreated = 0
+        self.resizes = 0
+        self.generation = 0  # bumped on every (re)open: cached db handles are then stale
+        self.chunks: Any = None
+        self.held: Any = None
+        self.meta: Any = None
+        self._open()
+
+    @classmethod
+    def acquire(cls, path: str, map_size: int, map_size_cap: int, durable: bool) -> _Env:
+        key = os.path.realpath(path)
+        with cls._registry_lock:
+            env = cls._registry.get(key)
+            if env is None:
+                env = cls(key, map_size, map_size_cap, durable)
+                cls._registry[key] = env
+            else:
+                env.map_size_cap = max(env.map_size_cap, map_size_cap)
+            env.refs += 1
+            return env
+
+    def release(self) -> None:
+        with self._registry_lock:
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            self._registry.pop(self.path, None)
+        with self.lock:
+            self._close()
+
+    # -- open / close / recreate ---------------------------------------------------------------
+    def _data_ident(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(os.path.join(self.path, _DATA))
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _open(self) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        for attempt in range(3):
+            seen = self._data_ident()
+            try:
+                self._open_once()
+                return
+            except (lmdb.Error, _Corrupt, OSError) as exc:
+                self._close()
+                if attempt == 2:
+                    raise StorageUnavailableError(
+                        f"cannot open the LMDB disk tier at {self.path}: {exc}; remove the directory "
+                        "(it is a cache, SQLite refills it) or check permissions and free space"
+                    ) from exc
+                log.warning("LMDB disk tier at %s unusable (%s); recreating it empty", self.path, exc)
+                self._remove_files(seen)
+
+    def _open_once(self) -> None:
+        env = lmdb.open(
+            self.path,
+            map_size=self.initial_map_size,
+            subdir=True,
+            mode=0o600,
+            max_dbs=4,
+            # A cache of SQLite: no fsync by default. A killed process loses nothing (the page
+            # cache keeps the writes); after a power loss the Store rebuilds the tier.
+            sync=self.durable,
+            metasync=self.durable,
+            readahead=False,
+            max_spare_txns=2,
+            lock=True,
+        )
+        self.env = env
+        self.fd = os.open(os.path.join(self.path, _DATA), os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+        info = env.info()
+        if info["map_size"] < self.initial_map_size:
+            env.set_mapsize(self.initial_map_size)
+        psize = env.stat()["psize"]
+        need = (info["last_pgno"] + 1) * psize
+        if st.st_size < need:
+            raise _Corrupt(f"data file truncated ({st.st_size} bytes, committed pages need {need})")
+        self.min_size = st.st_size
+        env.reader_check()  # reader slots left behind by killed processes
+        with env.begin(write=True) as txn:
+            self.meta = env.open_db(b"meta", txn=txn)
+            self.chunks = env.open_db(b"chunks", txn=txn)
+            self.held = env.open_db(b"held", txn=txn)
+            raw = txn.get(b"format", db=self.meta)
+            version = None
+            if raw is not None:
+                with contextlib.suppress(ValueError, TypeError):
+                    version = msgpack.unpackb(raw, max_array_len=0, max_map_len=0, max_str_len=0, max_bin_len=0)
+            if version != FORMAT_VERSION:
+                if raw is not None:
+                    log.warning("LMDB disk tier at %s has format %r, clearing it", self.path, version)
+                txn.drop(self.chunks, delete=False)
+                txn.drop(self.held, delete=False)
+                txn.put(b"format", msgpack.packb(FORMAT_VERSION), db=self.meta)
+        self.generation += 1
+
+    def _close(self) -> None:
+        if self.env is not None:
+            with contextlib.suppress(lmdb.Error):
+                self.env.close()
+            self.env = None
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        self.ident = None
+
+    def _remove_files(self, expected: tuple[int, int] | None) -> None:
+        """Delete data and lock file, unless another process already replaced the data file."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        lock_path = os.path.join(self.path, _RECREATE_LOCK)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._data_ident() != expected:
+                return  # somebody recreated it meanwhile: use theirs
+            for name in (_DATA, _LOCK):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+        finally:
+            os.close(fd)
+
+    def recreate(self, reason: str) -> None:
+        """Replace a damaged environment by an empty one (the Store refills it lazily)."""
+        log.warning("LMDB disk tier at %s is damaged (%s); recreating it empty", self.path, reason)
+        ident = self.ident
+        self._close()
+        self._remove_files(ident)
+        self.recreated += 1
+        self._open()
+
+    def reopen(self) -> None:
+        """Follow the data file to a new inode (deleted or replaced by another process)."""
+        self._close()
+        if self._data_ident() is not None:
+            log.info("LMDB disk tier at %s was replaced; reopening", self.path)
+        else:
+            log.warning("LMDB disk tier at %s was deleted; recreating it empty", self.path)
+            self.recreated += 1
+        self._open()
+
+    def guard(self) -> lmdb.Environment:
+        """The open environment, after checking the data file is still the one mapped.
+
+        One ``fstat`` (about 0.3 us): a truncated file would fault on access (SIGBUS) and a
+        deleted one would hide other processes' writes, so both are caught before any read.
+        """
+        if self.env is None:
+            self._open()
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            self.reopen()
+            return self.env  # type: ignore[return-value]
+        if st.st_nlink == 0:
+            self.reopen()
+        elif st.st_size < self.min_size:
+            self.recreate(f"data file shrank from {self.min_size} to {st.st_size} bytes")
+        else:
+            self.min_size = st.st_size
+        return self.env  # type: ignore[return-value]
+
+    # -- map size ------------------------------------------------------------------------------
+    def adopt_resize(self) -> None:
+        """Another process grew the map: take its size (LMDB's MDB_MAP_RESIZED)."""
+        assert self.env is not None
+        self.env.set_mapsize(0)
+
+    def grow(self, needed: int) -> bool:
+        """Grow the map for a write of about ``needed`` bytes; False when the cap is reached."""
+        assert self.env is not None
+        current = self.env.info()["map_size"]
+        if current >= self.map_size_cap:
+            return False
+        new = min(self.map_size_cap, max(current * 2, current + 2 * needed))
+        new = (new + _MiB - 1) // _MiB * _MiB
+        log.info("LMDB disk tier at %s: map %d -> %d bytes", self.path, current, new)
+        self.env.set_mapsize(new)
+        self.resizes += 1
+        return True
+
+
+# -- the tier -------------------------------------------------------------------------------------
+
+
+class LmdbTier:
+    """Recent candles per series in LMDB, shared by every process that opens the same path.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Directory of the environment; created with mode 0700 when missing.
+    retention_ms : int
+        Only candles newer than ``clock() - retention_ms`` are stored and answered (31 days).
+    ttl_ms : int
+        A chunk written more than ``ttl_ms`` ago is stale (1 day): a read refreshes it through
+        ``loader``, ``purge_expired`` removes it.
+    map_size : int
+        Initial map size in bytes; the map grows by itself (doubling) when a write needs more.
+    map_size_cap : int
+        The map never grows past this; a write that needs more raises
+        :class:`~mds.errors.StorageUnavailableError` and the tier reports itself degraded.
+    clock : callable, optional
+        Returns epoch ms; the wall clock by default.
+    loader : callable, optional
+        ``loader(symbol, tf, start, end)`` returns exactly all durable (SQLite) candles in
+        ``[start, end)``; used to refresh stale chunks on read. Without one, stale chunks count
+        as not held.
+    durable : bool
+        ``fsync`` each commit. Off by default: the tier is a cache of SQLite; a killed process
+        loses nothing, a power loss may leave a damaged file that is detected and rebuilt.
+
+    Notes
+    -----
+    Thread-safe (one lock per environment and process). Readers in other processes see only
+    committed writes. A damaged environment (corrupt, truncated or deleted files) is detected
+    at open and on access and recreated empty: reads then answer None (not held) until the
+    Store refills the tier. Everything read from disk is parsed with size limits; nothing is
+    unpickled or evaluated.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention_ms: int = 31 * DAY_MS,
+        ttl_ms: int = DAY_MS,
+        map_size: int = 64 * _MiB,
+        map_size_cap: int = 8 << 30,
+        clock: Callable[[], int] | None = None,
+        loader: Loader | None = None,
+        durable: bool = False,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.retention_ms = int(retention_ms)
+        self.ttl_ms = int(ttl_ms)
+        self.clock: Callable[[], int] = clock or now_ms
+        self.loader = loader
+        self.degraded = False
+        self.degraded_reason: str | None = None
+        self._counts = {"hits": 0, "misses": 0, "refreshed_chunks": 0, "errors": 0}
+        self._prefixes: dict[tuple[str, str], bytes] = {}
+        map_size = max(int(map_size), _MiB)
+        self._env: _Env | None = _Env.acquire(self.path, map_size, max(int(map_size_cap), map_size), durable)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _handle(self) -> _Env:
+        if self._env is None:
+            raise StorageUnavailableError("the LMDB disk tier is closed")
+        return self._env
+
+    def _prefix(self, symbol: str, tf: Timeframe) -> bytes:
+        key = (symbol, tf.name)
+        p = self._prefixes.get(key)
+        if p is None:
+            p = self._prefixes[key] = f"{symbol}\x1f{tf.name}\x1f".encode()
+        return p
+
+    @staticmethod
+    def _period(tf: Timeframe) -> int:
+        return CHUNK_PERIOD_MS[tf.name]
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[tuple[_Env, Any]]:
+        """A read transaction (buffers=True) on a checked environment, recovering from damage.
+
+        Yields inside the handle lock. Raises ``_Retry`` after repairs the caller should redo.
+        """
+        h = self._handle()
+        with h.lock:
+            env = h.guard()
+            try:
+                txn = env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                h.adopt_resize()
+                txn = env.begin(buffers=True)
+            try:
+                yield h, txn
+            finally:
+                txn.abort()
+
+    def _read(self, fn: Callable[[_Env, Any], Any]) -> Any:
+        """Run ``fn(handle, txn)`` in a read transaction; damage is repaired and means None."""
+        h = self._handle()
+        try:
+            with self._reading() as (h, txn):
+                return fn(h, txn)
+        except (_Corrupt, *_CORRUPTION) as exc:
+            self._counts["errors"] += 1
+            with h.lock:
+                h.recreate(str(exc) or type(exc).__name__)
+            return None
+        except lmdb.Error as exc:  # readers full, I/O error ...: not held, the Store goes on
+            self._counts["errors"] += 1
+            log.warning("LMDB disk tier read failed: %s", exc)
+            return None
+
+    def _write(self, fn: Callable[[_Env, Any], Any], needed: int = 0) -> Any:
+        """Run ``fn(handle, txn)`` in a write transaction, growing the map when it is full."""
+        h = self._handle()
+        with h.lock:
+            for _ in range(64):
+                env = h.guard()
+                try:
+                    with env.begin(write=True) as txn:
+                        result = fn(h, txn)
+                except lmdb.MapResizedError:
+                    h.adopt_resize()
+                    continue
+                except lmdb.MapFullError:
+                    if h.grow(needed):
+                        continue
+                    self._degrade(f"LMDB map is full at its cap of {h.map_size_cap} bytes")
+                    raise StorageUnavailableError(
+                        f"the LMDB disk tier at {self.path} is full (map_size_cap={h.map_size_cap} bytes); "
+                        "raise the cap or lower the retention; reads keep working"
+                    ) from None
+                except (_Corrupt, *_CORRUPTION) as exc:
+                    self._counts["errors"] += 1
+                    h.recreate(str(exc) or type(exc).__name__)
+                    continue
+                except lmdb.Error as exc:
+                    self._degrade(str(exc))
+                    hint = "free disk space" if isinstance(exc, lmdb.DiskError) else "check the store directory"
+                    raise StorageUnavailableError(f"LMDB disk tier write failed: {exc}; {hint}") from exc
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                        raise
+                    self._degrade(str(exc))
+                    raise StorageUnavailableError(f"LMDB disk tier write failed: {exc}; free disk space") from exc
+                self.degraded = False
+                self.degraded_reason = None
+                return result
+            raise StorageUnavailableError("LMDB disk tier: write kept failing after repeated map resizes")
+
+    def _degrade(self, reason: str) -> None:
+        if not self.degraded:
+            log.warning("LMDB disk tier degraded: %s", reason)
+        self.degraded = True
+        self.degraded_reason = reason
+
+    def _cutoff(self, now: int) -> int:
+        return now - self.retention_ms
+
+    # -- reads ------------------------------------------------------------------------------------
+    def get_range(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray | None:
+        """The candles in ``[start, end)`` if the tier holds that whole range, else None.
+
+        Parameters
+        ----------
+        symbol : str
+            Canonical market code.
+        tf : Timeframe
+            Canonical timeframe.
+        start, end : int
+            Half-open range, epoch ms.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            A new read-only CANDLE_DTYPE array (ascending ``ts``, possibly empty: a held range
+            without trades), or None when part of the range is not held, older than the
+            retention window, stale and not refreshable, or the environment was damaged.
+        """
+        start, end = int(start), int(end)
+        if end <= start:
+            return np.empty(0, CANDLE_DTYPE)
+        now = self.clock()
+        if start < self._cutoff(now):
+            self._counts["misses"] += 1
+            return None
+        prefix = self._prefix(symbol, tf)
+        period = self._period(tf)
+        stale_before = now - self.ttl_ms
+        for _ in range(2):
+            res = self._read(lambda h, txn: self._range_in(h, txn, prefix, period, start, end, stale_before))
+            if res is None or type(res) is np.ndarray:
+                break
+            if not self._refresh(symbol, tf, res):  # a list of stale periods
+                res = None
+                break
+        else:
+            res = None
+        if res is None:
+            self._counts["misses"] += 1
+            return None
+        self._counts["hits"] += 1
+        return res
+
+    @staticmethod
+    def _range_in(
+        h: _Env, txn: Any, prefix: bytes, period: int, start: int, end: int, stale_before: int
+    ) -> np.ndarray | list[int] | None:
+        hv = txn.get(prefix, db=h.held)
+        if hv is None or not _contains(_unpack_held(hv), start, end):
+            return None
+        cur = txn.cursor(db=h.chunks)
+        stop = prefix + _KEY.pack(end + _OFFSET)
+        parts = []
+        stale: list[int] = []
+        if cur.set_range(prefix + _KEY.pack(start - start % period + _OFFSET)):
+            while True:
+                key = bytes(cur.key())
+                if key >= stop:
+                    break
+                raw, ts, written = _chunk_rows(cur.value())
+                if written < stale_before:
+                    stale.append(_KEY.unpack_from(key, len(prefix))[0] - _OFFSET)
+                elif not stale:
+                    i0 = int(ts.searchsorted(start)) if ts[0] < start else 0
+                    i1 = int(ts.searchsorted(end)) if ts[-1] >= end else len(ts)
+                    if i1 > i0:
+                        parts.append(raw[i0:i1])
+                if not cur.next():
+                    break
+        if stale:
+            return stale
+        if not parts:
+            out = np.empty(0, CANDLE_RAW)
+        elif len(parts) == 1:
+            out = parts[0].copy()
+        else:
+            out = np.concatenate(parts)
+        out = out.view(CANDLE_DTYPE)
+        out.flags.writeable = False
+        return out
+
+    def get_latest(self, symbol: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
+        """The latest ``n`` candles before ``end``, if the held ranges prove they are the latest.
+
+        Returns the rows only when the held range that reaches ``end`` contains at least ``n``
+        candles (within the retention window); otherwise None (the Store asks SQLite, which
+        knows the whole history). ``n <= 0`` gives an empty array.
+        """
+        n, end = int(n), int(end)
+        if n <= 0:
+            return np.empty(0, CANDLE_DTYPE)
+        now = self.clock()
+        cutoff = self._cutoff(now)
+        prefix = self._prefix(symbol, tf)
+        period = self._period(tf)
+        stale_before = now - self.ttl_ms
+        for _ in range(2):
+            res = self._read(lambda h, txn: self._latest_in(h, txn, prefix, period, n, end, cutoff, stale_before))
+            if res is None or type(res) is np.ndarray:
+                break
+            if not self._refresh(symbol, tf, res):
+                res = None
+                break
+        else:
+            res = None
+        if res is None:
+            self._counts["misses"] += 1
+            return None
+        self._counts["hits"] += 1
+        return res
+
+    @staticmethod
+    def _latest_in(
+        h: _Env, txn: Any, prefix: bytes, period: int, n: int, end: int, cutoff: int, stale_before: int
+    ) -> np.ndarray | list[int] | None:
+        hv = txn.get(prefix, db=h.held)
+        if hv is None:
+            return None
+        rng = _covering(_unpack_held(hv), end - 1)
+        if rng is None:
+            return None
+        lower = max(rng[0], cutoff)
+        if lower >= end:
+            return None
+        cur = txn.cursor(db=h.chunks)
+        last = end - 1
+        first_key = prefix + _KEY.pack(lower - lower % period + _OFFSET)
+        parts = []
+        stale: list[int] = []
+        got = 0
+        positioned = cur.set_range(prefix + _KEY.pack(last - last % period + _OFFSET + 1))
+        ok = cur.prev() if positioned else cur.last()
+        while ok:
+            key = bytes(cur.key())
+            if key < first_key:
+                break
+            raw, ts, written = _chunk_rows(cur.value())
+            if written < stale_before:
+                stale.append(_KEY.unpack_from(key, len(prefix))[0] - _OFFSET)
+            elif not stale:
+                i1 = int(ts.searchsorted(end)) if ts[-1] >= end else len(ts)
+                i0 = int(ts.searchsorted(lower)) if ts[0] < lower else 0
+                i0 = max(i0, i1 - (n - got))
+                if i1 > i0:
+                    parts.append(raw[i0:i1])
+                    got += i1 - i0
+                if got >= n:
+                    break
+            ok = cur.prev()
+        if stale:
+            return stale
+        if got < n:
+            return None
+        out = parts[0].copy() if len(parts) == 1 else np.concatenate(parts[::-1])
+        out = out.view(CANDLE_DTYPE)
+        out.flags.writeable = False
+        return out
+
+    def _refresh(self, symbol: str, tf: Timeframe, periods: list[int]) -> bool:
+        """Reload stale chunks from the loader; False when there is no loader or it failed."""
+        if self.loader is None:
+            return False
+        prefix = self._prefix(symbol, tf)
+        period = self._period(tf)
+        now = self.clock()
+        cutoff = self._cutoff(now)
+        held = self._read(lambda h, txn: _held_of(h, txn, prefix))
+        if held is None:
+            return False
+        fresh: dict[int, np.ndarray] = {}
+        try:
+            for p in periods:
+                pieces = [self._load(symbol, tf, a, b) for a, b in _intersect(held, max(p, cutoff), p + period)]
+                fresh[p] = np.concatenate(pieces) if pieces else np.empty(0, CANDLE_DTYPE)
+        except StorageUnavailableError as exc:
+            log.warning("LMDB disk tier: refresh of %s %s failed: %s", symbol, tf.name, exc)
+            return False
+
+        def apply(h: _Env, txn: Any) -> None:
+            for p, rows in fresh.items():
+                key = prefix + _KEY.pack(p + _OFFSET)
+                if len(rows):
+                    txn.put(key, _pack_chunk(rows, now), db=h.chunks)
+                else:
+                    txn.delete(key, db=h.chunks)
+
+        try:
+            self._write(apply, needed=sum(r.nbytes for r in fresh.values()))
+        except StorageUnavailableError:
+            return False
+        self._counts["refreshed_chunks"] += len(fresh)
+        return True
+
+    def _load(self, symbol: str, tf: Timeframe, a: int, b: int) -> np.ndarray:
+        assert self.loader is not None
+        rows = np.asarray(self.loader(symbol, tf, a, b))
+        if rows.dtype != CANDLE_DTYPE:
+            raise TypeError(f"loader returned {rows.dtype}, expected CANDLE_DTYPE")
+        ts = rows["ts"]
+        return np.ascontiguousarray(rows[int(ts.searchsorted(a)) : int(ts.searchsorted(b))])
+
+    def held(self, symbol: str, tf: Timeframe) -> np.ndarray:
+        """The ranges the tier holds in full, ``int64[k, 2]`` half-open, clipped to retention.
+
+        Staleness is not considered (a stale chunk's range is still listed).
+        """
+        flat = self._read(lambda h, txn: _held_of(h, txn, self._prefix(symbol, tf)))
+        flat = _subtract(flat or [], -(1 << 62), self._cutoff(self.clock()))
+        return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+
+    # -- writes -----------------------------------------------------------------------------------
+    def put_range(self, symbol: str, tf: Timeframe, start: int, end: int, candles: np.ndarray) -> int:
+        """Store ``candles`` as exactly all candles of the series in ``[start, end)``.
+
+        What the tier held in that range is replaced, and the range is marked held, in one
+        transaction. The part older than the retention window is neither stored nor held.
+
+        Parameters
+        ----------
+        symbol, tf
+            Canonical series.
+        start, end : int
+            Half-open range, epoch ms.
+        candles : numpy.ndarray
+            CANDLE_DTYPE, sorted by ``ts``, unique, closed candles; rows outside the range are
+            ignored.
+
+        Returns
+        -------
+        int
+            Number of candles stored.
+
+        Raises
+        ------
+        StorageUnavailableError
+            The map is full at its cap or the disk failed; the tier is then degraded (reads
+            keep working, the write changed nothing).
+        """
+        start, end = int(start), int(end)
+        if candles.dtype != CANDLE_DTYPE:
+            raise TypeError(f"candles must be CANDLE_DTYPE, got {candles.dtype}")
+        now = self.clock()
+        cutoff = self._cutoff(now)
+        start = max(start, cutoff)
+        if end <= start:
+            return 0
+        ts = candles["ts"]
+        rows = np.ascontiguousarray(candles[int(ts.searchsorted(start)) : int(ts.searchsorted(end))])
+        prefix = self._prefix(symbol, tf)
+        period = self._period(tf)
+
+        def apply(h: _Env, txn: Any) -> None:
+            _replace(h, txn, prefix, period, start, end, rows, now)
+            flat = _held_of(h, txn, prefix)
+            flat = _subtract(_union(flat, start, end), -(1 << 62), cutoff)
+            txn.put(prefix, _pack_held(flat), db=h.held)
+
+        self._write(apply, needed=rows.nbytes + 4096)
+        return len(rows)
+
+    def delete(self, symbol: str, tf: Timeframe, start: int | None = None, end: int | None = None) -> int:
+        """Remove the series' candles in ``[start, end)`` (None: unbounded) and stop holding it.
+
+        Returns the number of candles removed.
+        """
+        lo = -(1 << 62) if start is None else int(start)
+        hi = (1 << 62) if end is None else int(end)
+        if hi <= lo:
+            return 0
+        prefix = self._prefix(symbol, tf)
+        period = self._period(tf)
+
+        def apply(h: _Env, txn: Any) -> int:
+            removed = _replace(h, txn, prefix, period, lo, hi, np.empty(0, CANDLE_DTYPE), self.clock())
+            flat = _subtract(_held_of(h, txn, prefix), lo, hi)
+            if flat:
+                txn.put(prefix, _pack_held(flat), db=h.held)
+            else:
+                txn.delete(prefix, db=h.held)
+            return removed
+
+        return int(self._write(apply))
+
+    def purge_expired(self) -> int:
+        """Remove chunks past their TTL or older than the retention window.
+
+        Their ranges stop being held; held ranges older than the window are dropped too.
+        Returns the number of chunks removed (the Store reports it as ``disk_entries_purged``).
+        """
+        now = self.clock()
+        cutoff = self._cutoff(now)
+        stale_before = now - self.ttl_ms
+
+        def apply(h: _Env, txn: Any) -> int:
+            drop: dict[bytes, list[tuple[int, int]]] = {}
+            cur = txn.cursor(db=h.chunks)
+            removed = 0
+            ok = cur.first()
+            while ok:
+                key = cur.key()
+                prefix, p = key[:-8], _KEY.unpack_from(key, len(key) - 8)[0] - _OFFSET
+                tf_name = prefix[:-1].rsplit(b"\x1f", 1)[-1].decode("ascii", "replace")
+                period = CHUNK_PERIOD_MS.get(tf_name)
+                try:
+                    written = _chunk_header(cur.value())[2]
+                    bad = period is None
+                except _Corrupt:
+                    written, bad = 0, True
+                if bad or written < stale_before or (period is not None and p + period <= cutoff):
+                    drop.setdefault(prefix, []).append((p, p + (period or 1)))
+                    removed += 1
+                    ok = cur.delete() and bool(cur.key())  # False past the last key
+                else:
+                    ok = cur.next()
+            hcur = txn.cursor(db=h.held)
+            updates = []
+            for key, val in hcur:
+                try:
+                    flat = _unpack_held(val)
+                except _Corrupt:
+                    flat = []
+                new = _subtract(flat, -(1 << 62), cutoff)
+                for a, b in drop.get(key, ()):
+                    new = _subtract(new, a, b)
+                if new != flat:
+                    updates.append((key, new))
+            for key, new in updates:
+                if new:
+                    txn.put(key, _pack_held(new), db=h.held)
+                else:
+                    txn.delete(key, db=h.held)
+            return removed
+
+        return int(self._write(apply))
+
+    def clear(self) -> None:
+        """Remove every chunk and held range (the environment stays)."""
+
+        def apply(h: _Env, txn: Any) -> None:
+            txn.drop(h.chunks, delete=False)
+            txn.drop(h.held, delete=False)
+
+        self._write(apply)
+
+    # -- inspection -------------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Walk every chunk and held set; a list of problems (empty when consistent).
+
+        Checks headers and sizes, that rows are sorted and unique, lie in their chunk's period
+        and inside a held range. Read-only: it repairs nothing (``clear`` or ``delete`` do).
+        """
+
+        def walk(h: _Env, txn: Any) -> list[str]:
+            problems: list[str] = []
+            helds: dict[bytes, list[int]] = {}
+            for key, val in txn.cursor(db=h.held):
+                k = bytes(key)
+                try:
+                    helds[k] = _unpack_held(val)
+                except _Corrupt as exc:
+                    problems.append(f"held {k!r}: {exc}")
+            for key, val in txn.cursor(db=h.chunks):
+                k = bytes(key)
+                prefix, p = k[:-8], _KEY.unpack_from(k, len(k) - 8)[0] - _OFFSET
+                name = f"chunk {prefix[:-1].decode('ascii', 'replace')}@{p}"
+                period = CHUNK_PERIOD_MS.get(prefix[:-1].rsplit(b"\x1f", 1)[-1].decode("ascii", "replace"))
+                if period is None or p % period:
+                    problems.append(f"{name}: key does not name a chunk period")
+                    continue
+                try:
+                    _, ts, _ = _chunk_rows(val)
+                except _Corrupt as exc:
+                    problems.append(f"{name}: {exc}")
+                    continue
+                if len(ts) > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+                    problems.append(f"{name}: rows not sorted and unique")
+                if ts[0] < p or ts[-1] >= p + period:
+                    problems.append(f"{name}: rows outside the chunk period")
+                flat = helds.get(prefix, [])
+                if not _contains(flat, int(ts[0]), int(ts[-1]) + 1) and not all(_covering(flat, int(t)) for t in ts):
+                    problems.append(f"{name}: rows outside the held ranges")
+            return problems
+
+        try:
+            with self._reading() as (h, txn):
+                return walk(h, txn)
+        except lmdb.Error as exc:
+            return [f"LMDB environment unreadable: {exc}"]
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable figures: entries, bytes, map size, degraded flag and counters."""
+        h = self._handle()
+        out: dict[str, Any] = {"path": self.path, "degraded": self.degraded, "degraded_reason": self.degraded_reason}
+        out.update(self._counts)
+        try:
+            with self._reading() as (h, txn):
+                st = txn.stat(h.chunks)
+                info = h.env.info()  # type: ignore[union-attr]
+                psize = h.env.stat()["psize"]  # type: ignore[union-attr]
+                out["entries"] = st["entries"]
+                out["series"] = txn.stat(h.held)["entries"]
+                out["bytes"] = (info["last_pgno"] + 1) * psize
+                out["map_size"] = info["map_size"]
+        except lmdb.Error as exc:
+            out.update(entries=0, series=0, bytes=0, map_size=0, error=str(exc))
+        out["map_size_cap"] = h.map_size_cap
+        out["map_resizes"] = h.resizes
+        out["recreated"] = h.recreated
+        return out
+
+    def close(self) -> None:
+        """Release the environment (files stay); further calls raise StorageUnavailableError."""
+        env, self._env = self._env, None
+        if env is not None:
+            env.release()
+
+    def __enter__(self) -> LmdbTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _held_of(h: _Env, txn: Any, prefix: bytes) -> list[int]:
+    hv = txn.get(prefix, db=h.held)
+    return [] if hv is None else _unpack_held(hv)
+
+
+def _replace(h: _Env, txn: Any, prefix: bytes, period: int, start: int, end: int, rows: np.ndarray, now: int) -> int:
+    """Make ``rows`` (sorted, inside ``[start, end)``) the chunks' content in that range.
+
+    Rows of boundary chunks outside the range stay; such a chunk keeps the older of the two
+    written-at times, so staleness is never understated. Returns the number of rows removed.
+    """
+    removed = 0
+    # Existing chunks overlapping the range: the interior ones are simply replaced or deleted.
+    cur = txn.cursor(db=h.chunks)
+    existing: list[int] = []
+    stop = prefix + _KEY.pack(end + _OFFSET) if end < (1 << 62) else prefix + b"\xff" * 8
+    lo = start - start % period if start > -(1 << 62) else -(1 << 62)
+    if cur.set_range(prefix + _KEY.pack(max(lo, -_OFFSET) + _OFFSET)):
+        while True:
+            key = cur.key()
+            if bytes(key) >= stop:
+                break
+            existing.append(_KEY.unpack_from(key, len(prefix))[0] - _OFFSET)
+            if not cur.next():
+                break
+    # New rows grouped by period.
+    groups: dict[int, np.ndarray] = {}
+    if len(rows):
+        ts = rows["ts"]
+        per = ts - ts % period
+        cuts = np.flatnonzero(per[1:] != per[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(rows)]
+        for i in range(len(bounds) - 1):
+            groups[int(per[bounds[i]])] = rows[bounds[i] : bounds[i + 1]]
+    for p in existing:
+        key = prefix + _KEY.pack(p + _OFFSET)
+        new = groups.pop(p, None)
+        val = txn.get(key, db=h.chunks)
+        h0, n, written = _chunk_header(val)
+        if p >= start and p + period <= end:
+            removed += n
+            if new is not None:
+                txn.put(key, _pack_chunk(new, now), db=h.chunks)
+            else:
+                txn.delete(key, db=h.chunks)
+            continue
+        old = np.frombuffer(val, dtype=CANDLE_DTYPE, count=n, offset=h0)
+        ots = old["ts"]
+        i0, i1 = int(ots.searchsorted(start)), int(ots.searchsorted(end))
+        removed += i1 - i0
+        pieces = [old[:i0], new, old[i1:]] if new is not None else [old[:i0], old[i1:]]
+        merged = np.concatenate(pieces)
+        kept = i0 + (n - i1)
+        if len(merged) == 0:
+            txn.delete(key, db=h.chunks)
+        else:
+            txn.put(key, _pack_chunk(merged, min(written, now) if kept else now), db=h.chunks)
+    for p, new in groups.items():
+        txn.put(prefix + _KEY.pack(p + _OFFSET), _pack_chunk(new, now), db=h.chunks)
+    return removed
