@@ -1,0 +1,776 @@
+"""``UpbitRouter``: a Layer 1 over Upbit's public REST quotation API.
+
+It has the Smart Router's async shape (DESIGN.md section 5): ``get_candle_data``,
+``get_ticker_data``, ``get_orderbook_data``, ``get_trades``, ``peek_cache``, ``cache_policy``,
+``get_performance_summary``, each answer ``{"success": True, "data": [...], "metadata": {...}}``
+with data in Upbit's REST field names. Failures raise :class:`~mds.errors.Layer1Error` (typed
+errors, not ``success: false``); :class:`~mds.layer1.SmartRouterConnector` accepts both.
+
+Behaviour towards Upbit:
+
+- Candle pagination for any count or range: 200 a request, newest first, the next ``to`` is the
+  oldest ``candle_date_time_utc`` read as UTC and sent with a ``Z`` (``to`` is exclusive), so
+  there are no duplicates and no holes; a short page means the history ran out.
+- Pacing: at most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 a second per
+  IP for each of candles, ticker, orderbook, trades). A slot is released when its response has
+  arrived, so the server can never count more than the limit in any window, whatever the network
+  delay. ``Remaining-Req: ... sec=N`` lowers the local budget when others share the IP.
+- 429: the group's window is treated as used up, then the request is retried with exponential
+  backoff. 418 (blocked): :class:`Layer1Error` at once with Upbit's block message. Timeouts,
+  transport errors, 5xx and broken payloads (invalid JSON, truncated bodies, another market's
+  rows) are retried with bounded exponential backoff; 400/404 fail at once.
+- A small TTL cache (the seed Layer 1's): the latest 200 candles per series for 5 minutes,
+  tickers and orderbooks for 5 seconds; ``peek_cache`` reads it without touching the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from mds.errors import InvalidRequestError, Layer1Error
+from mds.layer1._paging import PAGE_SIZE, BadPayload, CandlePages, page_ts, paginate_candles
+from mds.symbols import validate_symbol
+from mds.timeframes import Timeframe, parse_timeframe
+from mds.timeutil import iso_utc_z, now_ms, to_ms
+
+__all__ = ["DEFAULT_BASE_URL", "UpbitRouter"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.upbit.com"
+_TICKER_BATCH = 100
+_TRADES_MAX = 500
+
+
+class _Retryable(Exception):
+    """Internal: one attempt failed in a way worth retrying."""
+
+
+@dataclass
+class _Pacer:
+    """Sliding-window limiter for one rate-limit group.
+
+    A slot is taken when a request is sent and stamped when its response arrives; the server
+    counts the request in between, so at most ``limit`` requests fall in any server-side window.
+    """
+
+    limit: int
+    window_s: float
+    done: collections.deque[float] = field(default_factory=collections.deque)
+    in_flight: int = 0
+    waits: int = 0
+    waited_s: float = 0.0
+
+    def _prune(self, now: float) -> None:
+        while self.done and self.done[0] <= now - self.window_s:
+            self.done.popleft()
+
+    async def acquire(self) -> None:
+        waited = False
+        t0 = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self._prune(now)
+            if self.in_flight + len(self.done) < self.limit:
+                self.in_flight += 1
+                if waited:
+                    self.waits += 1
+                    self.waited_s += now - t0
+                return
+            waited = True
+            delay = self.done[0] + self.window_s - now if self.done else self.window_s / 20
+            await asyncio.sleep(min(max(delay, 0.0005), self.window_s))
+
+    def release(self, server_left: int | None) -> None:
+        self.in_flight -= 1
+        now = time.monotonic()
+        self.done.append(now)
+        if server_left is not None:
+            self._prune(now)
+            # The server has counted more than we sent (another process on this IP, or a 429):
+            # fill the window so the next request waits for it to pass.
+            missing = (self.limit - server_left) - (self.in_flight + len(self.done))
+            for _ in range(max(0, missing)):
+                self.done.append(now)
+
+
+def _parse_remaining(value: str | None) -> int | None:
+    """``sec`` of ``Remaining-Req: group=candles; min=600; sec=9`` (None if absent or garbled)."""
+    if not value:
+        return None
+    for part in value.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == "sec":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _error_message(resp: httpx.Response) -> str:
+    text = resp.text
+    try:
+        body = json.loads(text)
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    except ValueError:
+        pass
+    text = text.strip()
+    return text[:300] if text else f"HTTP {resp.status_code}"
+
+
+def _symbols(symbols: str | Iterable[str]) -> list[str]:
+    syms = [symbols] if isinstance(symbols, str) else list(symbols)
+    if not syms:
+        raise InvalidRequestError("symbols is empty")
+    out: list[str] = []
+    for s in syms:
+        validate_symbol(s)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _group(path: str) -> str:
+    if path.startswith("/v1/candles"):
+        return "candles"
+    if path.startswith("/v1/ticker"):
+        return "ticker"
+    if path.startswith("/v1/orderbook"):
+        return "orderbook"
+    if path.startswith("/v1/trades"):
+        return "trades"
+    return "default"
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if values else None
+
+
+class UpbitRouter:
+    """A Layer 1 over Upbit's public REST API (or any server speaking it, e.g. ``FakeUpbit``).
+
+    Parameters
+    ----------
+    base_url : str
+        Scheme and host, without ``/v1`` (default ``https://api.upbit.com``).
+    timeout_s : float
+        Per-request timeout (connect, read, write, pool).
+    max_retries : int
+        Retries after the first attempt for 429, 5xx, timeouts, transport errors and broken
+        payloads; then :class:`Layer1Error`.
+    backoff_s, max_backoff_s : float
+        Exponential backoff: ``backoff_s * 2**(attempt-1)``, capped, with jitter (50-100 %).
+    rate_limit, rate_window_s : int, float
+        At most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 per second).
+    candle_ttl_s, candle_cache_count : float, int
+        Cache of the latest candles per series (default 200 for 5 minutes); 0 disables it.
+    ticker_ttl_s, orderbook_ttl_s : float
+        Cache lifetime of tickers and orderbooks (default 5 s); 0 disables it.
+    clock : callable, optional
+        Epoch ms; dates answers (``fetched_at``) and decides which interval is still forming.
+        Default: the wall clock. Cache expiry always uses the monotonic clock.
+    headers : mapping, optional
+        Extra request headers. Never send ``Origin``: Upbit limits such clients to 1 request
+        per 10 s.
+
+    Notes
+    -----
+    Use ``async with UpbitRouter(...) as r:`` or call :meth:`aclose`. The HTTP client is created
+    in the event loop of the first call; one router serves one event loop at a time.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        timeout_s: float = 10.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        rate_limit: int = 10,
+        rate_window_s: float = 1.0,
+        candle_ttl_s: float = 300.0,
+        candle_cache_count: int = PAGE_SIZE,
+        ticker_ttl_s: float = 5.0,
+        orderbook_ttl_s: float = 5.0,
+        clock: Callable[[], int] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if rate_limit < 1 or rate_window_s <= 0:
+            raise InvalidRequestError("rate_limit must be >= 1 and rate_window_s > 0")
+        if max_retries < 0 or timeout_s <= 0:
+            raise InvalidRequestError("max_retries must be >= 0 and timeout_s > 0")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.rate_limit = int(rate_limit)
+        self.rate_window_s = float(rate_window_s)
+        self.candle_ttl_s = float(candle_ttl_s)
+        self.candle_cache_count = int(candle_cache_count)
+        self.ticker_ttl_s = float(ticker_ttl_s)
+        self.orderbook_ttl_s = float(orderbook_ttl_s)
+        self._clock = clock or now_ms
+        self._headers = {"Accept": "application/json", **dict(headers or {})}
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pacers: dict[str, _Pacer] = {}
+        self._rng = random.Random(0x5EED)
+        # caches: key -> (expires_monotonic, fetched_at_ms, payload)
+        self._candle_cache: dict[tuple[str, str], tuple[float, int, list[dict[str, Any]], bool]] = {}
+        self._ticker_cache: dict[str, tuple[float, int, dict[str, Any]]] = {}
+        self._orderbook_cache: dict[str, tuple[float, int, dict[str, Any]]] = {}
+        # statistics
+        self._latency: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=2048)
+        )
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._status: collections.Counter[int] = collections.Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def __aenter__(self) -> UpbitRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections (the router may be used again afterwards)."""
+        client, self._client = self._client, None
+        self._loop = None
+        if client is not None:
+            await client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            # A client is bound to the loop that opened its connections.
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(self.timeout_s),
+                headers=self._headers,
+                limits=httpx.Limits(max_connections=20, max_keepalive_connections=20),
+            )
+            self._loop = loop
+            self._pacers.clear()
+        return self._client
+
+    def _pacer(self, group: str) -> _Pacer:
+        p = self._pacers.get(group)
+        if p is None:
+            p = self._pacers[group] = _Pacer(self.rate_limit, self.rate_window_s)
+        return p
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * (2 ** max(0, attempt - 1)))
+        return base * (0.5 + 0.5 * self._rng.random())
+
+    # -- the one HTTP path -------------------------------------------------------------------
+    async def _get(
+        self, path: str, params: dict[str, Any], validate: Callable[[Any], None] | None = None
+    ) -> tuple[Any, int]:
+        """GET ``path`` with pacing, retries and payload checks; returns (parsed JSON, attempts)."""
+        client = self._http()
+        group = _group(path)
+        pacer = self._pacer(group)
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._counts["retries"] += 1
+                await asyncio.sleep(self._backoff(attempt))
+            await pacer.acquire()
+            t0 = time.perf_counter()
+            left: int | None = None
+            try:
+                resp = await client.get(path, params=params)
+                left = _parse_remaining(resp.headers.get("Remaining-Req"))
+                if resp.status_code == 429:
+                    left = 0
+            except httpx.TimeoutException as exc:
+                last = f"timeout after {self.timeout_s:g} s ({type(exc).__name__})"
+                self._counts["timeouts"] += 1
+                continue
+            except httpx.TransportError as exc:
+                last = f"transport error: {type(exc).__name__}: {exc}"
+                self._counts["transport_errors"] += 1
+                continue
+            finally:
+                pacer.release(left)
+            self._latency[group].append((time.perf_counter() - t0) * 1000.0)
+            self._counts["requests"] += 1
+            self._status[resp.status_code] += 1
+            status = resp.status_code
+            if status == 200:
+                try:
+                    payload = json.loads(resp.content)
+                    if validate is not None:
+                        validate(payload)
+                except ValueError as exc:
+                    last = f"malformed JSON from {path}: {exc}"
+                    self._counts["bad_payloads"] += 1
+                    continue
+                except BadPayload as exc:
+                    last = f"unusable answer from {path}: {exc}"
+                    self._counts["bad_payloads"] += 1
+                    continue
+                return payload, attempt + 1
+            message = _error_message(resp)
+            if status == 429:
+                self._counts["rate_limited"] += 1
+                last = f"HTTP 429 rate limited: {message}"
+                logger.warning("Upbit 429 on %s (attempt %d): backing off", path, attempt + 1)
+                continue
+            if status == 418:
+                self._counts["blocked"] += 1
+                raise Layer1Error(
+                    f"Upbit blocked this IP (HTTP 418): {message}. Stop sending requests until the block expires."
+                )
+            if status >= 500:
+                self._counts["server_errors"] += 1
+                last = f"HTTP {status}: {message}"
+                continue
+            raise Layer1Error(f"Upbit rejected GET {path} {params} (HTTP {status}): {message}")
+        self._counts["failures"] += 1
+        raise Layer1Error(f"GET {path} failed after {self.max_retries + 1} attempts: {last}")
+
+    # -- candles -----------------------------------------------------------------------------
+    def _page_fetcher(self, symbol: str, tf: Timeframe) -> Any:
+        path = f"/v1/candles/{tf.rest_path}"
+
+        async def fetch(count: int, to: int | None) -> list[dict[str, Any]]:
+            params: dict[str, Any] = {"market": symbol, "count": count}
+            if to is not None:
+                # Whole seconds: candle starts are, so rounding up keeps the same set of candles.
+                params["to"] = iso_utc_z(-(-to // 1000) * 1000)
+
+            def check(payload: Any) -> None:
+                page_ts(payload, tf, symbol, None if to is None else -(-to // 1000) * 1000)
+
+            rows, _ = await self._get(path, params, check)
+            return list(rows)
+
+        return fetch
+
+    def _forming_start(self, tf: Timeframe) -> int:
+        return tf.floor(int(self._clock()))
+
+    async def _latest(self, symbol: str, tf: Timeframe, count: int, use_cache: bool) -> tuple[CandlePages, bool, int]:
+        """Latest ``count`` candles; served from or written to the cache when it fits."""
+        key = (symbol, tf.name)
+        cacheable = self.candle_ttl_s > 0 and count <= self.candle_cache_count
+        if use_cache and cacheable:
+            hit = self._cached_candles(key, count)
+            if hit is not None:
+                self._counts["cache_hits"] += 1
+                return hit[0], True, hit[1]
+        if cacheable:
+            self._counts["cache_misses"] += 1
+        fetched_at = int(self._clock())
+        want = max(count, self.candle_cache_count) if cacheable else count
+        pages = await paginate_candles(self._page_fetcher(symbol, tf), tf, symbol, count=want)
+        if cacheable:
+            rows = [dict(r) for r in pages.rows[: self.candle_cache_count]]
+            exhausted = pages.exhausted and len(pages.rows) <= self.candle_cache_count
+            self._candle_cache[key] = (time.monotonic() + self.candle_ttl_s, fetched_at, rows, exhausted)
+        if len(pages.rows) > count:
+            pages = CandlePages(pages.rows[:count], pages.ts[:count], int(pages.ts[count - 1]), False, pages.requests)
+        return pages, False, fetched_at
+
+    def _cached_candles(self, key: tuple[str, str], count: int) -> tuple[CandlePages, int] | None:
+        entry = self._candle_cache.get(key)
+        if entry is None:
+            return None
+        expires, fetched_at, rows, exhausted = entry
+        if time.monotonic() >= expires:
+            del self._candle_cache[key]
+            return None
+        if len(rows) < count and not exhausted:
+            return None
+        sel = rows[:count]
+        ts = page_ts(sel, parse_timeframe(key[1]), key[0], None)
+        full = exhausted and len(sel) == len(rows)
+        covered = int(ts[-1]) if len(ts) else None
+        return CandlePages(sel, ts, covered, full, 0), fetched_at
+
+    async def get_candle_data(
+        self,
+        symbols: str | Iterable[str],
+        interval: str | Timeframe,
+        count: int = 200,
+        to: Any = None,
+        use_cache: bool = True,
+    ) -> dict[str, Any]:
+        """Candles of one or more markets, newest first, paginated for any ``count``.
+
+        Parameters
+        ----------
+        symbols : str or list of str
+        interval : str
+            An mds timeframe name or alias (``1m``, ``1h``, ``1d`` ...).
+        count : int
+            Candles per symbol (fewer when the history runs out).
+        to : str, int or datetime, optional
+            Exclusive end: ISO-8601 (no offset = UTC), epoch ms or datetime. None: the latest,
+            including the still-forming candle.
+        use_cache : bool
+            Serve the latest candles (``to`` None, ``count`` within the cache) from the cache.
+
+        Returns
+        -------
+        dict
+            ``{"success": True, "data": [candle dicts, per symbol in the order given, newest
+            first], "metadata": {...}}``. ``metadata["covered"][symbol]`` is ``[from, to]``: in
+            ``[from, to)`` every candle the source has is in ``data`` (``to`` is the forming
+            interval's start when ``to`` was None); ``metadata["exhausted"][symbol]`` tells that
+            the source has nothing older than the oldest candle.
+
+        Raises
+        ------
+        InvalidRequestError
+            Bad symbol, interval, count or ``to``.
+        Layer1Error
+            Upbit refused (400/404), blocked (418) or kept failing after the retries.
+        """
+        t0 = time.perf_counter()
+        syms = _symbols(symbols)
+        tf = parse_timeframe(interval)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise InvalidRequestError(f"count must be a positive int, not {count!r}")
+        count = int(count)
+        to_ms_ = None if to is None else to_ms(to, name="to")
+
+        async def one(sym: str) -> tuple[CandlePages, bool, int]:
+            if to_ms_ is None:
+                return await self._latest(sym, tf, count, use_cache)
+            fetched_at = int(self._clock())
+            pages = await paginate_candles(self._page_fetcher(sym, tf), tf, sym, count=count, end=to_ms_)
+            return pages, False, fetched_at
+
+        results = await asyncio.gather(*(one(s) for s in syms))
+        data: list[Mapping[str, Any]] = []
+        covered: dict[str, list[int | None]] = {}
+        exhausted: dict[str, bool] = {}
+        requests = 0
+        all_cached = True
+        fetched = []
+        for sym, (pages, cached, fetched_at) in zip(syms, results):
+            data.extend(pages.rows)
+            hi = to_ms_ if to_ms_ is not None else tf.floor(fetched_at)
+            covered[sym] = [pages.covered_from if pages.covered_from is not None else hi, hi]
+            exhausted[sym] = pages.exhausted
+            requests += pages.requests
+            all_cached = all_cached and cached
+            fetched.append(fetched_at)
+        self._counts["calls_candle"] += 1
+        return {
+            "success": True,
+            "data": data,
+            "metadata": {
+                "data_type": "candle",
+                "source": "cache" if all_cached else "api",
+                "cache_hit": all_cached,
+                "symbols": syms,
+                "interval": tf.name,
+                "count": len(data),
+                "requests": requests,
+                "covered": covered,
+                "exhausted": exhausted,
+                "fetched_at": min(fetched),
+                "response_time_ms": (time.perf_counter() - t0) * 1000.0,
+            },
+        }
+
+    async def get_candle_range(self, symbol: str, interval: str | Timeframe, start: Any, end: Any) -> dict[str, Any]:
+        """Every candle of ``symbol`` with ``start <= ts < end``, newest first.
+
+        Paginates from ``to=end`` backwards until a page reaches ``start`` or history runs out,
+        so an uncovered range costs ``ceil(candles / 200)`` requests (no-trade intervals make it
+        fewer). The cache is neither read nor written.
+
+        Returns
+        -------
+        dict
+            ``{"success": True, "data": [...], "metadata": {"covered": [from, to], "exhausted",
+            "requests", ...}}``. ``covered`` is ``[start, min(end, start of the forming
+            interval)]`` when the walk finished; within it an absent candle means no trades.
+            A forming candle inside the range is returned but not counted as covered.
+
+        Raises
+        ------
+        InvalidRequestError
+            Bad symbol, interval or range.
+        Layer1Error
+            As :meth:`get_candle_data`.
+        """
+        t0 = time.perf_counter()
+        sym = _symbols(symbol)[0]
+        tf = parse_timeframe(interval)
+        lo, hi = to_ms(start, name="start"), to_ms(end, name="end")
+        if hi <= lo:
+            raise InvalidRequestError("end must be after start")
+        fetched_at = int(self._clock())
+        pages = await paginate_candles(self._page_fetcher(sym, tf), tf, sym, start=lo, end=hi)
+        covered_to = min(hi, tf.floor(fetched_at))
+        covered_from = pages.covered_from if pages.covered_from is not None else covered_to
+        self._counts["calls_candle_range"] += 1
+        return {
+            "success": True,
+            "data": pages.rows,
+            "metadata": {
+                "data_type": "candle",
+                "source": "api",
+                "cache_hit": False,
+                "symbols": [sym],
+                "interval": tf.name,
+                "count": len(pages.rows),
+                "requests": pages.requests,
+                "covered": [min(covered_from, covered_to), covered_to],
+                "exhausted": pages.exhausted,
+                "fetched_at": fetched_at,
+                "response_time_ms": (time.perf_counter() - t0) * 1000.0,
+            },
+        }
+
+    # -- realtime ----------------------------------------------------------------------------
+    async def _snapshots(
+        self,
+        kind: str,
+        path: str,
+        syms: list[str],
+        cache: dict[str, tuple[float, int, dict[str, Any]]],
+        ttl: float,
+        use_cache: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        fetched_at: dict[str, int] = {}
+        if use_cache and ttl > 0:
+            for s in syms:
+                e = cache.get(s)
+                if e is not None and e[0] > now:
+                    out[s] = e[2]
+                    fetched_at[s] = e[1]
+        missing = [s for s in syms if s not in out]
+        requests = 0
+        for i in range(0, len(missing), _TICKER_BATCH):
+            batch = missing[i : i + _TICKER_BATCH]
+
+            def check(payload: Any, batch: list[str] = batch) -> None:
+                if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
+                    raise BadPayload(f"expected a JSON list of {kind} objects")
+                got = {r.get("market") for r in payload}
+                if got != set(batch):
+                    raise BadPayload(f"asked for {sorted(batch)}, got {sorted(map(str, got))}")
+
+            at = int(self._clock())
+            rows, _ = await self._get(path, {"markets": ",".join(batch), **(extra or {})}, check)
+            requests += 1
+            for r in rows:
+                out[r["market"]] = r
+                fetched_at[r["market"]] = at
+                if ttl > 0:
+                    cache[r["market"]] = (time.monotonic() + ttl, at, r)
+        if missing:
+            self._counts[f"cache_misses_{kind}"] += 1
+        else:
+            self._counts[f"cache_hits_{kind}"] += 1
+        self._counts[f"calls_{kind}"] += 1
+        return {
+            "success": True,
+            "data": [out[s] for s in syms],
+            "metadata": {
+                "data_type": kind,
+                "source": "api" if missing else "cache",
+                "cache_hit": not missing,
+                "symbols": syms,
+                "count": len(syms),
+                "requests": requests,
+                "fetched_at": min(fetched_at.values()),
+                "response_time_ms": (time.perf_counter() - t0) * 1000.0,
+            },
+        }
+
+    async def get_ticker_data(self, symbols: str | Iterable[str], use_cache: bool = True) -> dict[str, Any]:
+        """Tickers (``/v1/ticker``) in the order given; cached ``ticker_ttl_s``.
+
+        Raises
+        ------
+        InvalidRequestError, Layer1Error
+        """
+        syms = _symbols(symbols)
+        return await self._snapshots("ticker", "/v1/ticker", syms, self._ticker_cache, self.ticker_ttl_s, use_cache)
+
+    async def get_orderbook_data(self, symbols: str | Iterable[str], use_cache: bool = True) -> dict[str, Any]:
+        """Orderbooks (``/v1/orderbook``) in the order given; cached ``orderbook_ttl_s``.
+
+        Raises
+        ------
+        InvalidRequestError, Layer1Error
+        """
+        syms = _symbols(symbols)
+        return await self._snapshots(
+            "orderbook", "/v1/orderbook", syms, self._orderbook_cache, self.orderbook_ttl_s, use_cache
+        )
+
+    async def get_trades(self, symbols: str | Iterable[str], count: int = 100) -> dict[str, Any]:
+        """Recent trades (``/v1/trades/ticks``) per symbol, newest first, deduplicated on
+        ``sequential_id``; ``count`` is capped at Upbit's 500. Never cached.
+
+        Raises
+        ------
+        InvalidRequestError, Layer1Error
+        """
+        t0 = time.perf_counter()
+        syms = _symbols(symbols)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise InvalidRequestError(f"count must be a positive int, not {count!r}")
+        n = min(int(count), _TRADES_MAX)
+
+        async def one(sym: str) -> list[dict[str, Any]]:
+            def check(payload: Any) -> None:
+                if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
+                    raise BadPayload("expected a JSON list of trades")
+                if any(r.get("market", sym) != sym for r in payload):
+                    raise BadPayload(f"asked for {sym}, the answer holds another market")
+
+            rows, _ = await self._get("/v1/trades/ticks", {"market": sym, "count": n}, check)
+            seen: set[Any] = set()
+            out = []
+            for r in sorted(rows, key=lambda r: (r.get("timestamp", 0), r.get("sequential_id", 0)), reverse=True):
+                sid = r.get("sequential_id")
+                if sid in seen:
+                    continue
+                seen.add(sid)
+                out.append(r)
+            return out
+
+        fetched_at = int(self._clock())
+        results = await asyncio.gather(*(one(s) for s in syms))
+        self._counts["calls_trade"] += 1
+        data = [r for rows in results for r in rows]
+        return {
+            "success": True,
+            "data": data,
+            "metadata": {
+                "data_type": "trade",
+                "source": "api",
+                "cache_hit": False,
+                "symbols": syms,
+                "count": len(data),
+                "requests": len(syms),
+                "fetched_at": fetched_at,
+                "response_time_ms": (time.perf_counter() - t0) * 1000.0,
+            },
+        }
+
+    # -- cache introspection -----------------------------------------------------------------
+    def peek_cache(
+        self,
+        data_type: Any,
+        symbols: str | Iterable[str],
+        interval: str | Timeframe | None = None,
+        count: int = 200,
+    ) -> dict[str, Any] | None:
+        """Answer from the cache only, never the network; None unless every symbol is cached.
+
+        ``data_type`` is ``"candle"``, ``"ticker"`` or ``"orderbook"`` (a ``DataType`` works too).
+        Candles: the latest ``count`` of ``interval`` (the cache holds the latest 200).
+        """
+        kind = str(getattr(data_type, "value", data_type)).lower()
+        syms = _symbols(symbols)
+        now = time.monotonic()
+        if kind == "candle":
+            if interval is None:
+                raise InvalidRequestError("peek_cache for candles needs an interval")
+            tf = parse_timeframe(interval)
+            data: list[Mapping[str, Any]] = []
+            covered: dict[str, list[int]] = {}
+            exhausted: dict[str, bool] = {}
+            fetched = []
+            for s in syms:
+                hit = self._cached_candles((s, tf.name), int(count))
+                if hit is None:
+                    return None
+                pages, at = hit
+                data.extend(pages.rows)
+                hi = tf.floor(at)
+                covered[s] = [pages.covered_from if pages.covered_from is not None else hi, hi]
+                exhausted[s] = pages.exhausted
+                fetched.append(at)
+            meta: dict[str, Any] = {"interval": tf.name, "covered": covered, "exhausted": exhausted}
+        elif kind in ("ticker", "orderbook"):
+            cache = self._ticker_cache if kind == "ticker" else self._orderbook_cache
+            entries = [cache.get(s) for s in syms]
+            if any(e is None or e[0] <= now for e in entries):
+                return None
+            data = [e[2] for e in entries if e is not None]
+            fetched = [e[1] for e in entries if e is not None]
+            meta = {}
+        else:
+            return None
+        return {
+            "success": True,
+            "data": data,
+            "metadata": {
+                "data_type": kind,
+                "source": "cache",
+                "cache_hit": True,
+                "symbols": syms,
+                "count": len(data),
+                "requests": 0,
+                "fetched_at": min(fetched),
+                **meta,
+            },
+        }
+
+    def cache_policy(self) -> dict[str, Any]:
+        """The cache's TTLs and sizes (seconds; 0 means not cached)."""
+        return {
+            "candle_ttl_s": self.candle_ttl_s,
+            "candle_cache_count": self.candle_cache_count,
+            "ticker_ttl_s": self.ticker_ttl_s,
+            "orderbook_ttl_s": self.orderbook_ttl_s,
+            "trade_ttl_s": 0.0,
+        }
+
+    def clear_cache(self) -> None:
+        """Drop every cached answer."""
+        self._candle_cache.clear()
+        self._ticker_cache.clear()
+        self._orderbook_cache.clear()
+
+    def get_performance_summary(self) -> dict[str, Any]:
+        """JSON-serialisable counters: requests, retries, 429s, cache hits, latency per group."""
+        groups = {
+            g: {
+                "requests": len(v),
+                "p50_ms": _percentile(v, 50),
+                "p99_ms": _percentile(v, 99),
+            }
+            for g, v in self._latency.items()
+        }
+        pacing = {g: {"waits": p.waits, "waited_s": round(p.waited_s, 6)} for g, p in self._pacers.items()}
+        return {
+            "counters": dict(self._counts),
+            "status": {str(k): v for k, v in sorted(self._status.items())},
+            "groups": groups,
+            "pacing": pacing,
+            "cached_series": len(self._candle_cache),
+        }
