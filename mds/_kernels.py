@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,24 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-if _flag("MDS_PUREPYTHON"):
+if TYPE_CHECKING:
+    # Both implementations have the same surface (tests hold them equal); type against the twin.
+    from mds._pycore import (
+        IMPLEMENTATION,
+        LRU,
+        REASONS,
+        SeriesBuffer,
+        find_gaps,
+        interval_contains,
+        interval_normalize,
+        interval_subtract,
+        interval_union,
+        merge,
+        merge_into,
+        sort_dedup,
+        validate,
+    )
+elif _flag("MDS_PUREPYTHON"):
     from mds._pycore import (
         IMPLEMENTATION,
         LRU,
@@ -57,7 +75,7 @@ if _flag("MDS_PUREPYTHON"):
     )
 else:
     try:
-        from mds._core import (  # type: ignore[no-redef]
+        from mds._core import (
             IMPLEMENTATION,
             LRU,
             REASONS,

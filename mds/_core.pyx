@@ -1,0 +1,989 @@
+# cython: language_level=3
+"""Compiled kernels of mds (the twin of ``mds/_pycore.py``: same names, same results).
+
+Each ``def`` entry point checks dtypes and shapes and allocates its outputs with the GIL held,
+then releases the GIL for its loops over typed ``const`` memoryviews, calling small
+``cdef ... noexcept nogil`` helpers. Rows move as raw 56-byte records (``memcpy``), never field
+by field. Directives (boundscheck, wraparound, cdivision) come from setup.py; every division by
+a value that may be negative goes through the floor helpers below, so the results do not depend
+on ``cdivision``.
+
+Import kernels through :mod:`mds._kernels`; see docs/ARCHITECTURE.md, "Kernel interface".
+"""
+
+from cpython.ref cimport Py_REFCNT
+from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.string cimport memcpy, memcmp, memmove
+from libc.stdlib cimport malloc, realloc, free
+
+import numpy as np
+
+from mds._dtypes import CANDLE_DTYPE as _CANDLE
+from mds.errors import InvalidRequestError
+
+IMPLEMENTATION = "cython"
+
+REASONS = {
+    1: "nonfinite",
+    2: "low_above_body",
+    3: "high_below_body",
+    4: "negative_volume",
+    5: "negative_value",
+    6: "misaligned",
+    7: "future",
+}
+
+cdef struct Candle:
+    int64_t ts
+    double open
+    double high
+    double low
+    double close
+    double volume
+    double value
+
+cdef int64_t DAY_MS = 86_400_000
+# Day numbers whose midnight is representable in int64 ms: ceil(MIN / DAY) .. floor(MAX / DAY).
+cdef int64_t MIN_DAY = -106751991167
+cdef int64_t MAX_DAY = 106751991167
+cdef uint64_t EXP_MASK = 0x7FF0000000000000ULL
+
+_EMPTY_RANGES = np.zeros((0, 2), dtype=np.int64)
+_EMPTY_RANGES.flags.writeable = False
+
+
+cdef tuple _struct_layout():
+    cdef Candle c
+    cdef char* base = <char*>&c
+    return (
+        sizeof(Candle),
+        {
+            "ts": <char*>&c.ts - base,
+            "open": <char*>&c.open - base,
+            "high": <char*>&c.high - base,
+            "low": <char*>&c.low - base,
+            "close": <char*>&c.close - base,
+            "volume": <char*>&c.volume - base,
+            "value": <char*>&c.value - base,
+        },
+    )
+
+
+def _check_layout():
+    """Raise ImportError unless the Candle struct matches CANDLE_DTYPE (size and offsets)."""
+    size, offsets = _struct_layout()
+    expected = {name: _CANDLE.fields[name][1] for name in _CANDLE.names}
+    if size != _CANDLE.itemsize or offsets != expected:
+        raise ImportError(f"mds._core: Candle struct {size} {offsets} does not match CANDLE_DTYPE")
+
+
+_check_layout()
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (GIL held)
+# ---------------------------------------------------------------------------------------------
+cdef object _candles(object arr, str name):
+    if type(arr) is not np.ndarray and not isinstance(arr, np.ndarray):
+        raise InvalidRequestError(f"{name} must be a 1-D CANDLE_DTYPE array, got {type(arr).__name__}")
+    dt = arr.dtype
+    if (dt is not _CANDLE and dt != _CANDLE) or arr.ndim != 1:
+        raise InvalidRequestError(f"{name} must be a 1-D CANDLE_DTYPE array, got {dt}")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+cdef Candle* _ptr(object arr) except? NULL:
+    """Data pointer of a writeable C-contiguous CANDLE_DTYPE array (NULL when empty)."""
+    cdef Candle[::1] mv = arr
+    if mv.shape[0] == 0:
+        return NULL
+    return &mv[0]
+
+
+cdef inline const Candle* _rows(const Candle[::1] mv) noexcept nogil:
+    if mv.shape[0] == 0:
+        return NULL
+    return &mv[0]
+
+
+cdef tuple _grid(object interval_ms, object origin_ms, object is_month):
+    cdef bint month = bool(is_month)
+    cdef int64_t iv = interval_ms
+    cdef int64_t org = origin_ms
+    if not month and iv <= 0:
+        raise InvalidRequestError(f"interval_ms must be positive, got {iv}")
+    return iv, org, month
+
+
+cdef object _ranges(object a, str name):
+    arr = np.asarray(a, dtype=np.int64)
+    if arr.size == 0:
+        return _EMPTY_RANGES
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise InvalidRequestError(f"{name} must have shape (k, 2), got {arr.shape}")
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# integer helpers (nogil)
+# ---------------------------------------------------------------------------------------------
+cdef inline int64_t _fdiv(int64_t a, int64_t b) noexcept nogil:
+    """Floor division for b > 0."""
+    cdef int64_t q = a // b
+    if (a % b) < 0:
+        q -= 1
+    return q
+
+
+cdef inline int64_t _fmod(int64_t a, int64_t b) noexcept nogil:
+    """Floor modulo for b > 0."""
+    cdef int64_t r = a % b
+    if r < 0:
+        r += b
+    return r
+
+
+cdef inline int64_t _day_of_month(int64_t days) noexcept nogil:
+    cdef int64_t z = days + 719468
+    cdef int64_t era = _fdiv(z, 146097)
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    return doy - (153 * mp + 2) // 5 + 1
+
+
+cdef inline int64_t _month_index(int64_t ts) noexcept nogil:
+    """Months since 1970-01 of the month containing ``ts``."""
+    cdef int64_t z = _fdiv(ts, DAY_MS) + 719468
+    cdef int64_t era = _fdiv(z, 146097)
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int64_t m = mp + 3 if mp < 10 else mp - 9
+    cdef int64_t y = yoe + era * 400 + (1 if m <= 2 else 0)
+    return (y - 1970) * 12 + (m - 1)
+
+
+cdef inline int64_t _month_start(int64_t mi) noexcept nogil:
+    """Epoch ms of month index ``mi`` (days-from-civil), saturated to the int64 range."""
+    cdef int64_t y = 1970 + _fdiv(mi, 12)
+    cdef int64_t m = _fmod(mi, 12) + 1
+    if m <= 2:
+        y -= 1
+    cdef int64_t era = _fdiv(y, 400)
+    cdef int64_t yoe = y - era * 400
+    cdef int64_t doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5
+    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    cdef int64_t days = era * 146097 + doe - 719468
+    if days > MAX_DAY:
+        return INT64_MAX
+    if days < MIN_DAY:
+        return INT64_MIN
+    return days * DAY_MS
+
+
+cdef inline bint _month_aligned(int64_t ts) noexcept nogil:
+    cdef int64_t days = _fdiv(ts, DAY_MS)
+    return ts - days * DAY_MS == 0 and _day_of_month(days) == 1
+
+
+cdef inline int64_t _ceil_slot(int64_t t, int64_t iv, int64_t org, bint month) noexcept nogil:
+    """First aligned slot ``>= t``, saturated at INT64_MAX."""
+    cdef int64_t mi, s, off
+    if month:
+        mi = _month_index(t)
+        s = _month_start(mi)
+        return t if s == t else _month_start(mi + 1)
+    off = _fmod(_fmod(t, iv) - _fmod(org, iv), iv)
+    if off == 0:
+        return t
+    if t > INT64_MAX - (iv - off):
+        return INT64_MAX
+    return t + (iv - off)
+
+
+cdef inline bint _is_finite(double x) noexcept nogil:
+    cdef uint64_t bits
+    memcpy(&bits, &x, 8)
+    return (bits & EXP_MASK) != EXP_MASK
+
+
+cdef inline bint _strict(const Candle* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(1, n):
+        if p[i].ts <= p[i - 1].ts:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t _lower_bound(const Candle* p, Py_ssize_t lo, Py_ssize_t hi, int64_t t) noexcept nogil:
+    cdef Py_ssize_t mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if p[mid].ts < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline Py_ssize_t _lower_bound_ts(const int64_t[:] ts, Py_ssize_t lo, Py_ssize_t hi, int64_t t) noexcept nogil:
+    cdef Py_ssize_t mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ts[mid] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef Py_ssize_t _classify(const Candle* s, Py_ssize_t n, const Candle* b, Py_ssize_t k,
+                          int64_t* pos, uint8_t* flag, Py_ssize_t* counts) noexcept nogil:
+    """Locate sorted unique batch rows in sorted unique series rows.
+
+    ``flag[j]``: 0 new, 1 exists and differs, 2 byte-identical. ``counts``: inserted, updated,
+    unchanged. Returns the first insertion position (``n`` when nothing is inserted).
+    """
+    cdef Py_ssize_t j, p = 0, first = n, step
+    cdef int64_t t
+    counts[0] = 0
+    counts[1] = 0
+    counts[2] = 0
+    for j in range(k):
+        # Galloping search from the previous position: a batch is sorted and usually local.
+        t = b[j].ts
+        if p < n and s[p].ts < t:
+            step = 1
+            while p + step < n and s[p + step].ts < t:
+                p += step
+                step <<= 1
+            p = _lower_bound(s, p + 1, p + step if p + step < n else n, t)
+        pos[j] = p
+        if p < n and s[p].ts == b[j].ts:
+            if memcmp(&s[p], &b[j], sizeof(Candle)) == 0:
+                flag[j] = 2
+                counts[2] += 1
+            else:
+                flag[j] = 1
+                counts[1] += 1
+        else:
+            flag[j] = 0
+            counts[0] += 1
+            if p < first:
+                first = p
+    return first
+
+
+cdef void _merge_rows(const Candle* s, Py_ssize_t n, const Candle* b, Py_ssize_t k,
+                      const int64_t* pos, const uint8_t* flag, Candle* out) noexcept nogil:
+    """Write the merge of ``s`` and ``b`` to ``out`` (classified by ``_classify``)."""
+    cdef Py_ssize_t j, i = 0, w = 0, p, run
+    for j in range(k):
+        p = pos[j]
+        run = p - i
+        if run > 0:
+            memcpy(&out[w], &s[i], run * sizeof(Candle))
+            w += run
+            i = p
+        memcpy(&out[w], &b[j], sizeof(Candle))
+        w += 1
+        if flag[j] != 0:
+            i += 1
+    if n > i:
+        memcpy(&out[w], &s[i], (n - i) * sizeof(Candle))
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------
+cdef inline uint8_t _reason(const Candle* r, int64_t iv, int64_t om, bint month, bint has_now,
+                            int64_t now, int64_t* ref, bint* has_ref) noexcept nogil:
+    cdef double lo_body, hi_body
+    cdef int64_t t = r.ts
+    if not (_is_finite(r.open) and _is_finite(r.high) and _is_finite(r.low)
+            and _is_finite(r.close) and _is_finite(r.volume) and _is_finite(r.value)):
+        return 1
+    lo_body = r.open if r.open < r.close else r.close
+    hi_body = r.open if r.open > r.close else r.close
+    if r.low > lo_body:
+        return 2
+    if r.high < hi_body:
+        return 3
+    if r.volume < 0:
+        return 4
+    if r.value < 0:
+        return 5
+    if month:
+        if not _month_aligned(t):
+            return 6
+    elif not (has_ref[0] and (t == ref[0] or (t > ref[0] and <uint64_t>t - <uint64_t>ref[0] == <uint64_t>iv))):
+        # Sorted series step by exactly one interval: the division is only paid off that path.
+        if _fmod(t, iv) != om:
+            return 6
+        ref[0] = t
+        has_ref[0] = True
+    else:
+        ref[0] = t
+    if has_now and t > now:
+        return 7
+    return 0
+
+
+def validate(candles, interval_ms, origin_ms, is_month, now_ms=None):
+    """Find the invalid rows of a candle array (see ``mds._pycore.validate``).
+
+    Returns ``(idx int64[k], reason uint8[k])``: invalid rows in order with their first failing
+    reason code (:data:`REASONS`).
+    """
+    arr = _candles(candles, "candles")
+    cdef int64_t iv, org
+    cdef bint month
+    iv, org, month = _grid(interval_ms, origin_ms, is_month)
+    cdef bint has_now = now_ms is not None
+    cdef int64_t now = now_ms if has_now else 0
+    cdef const Candle[::1] mv = arr
+    cdef Py_ssize_t n = mv.shape[0], i, k = 0
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    idx = np.empty(n, np.int64)
+    reason = np.empty(n, np.uint8)
+    cdef int64_t[::1] idx_mv = idx
+    cdef uint8_t[::1] reason_mv = reason
+    cdef const Candle* p = &mv[0]
+    cdef int64_t om = 0 if month else _fmod(org, iv)
+    cdef int64_t ref = 0
+    cdef bint has_ref = False
+    cdef uint8_t code
+    with nogil:
+        for i in range(n):
+            code = _reason(&p[i], iv, om, month, has_now, now, &ref, &has_ref)
+            if code:
+                idx_mv[k] = i
+                reason_mv[k] = code
+                k += 1
+    return idx[:k].copy(), reason[:k].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# sort / dedup / merge
+# ---------------------------------------------------------------------------------------------
+def sort_dedup(batch):
+    """Sort by ``ts``, drop duplicate timestamps (last occurrence wins); a new array."""
+    arr = _candles(batch, "batch")
+    cdef const Candle[::1] mv = arr
+    cdef Py_ssize_t n = mv.shape[0], i, k = 0
+    cdef const Candle* p = _rows(mv)
+    cdef bint strict
+    with nogil:
+        strict = _strict(p, n)
+    if strict:
+        out = np.empty(n, _CANDLE)
+        if n:
+            _copy_into(out, p, n)
+        return out
+    order = np.argsort(arr["ts"], kind="stable")
+    cdef const int64_t[::1] o = order
+    with nogil:
+        for i in range(n):
+            if i == n - 1 or p[o[i + 1]].ts != p[o[i]].ts:
+                k += 1
+    out = np.empty(k, _CANDLE)
+    cdef Candle[::1] w = out
+    k = 0
+    with nogil:
+        for i in range(n):
+            if i == n - 1 or p[o[i + 1]].ts != p[o[i]].ts:
+                memcpy(&w[k], &p[o[i]], sizeof(Candle))
+                k += 1
+    return out
+
+
+cdef void _copy_into(object out, const Candle* src, Py_ssize_t n):
+    cdef Candle[::1] w = out
+    with nogil:
+        memcpy(&w[0], src, n * sizeof(Candle))
+
+
+cdef object _sorted_batch(object batch):
+    b = _candles(batch, "batch")
+    cdef const Candle[::1] mv = b
+    cdef bint strict
+    with nogil:
+        strict = _strict(_rows(mv), mv.shape[0])
+    return b if strict else sort_dedup(b)
+
+
+def merge(series, batch):
+    """Merge a batch (any order, last duplicate wins) into a sorted unique series.
+
+    Returns ``(merged, inserted, updated, unchanged)``; ``merged`` is a new array.
+    """
+    s = _candles(series, "series")
+    b = _sorted_batch(batch)
+    cdef const Candle[::1] smv = s
+    cdef const Candle[::1] bmv = b
+    cdef Py_ssize_t n = smv.shape[0], k = bmv.shape[0]
+    cdef Py_ssize_t counts[3]
+    cdef const Candle* sp = _rows(smv)
+    cdef const Candle* bp = _rows(bmv)
+    pos = np.empty(k, np.int64)
+    flag = np.empty(k, np.uint8)
+    cdef int64_t[::1] pos_mv = pos
+    cdef uint8_t[::1] flag_mv = flag
+    cdef int64_t* pp = &pos_mv[0] if k else NULL
+    cdef uint8_t* fp = &flag_mv[0] if k else NULL
+    with nogil:
+        _classify(sp, n, bp, k, pp, fp, counts)
+    out = np.empty(n + counts[0], _CANDLE)
+    cdef Candle[::1] omv = out
+    if n + counts[0]:
+        with nogil:
+            _merge_rows(sp, n, bp, k, pp, fp, &omv[0])
+    return out, counts[0], counts[1], counts[2]
+
+
+cdef void _merge_in_place(Candle* s, Py_ssize_t n, const Candle* b, Py_ssize_t k,
+                          const int64_t* pos, const uint8_t* flag, Py_ssize_t inserted) noexcept nogil:
+    """Backward merge into ``s`` (room for ``n + inserted`` rows): moves only rows after the
+    first insertion point, each block once."""
+    cdef Py_ssize_t j, p, hi_src = n, shift = inserted
+    j = k - 1
+    while j >= 0:
+        p = pos[j]
+        if flag[j] == 0:
+            if shift and hi_src > p:
+                memmove(&s[p + shift], &s[p], (hi_src - p) * sizeof(Candle))
+            shift -= 1
+            memcpy(&s[p + shift], &b[j], sizeof(Candle))
+            hi_src = p
+        else:
+            if shift and hi_src > p + 1:
+                memmove(&s[p + 1 + shift], &s[p + 1], (hi_src - p - 1) * sizeof(Candle))
+            if flag[j] == 1:
+                memcpy(&s[p + shift], &b[j], sizeof(Candle))
+            hi_src = p
+        j -= 1
+
+
+def merge_into(buf, n, batch):
+    """Merge a batch into ``buf[:n]`` in place; returns ``(n_new, inserted, updated, unchanged)``.
+
+    See ``mds._pycore.merge_into``. Appending after the last row costs O(batch).
+    """
+    if not isinstance(buf, np.ndarray) or buf.dtype != _CANDLE or buf.ndim != 1:
+        raise InvalidRequestError("buf must be a 1-D CANDLE_DTYPE array")
+    if not (buf.flags.c_contiguous and buf.flags.writeable):
+        raise InvalidRequestError("buf must be C-contiguous and writeable")
+    cdef Candle[::1] smv = buf
+    cdef Py_ssize_t size = smv.shape[0]
+    cdef Py_ssize_t used = n
+    if used < 0 or used > size:
+        raise InvalidRequestError(f"n={used} outside 0..{size}")
+    b = _sorted_batch(batch)
+    cdef const Candle[::1] bmv = b
+    cdef Py_ssize_t k = bmv.shape[0]
+    if k == 0:
+        return used, 0, 0, 0
+    cdef Candle* sp = &smv[0] if size else NULL
+    cdef const Candle* bp = &bmv[0]
+    if used == 0 or bp[0].ts > sp[used - 1].ts:
+        if used + k > size:
+            raise InvalidRequestError(f"merge_into needs {used + k} rows, buf holds {size}")
+        with nogil:
+            memcpy(&sp[used], bp, k * sizeof(Candle))
+        return used + k, k, 0, 0
+    cdef Py_ssize_t counts[3]
+    cdef int64_t small_pos[256]
+    cdef uint8_t small_flag[256]
+    cdef int64_t* pp = small_pos
+    cdef uint8_t* fp = small_flag
+    if k > 256:
+        pp = <int64_t*>malloc(k * sizeof(int64_t))
+        fp = <uint8_t*>malloc(k)
+        if pp == NULL or fp == NULL:
+            free(pp)
+            free(fp)
+            raise MemoryError()
+    try:
+        with nogil:
+            _classify(sp, used, bp, k, pp, fp, counts)
+        if used + counts[0] > size:
+            raise InvalidRequestError(f"merge_into needs {used + counts[0]} rows, buf holds {size}")
+        with nogil:
+            _merge_in_place(sp, used, bp, k, pp, fp, counts[0])
+    finally:
+        if k > 256:
+            free(pp)
+            free(fp)
+    return used + counts[0], counts[0], counts[1], counts[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps
+# ---------------------------------------------------------------------------------------------
+cdef Py_ssize_t _gaps(const int64_t[:] ts, Py_ssize_t i, int64_t c, int64_t end, int64_t iv,
+                      bint month, int64_t[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t n = ts.shape[0], g = 0
+    cdef int64_t t, cursor = c
+    if month:
+        while i < n:
+            t = ts[i]
+            if t >= end:
+                break
+            if t == cursor:
+                cursor = _month_start(_month_index(t) + 1)
+            elif t > cursor and _month_aligned(t):
+                out[g, 0] = cursor
+                out[g, 1] = t
+                g += 1
+                cursor = _month_start(_month_index(t) + 1)
+            i += 1
+    else:
+        while i < n:
+            t = ts[i]
+            if t >= end:
+                break
+            if t == cursor:
+                cursor = t + iv if t <= INT64_MAX - iv else INT64_MAX
+            elif t > cursor and (<uint64_t>t - <uint64_t>cursor) % <uint64_t>iv == 0:
+                out[g, 0] = cursor
+                out[g, 1] = t
+                g += 1
+                cursor = t + iv if t <= INT64_MAX - iv else INT64_MAX
+            i += 1
+    if cursor < end:
+        out[g, 0] = cursor
+        out[g, 1] = end
+        g += 1
+    return g
+
+
+def find_gaps(ts, interval_ms, origin_ms, is_month, start, end):
+    """Missing aligned slots in ``[start, end)`` as ``int64[k, 2]`` half-open ranges.
+
+    ``ts`` is sorted int64 (a strided field view is fine). See ``mds._pycore.find_gaps``.
+    """
+    cdef int64_t iv, org
+    cdef bint month
+    iv, org, month = _grid(interval_ms, origin_ms, is_month)
+    t = ts if isinstance(ts, np.ndarray) else np.asarray(ts)
+    if t.dtype != np.int64 or t.ndim != 1:
+        raise InvalidRequestError(f"ts must be a 1-D int64 array, got {t.dtype} {t.shape}")
+    cdef int64_t s = start
+    cdef int64_t e = end
+    cdef int64_t c = _ceil_slot(s, iv, org, month)
+    if c >= e:
+        return _EMPTY_RANGES.copy()
+    cdef const int64_t[:] tv = t
+    cdef Py_ssize_t lo, hi
+    with nogil:
+        lo = _lower_bound_ts(tv, 0, tv.shape[0], c)
+        hi = _lower_bound_ts(tv, lo, tv.shape[0], e)
+    out = np.empty((hi - lo + 1, 2), np.int64)
+    cdef int64_t[:, ::1] ov = out
+    cdef Py_ssize_t g
+    with nogil:
+        g = _gaps(tv, lo, c, e, iv, month, ov)
+    if g == hi - lo + 1:
+        return out
+    return out[:g].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# interval sets
+# ---------------------------------------------------------------------------------------------
+cdef Py_ssize_t _coalesce(const int64_t[:, ::1] r, int64_t[:, ::1] out) noexcept nogil:
+    """Merge sorted non-empty ranges (overlapping or adjacent) into ``out``."""
+    cdef Py_ssize_t i, g = 0, n = r.shape[0]
+    cdef int64_t cs = r[0, 0], ce = r[0, 1]
+    for i in range(1, n):
+        if r[i, 0] <= ce:
+            if r[i, 1] > ce:
+                ce = r[i, 1]
+        else:
+            out[g, 0] = cs
+            out[g, 1] = ce
+            g += 1
+            cs = r[i, 0]
+            ce = r[i, 1]
+    out[g, 0] = cs
+    out[g, 1] = ce
+    return g + 1
+
+
+cdef bint _is_normal(const int64_t[:, :] r) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(r.shape[0]):
+        if r[i, 1] <= r[i, 0]:
+            return False
+        if i and r[i, 0] <= r[i - 1, 1]:
+            return False
+    return True
+
+
+def interval_normalize(a):
+    """Sort ranges, merge overlapping and adjacent ones, drop empty ones; a new ``int64[m, 2]``."""
+    r = _ranges(a, "ranges")
+    if r.shape[0] == 0:
+        return _EMPTY_RANGES.copy()
+    cdef const int64_t[:, :] rv = r
+    cdef bint normal
+    with nogil:
+        normal = _is_normal(rv)
+    if normal:
+        return np.array(r, dtype=np.int64, order="C", copy=True)
+    r = r[r[:, 1] > r[:, 0]]
+    if r.shape[0] == 0:
+        return _EMPTY_RANGES.copy()
+    r = np.ascontiguousarray(r[np.lexsort((r[:, 1], r[:, 0]))])
+    out = np.empty_like(r)
+    cdef const int64_t[:, ::1] sv = r
+    cdef int64_t[:, ::1] ov = out
+    cdef Py_ssize_t g
+    with nogil:
+        g = _coalesce(sv, ov)
+    return out[:g].copy() if g < out.shape[0] else out
+
+
+def interval_union(a, b):
+    """Union of two range sets, normalised."""
+    return interval_normalize(np.concatenate((_ranges(a, "a"), _ranges(b, "b"))))
+
+
+def interval_subtract(a, b):
+    """The parts of range set ``a`` not covered by ``b``, normalised."""
+    na = interval_normalize(a)
+    nb = interval_normalize(b)
+    out = np.empty((na.shape[0] + nb.shape[0], 2), np.int64)
+    cdef const int64_t[:, ::1] av = na
+    cdef const int64_t[:, ::1] bv = nb
+    cdef int64_t[:, ::1] ov = out
+    cdef Py_ssize_t i, j = 0, jj, g = 0, nA = av.shape[0], nB = bv.shape[0]
+    cdef int64_t s, e, cur
+    with nogil:
+        for i in range(nA):
+            s = av[i, 0]
+            e = av[i, 1]
+            while j < nB and bv[j, 1] <= s:
+                j += 1
+            cur = s
+            jj = j
+            while jj < nB and bv[jj, 0] < e:
+                if bv[jj, 0] > cur:
+                    ov[g, 0] = cur
+                    ov[g, 1] = bv[jj, 0]
+                    g += 1
+                if bv[jj, 1] > cur:
+                    cur = bv[jj, 1]
+                jj += 1
+            if cur < e:
+                ov[g, 0] = cur
+                ov[g, 1] = e
+                g += 1
+    return out[:g].copy()
+
+
+def interval_contains(a, start, end):
+    """Whether ``[start, end)`` lies inside the union of ranges ``a`` (an empty range always does)."""
+    cdef int64_t s = start
+    cdef int64_t e = end
+    if e <= s:
+        return True
+    r = _ranges(a, "ranges")
+    if r.shape[0] == 0:
+        return False
+    cdef const int64_t[:, :] rv = r
+    cdef bint normal
+    with nogil:
+        normal = _is_normal(rv)
+    if not normal:
+        r = interval_normalize(r)
+        rv = r
+    cdef Py_ssize_t lo = 0, hi = rv.shape[0], mid
+    with nogil:
+        while lo < hi:  # first range with start > s
+            mid = (lo + hi) >> 1
+            if rv[mid, 0] <= s:
+                lo = mid + 1
+            else:
+                hi = mid
+    return lo > 0 and rv[lo - 1, 1] >= e
+
+
+# ---------------------------------------------------------------------------------------------
+# SeriesBuffer
+# ---------------------------------------------------------------------------------------------
+cdef inline Py_ssize_t _spare(Py_ssize_t k) noexcept nogil:
+    return k // 4 if k >= 16 else 4
+
+
+cdef class SeriesBuffer:
+    """The newest ``capacity`` candles of one series, handing out read-only views.
+
+    See ``mds._pycore.SeriesBuffer``: appends fill a small spare room (a quarter of the rows,
+    at least 4); when it runs out the newest rows move to a fresh array and the old one lives
+    on as long as views of it do; a correction of a row a live view may hold copies first.
+    """
+
+    cdef readonly Py_ssize_t capacity
+    cdef object _buf
+    cdef object _ro
+    cdef Candle* _data
+    cdef Py_ssize_t _size, _lo, _hi, _exported_hi, _refs
+
+    def __init__(self, capacity):
+        cdef Py_ssize_t cap = capacity
+        if cap <= 0:
+            raise InvalidRequestError(f"capacity must be positive, got {cap}")
+        self.capacity = cap
+        self._alloc(0)
+
+    cdef void _alloc(self, Py_ssize_t rows) except *:
+        cdef Py_ssize_t size = rows + _spare(rows) if rows else 0
+        self._buf = np.empty(size, _CANDLE)
+        self._data = _ptr(self._buf)
+        self._buf.flags.writeable = False
+        self._ro = self._buf[:]
+        self._size = size
+        self._lo = 0
+        self._hi = 0
+        self._exported_hi = 0
+        self._refs = Py_REFCNT(self._buf)
+
+    cdef inline bint _views_alive(self):
+        return Py_REFCNT(self._buf) > self._refs
+
+    cdef void _replace2(self, const Candle* a, Py_ssize_t na, const Candle* b, Py_ssize_t nb) except *:
+        """Move rows ``a`` then ``b`` (sorted unique, at most capacity) into a fresh array.
+
+        The caller keeps the array ``a`` points into alive (``old = self._buf``) until this returns.
+        """
+        self._alloc(na + nb)
+        if na:
+            memcpy(self._data, a, na * sizeof(Candle))
+        if nb:
+            memcpy(self._data + na, b, nb * sizeof(Candle))
+        self._hi = na + nb
+
+    def write(self, batch):
+        """Merge a sorted unique batch; returns ``(inserted, updated, unchanged)``.
+
+        Counts as ``merge`` of the current rows with the batch; then only the newest ``capacity``
+        rows are kept.
+        """
+        b = _sorted_batch(batch)
+        cdef const Candle[::1] bmv = b
+        cdef Py_ssize_t k = bmv.shape[0]
+        if k == 0:
+            return 0, 0, 0
+        cdef const Candle* bp = &bmv[0]
+        cdef Py_ssize_t cap = self.capacity, count = self._hi - self._lo, keep, j, first
+        if count == 0 or bp[0].ts > self._data[self._hi - 1].ts:
+            if k >= cap:
+                self._replace2(NULL, 0, bp + (k - cap), cap)
+            elif self._hi + k <= self._size:
+                memcpy(self._data + self._hi, bp, k * sizeof(Candle))
+                self._hi += k
+                if self._hi - self._lo > cap:
+                    self._lo = self._hi - cap
+            else:
+                keep = min(count, cap - k)
+                old = self._buf  # keep the old rows alive while copying
+                self._replace2(self._data + (self._hi - keep), keep, bp, k)
+            return k, 0, 0
+        cdef Py_ssize_t counts[3]
+        pos = np.empty(k, np.int64)
+        flag = np.empty(k, np.uint8)
+        cdef int64_t[::1] pos_mv = pos
+        cdef uint8_t[::1] flag_mv = flag
+        cdef Candle* live = self._data + self._lo
+        with nogil:
+            _classify(live, count, bp, k, &pos_mv[0], &flag_mv[0], counts)
+        if counts[0] == 0:
+            if counts[1]:
+                first = count
+                for j in range(k):
+                    if flag_mv[j] == 1:
+                        first = pos_mv[j]
+                        break
+                if self._lo + first < self._exported_hi and self._views_alive():
+                    old = self._buf
+                    self._replace2(live, count, NULL, 0)
+                    live = self._data
+                for j in range(k):
+                    if flag_mv[j] == 1:
+                        memcpy(&live[pos_mv[j]], &bp[j], sizeof(Candle))
+            return 0, counts[1], counts[2]
+        merged = np.empty(count + counts[0], _CANDLE)
+        cdef Candle[::1] mmv = merged
+        with nogil:
+            _merge_rows(live, count, bp, k, &pos_mv[0], &flag_mv[0], &mmv[0])
+        keep = count + counts[0]
+        first = keep - cap if keep > cap else 0
+        self._replace2(&mmv[first], keep - first, NULL, 0)
+        return counts[0], counts[1], counts[2]
+
+    def latest(self, n):
+        """The newest ``n`` rows (all when fewer are held): a read-only view, no copy, never changing."""
+        cdef Py_ssize_t m = n
+        cdef Py_ssize_t count = self._hi - self._lo
+        if m > count:
+            m = count
+        if m < 0:
+            m = 0
+        if self._hi > self._exported_hi:
+            self._exported_hi = self._hi
+        return self._ro[self._hi - m : self._hi]
+
+    def range(self, start, end):
+        """Rows with ``start <= ts < end``: a read-only view, no copy, never changing."""
+        cdef int64_t s = start
+        cdef int64_t e = end
+        cdef Py_ssize_t a = _lower_bound(self._data, self._lo, self._hi, s)
+        cdef Py_ssize_t b = _lower_bound(self._data, self._lo, self._hi, e)
+        if b < a:
+            b = a
+        if b > self._exported_hi:
+            self._exported_hi = b
+        return self._ro[a:b]
+
+    def __len__(self):
+        return self._hi - self._lo
+
+    @property
+    def first_ts(self):
+        """``ts`` of the oldest row held, None when empty."""
+        return self._data[self._lo].ts if self._hi > self._lo else None
+
+    @property
+    def last_ts(self):
+        """``ts`` of the newest row held, None when empty."""
+        return self._data[self._hi - 1].ts if self._hi > self._lo else None
+
+    @property
+    def nbytes(self):
+        """Bytes of the array currently allocated."""
+        return self._size * sizeof(Candle)
+
+    def clear(self):
+        """Drop every row and the array (views already handed out stay valid)."""
+        self._alloc(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# LRU
+# ---------------------------------------------------------------------------------------------
+cdef class LRU:
+    """Recency order over integer keys: O(1) touch, remove and pop-oldest.
+
+    A doubly linked list over arrays (slot 0 is the sentinel) and a dict key -> slot.
+    """
+
+    cdef dict _slot
+    cdef int64_t* _key
+    cdef Py_ssize_t* _prev
+    cdef Py_ssize_t* _next
+    cdef Py_ssize_t _cap, _used, _free
+
+    def __cinit__(self):
+        self._slot = {}
+        self._cap = 0
+        self._used = 1
+        self._free = 0
+        self._key = NULL
+        self._prev = NULL
+        self._next = NULL
+        self._grow(16)
+        self._prev[0] = 0
+        self._next[0] = 0
+
+    def __dealloc__(self):
+        free(self._key)
+        free(self._prev)
+        free(self._next)
+
+    cdef void _grow(self, Py_ssize_t cap) except *:
+        cdef int64_t* k = <int64_t*>realloc(self._key, cap * sizeof(int64_t))
+        if k == NULL:
+            raise MemoryError()
+        self._key = k
+        cdef Py_ssize_t* p = <Py_ssize_t*>realloc(self._prev, cap * sizeof(Py_ssize_t))
+        if p == NULL:
+            raise MemoryError()
+        self._prev = p
+        p = <Py_ssize_t*>realloc(self._next, cap * sizeof(Py_ssize_t))
+        if p == NULL:
+            raise MemoryError()
+        self._next = p
+        self._cap = cap
+
+    cdef inline void _unlink(self, Py_ssize_t s) noexcept:
+        self._next[self._prev[s]] = self._next[s]
+        self._prev[self._next[s]] = self._prev[s]
+
+    cdef inline void _append(self, Py_ssize_t s) noexcept:
+        cdef Py_ssize_t tail = self._prev[0]
+        self._prev[s] = tail
+        self._next[s] = 0
+        self._next[tail] = s
+        self._prev[0] = s
+
+    def touch(self, key):
+        """Mark ``key`` as most recently used (adding it when absent)."""
+        cdef int64_t k = key
+        slot = self._slot.get(k)
+        cdef Py_ssize_t s
+        if slot is not None:
+            s = slot
+            self._unlink(s)
+            self._append(s)
+            return
+        if self._free:
+            s = self._free
+            self._free = self._next[s]
+        else:
+            if self._used == self._cap:
+                self._grow(self._cap * 2)
+            s = self._used
+            self._used += 1
+        self._key[s] = k
+        self._slot[k] = s
+        self._append(s)
+
+    def remove(self, key):
+        """Forget ``key``; a missing key is ignored."""
+        cdef int64_t k = key
+        slot = self._slot.pop(k, None)
+        if slot is not None:
+            self._release(slot)
+
+    cdef void _release(self, Py_ssize_t s) noexcept:
+        self._unlink(s)
+        self._next[s] = self._free
+        self._free = s
+
+    def pop_oldest(self):
+        """Remove and return the least recently used key (KeyError when empty)."""
+        cdef Py_ssize_t s = self._next[0]
+        if s == 0:
+            raise KeyError("pop_oldest from an empty LRU")
+        cdef int64_t k = self._key[s]
+        del self._slot[k]
+        self._release(s)
+        return k
+
+    def oldest(self):
+        """The least recently used key, None when empty."""
+        cdef Py_ssize_t s = self._next[0]
+        return self._key[s] if s else None
+
+    def __len__(self):
+        return len(self._slot)
+
+    def __contains__(self, key):
+        return key in self._slot
