@@ -244,11 +244,24 @@ class _TradeRing:
             keep &= ~np.isin(sid, self.buf["sequential_id"][self.indexed : self.hi])
         return batch if keep.all() else batch[keep]
 
-    def add(self, rows: np.ndarray) -> None:
-        """Add ``rows`` (sorted by ``(ts, sequential_id)``, sids new) and trim to capacity."""
+    def add(self, rows: np.ndarray) -> int:
+        """Add ``rows`` (sorted by ``(ts, sequential_id)``, sids new), trim to capacity.
+
+        Returns how many of ``rows`` are held afterwards (older ones fall out at once).
+        """
+        hi, lo = self.hi, self.lo
+        if hi - lo >= self.capacity:
+            # Full: rows older than the oldest held would be trimmed again at once.
+            head = self.buf[lo]
+            h_ts, h_sid = int(head["ts"]), int(head["sequential_id"])
+            r_ts, r_sid = rows["ts"], rows["sequential_id"]
+            keep = (r_ts > h_ts) | ((r_ts == h_ts) & (r_sid > h_sid))
+            if not keep.all():
+                rows = rows[keep]
         k = len(rows)
-        hi = self.hi
-        last = self.buf[hi - 1] if hi > self.lo else None
+        if k == 0:
+            return 0
+        last = self.buf[hi - 1] if hi > lo else None
         first = rows[0]
         in_order = last is None or (int(first["ts"]), int(first["sequential_id"])) > (
             int(last["ts"]),
@@ -262,12 +275,15 @@ class _TradeRing:
                 self.lo = self.hi - self.capacity
             if self.hi - self.indexed > self._TAIL:
                 self._reindex()
-            return
-        live = self.buf[self.lo : self.hi]
+            return min(k, self.capacity)
+        live = self.buf[lo:hi]
         merged = np.concatenate([live, rows])
+        is_new = np.concatenate([np.zeros(len(live), dtype=bool), np.ones(k, dtype=bool)])
         if not in_order:
-            merged = merged[np.lexsort((merged["sequential_id"], merged["ts"]))]
+            order = np.lexsort((merged["sequential_id"], merged["ts"]))
+            merged, is_new = merged[order], is_new[order]
         self._alloc(merged[-self.capacity :])
+        return int(is_new[-self.capacity :].sum())
 
     def view(self, count: int | None, since: int | None) -> np.ndarray:
         lo, hi = self.lo, self.hi
@@ -567,7 +583,7 @@ class RealtimeCache:
             ring = self._trades.get(symbol)
             if ring is None:
                 validate_symbol(symbol)
-            batch = self._trade_batch(symbol, trades)
+            batch, offered = self._trade_batch(symbol, trades)
         except InvalidRequestError:
             self._counts["rejected"] += 1
             raise
@@ -578,18 +594,19 @@ class RealtimeCache:
             self._trades.move_to_end(symbol)
         ring.touched = now
         self._counts["puts"] += 1
-        added = 0
+        added = fresh = 0
         if len(batch):
             new = ring.fresh(batch)
-            self._counts["duplicates"] += len(batch) - len(new)
-            if len(new):
-                ring.add(new)
-                added = len(new)
+            fresh = len(new)
+            if fresh:
+                added = ring.add(new)
+        self._counts["duplicates"] += offered - fresh
         self._expire(self._trades, 2, self._trades_ttl, now)
         return added
 
-    def _trade_batch(self, symbol: str, trades: Any) -> np.ndarray:
-        """A new TRADE_DTYPE array sorted by ``(ts, sequential_id)`` with unique sids."""
+    def _trade_batch(self, symbol: str, trades: Any) -> tuple[np.ndarray, int]:
+        """A new TRADE_DTYPE array sorted by ``(ts, sequential_id)`` with unique sids, and the
+        number of trades offered."""
         if isinstance(trades, np.ndarray):
             if trades.dtype != TRADE_DTYPE:
                 raise InvalidRequestError(f"trades array must have TRADE_DTYPE, got {trades.dtype}")
@@ -604,8 +621,9 @@ class RealtimeCache:
             except TypeError:
                 raise InvalidRequestError("trades must be a TRADE_DTYPE array or Upbit trade dicts") from None
             batch = np.array(rows, dtype=TRADE_DTYPE)
-        if len(batch) == 0:
-            return batch
+        offered = len(batch)
+        if offered == 0:
+            return batch, 0
         price, volume = batch["price"], batch["volume"]
         if not (np.isfinite(price).all() and np.isfinite(volume).all()) or (price <= 0).any() or (volume < 0).any():
             raise InvalidRequestError("trade price must be finite and positive, volume finite and >= 0")
@@ -615,7 +633,7 @@ class RealtimeCache:
             # Duplicate ids within the batch: keep each id's first row in (ts, sid) order.
             _, first = np.unique(sid, return_index=True)
             batch = batch[np.sort(first)]
-        return batch
+        return batch, offered
 
     @staticmethod
     def _trade_row(symbol: str, t: Any) -> tuple[int, float, float, int, int]:
