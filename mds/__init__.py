@@ -18,6 +18,8 @@ from mds.models import (
     StorageResponse,
     WriteResult,
 )
+from mds.layer1.connector import SmartRouterConnector
+from mds.store import Store, open
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
 
@@ -34,16 +36,19 @@ __all__ = [
     "Layer1Error",
     "MaintenanceReport",
     "MdsError",
+    "SmartRouterConnector",
     "StorageMetadata",
     "StorageRequest",
     "StorageResponse",
     "StorageUnavailableError",
+    "Store",
     "TRADE_DTYPE",
     "Timeframe",
     "WriteResult",
     "__version__",
     "candles_from_upbit",
     "candles_to_upbit",
+    "open",
     "parse_timeframe",
     "validate_symbol",
 ]

@@ -1,0 +1,1531 @@
+"""The Store: tiered candle lookup, coverage-driven freshness, realtime data, metrics, degradation.
+
+``mds.open()`` composes the tiers chosen in :class:`~mds.models.Config` (memory, LMDB disk,
+SQLite) above an optional Layer 1. Reads follow DESIGN.md section 4; whatever is fetched from
+Layer 1 is validated, written to SQLite first (the durable commit), then to LMDB and memory, and
+the fetched range is recorded as covered even where Upbit had no candles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from mds import _kernels as K
+from mds._dtypes import CANDLE_DTYPE, TRADE_DTYPE
+from mds.convert import candles_from_upbit, candles_to_upbit
+from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error, MdsError, StorageUnavailableError
+from mds.models import (
+    CheckReport,
+    Config,
+    DataType,
+    Gap,
+    MaintenanceReport,
+    StorageMetadata,
+    StorageRequest,
+    StorageResponse,
+    WriteResult,
+)
+from mds.symbols import validate_symbol
+from mds.timeframes import Timeframe, parse_timeframe
+from mds.timeutil import now_ms, to_ms
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Store", "open"]
+
+T = TypeVar("T")
+
+#: Coverage that starts here means "from the start of the market's history" (a short page).
+HISTORY_START = 0
+_EMPTY_RANGES = np.zeros((0, 2), dtype=np.int64)
+_EMPTY = np.zeros(0, dtype=CANDLE_DTYPE)
+_EMPTY.flags.writeable = False
+#: Rank of each source; an answer assembled from several names the slowest that contributed.
+_SOURCE_RANK = {"storage_memory": 0, "layer1_cache": 1, "storage_disk": 2, "sqlite_db": 3, "layer1_api": 4}
+_TIER_SOURCE = {"memory": "storage_memory", "disk": "storage_disk", "sqlite": "sqlite_db"}
+_RETRY_DEGRADED_S = 5.0
+_PAGE = 200
+
+
+def default_path() -> Path:
+    """``$MDS_HOME`` if set, else ``~/.mds``."""
+    env = os.environ.get("MDS_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".mds"
+
+
+class _Latency:
+    """A ring of the latest latency samples (ms) for percentiles, plus a running count."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, size: int = 4096) -> None:
+        self.buf = np.zeros(size, dtype=np.float64)
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        self.buf[self.n % len(self.buf)] = ms
+        self.n += 1
+
+    def summary(self) -> dict[str, float | int]:
+        k = min(self.n, len(self.buf))
+        if k == 0:
+            return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+        p50, p99 = np.percentile(self.buf[:k], [50, 99])
+        return {"count": self.n, "p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4)}
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = dict.fromkeys(_SOURCE_RANK, 0)
+        self.misses: dict[str, int] = dict.fromkeys(("layer1_cache", "memory", "disk", "sqlite"), 0)
+        self.latency: dict[str, _Latency] = {}
+        self.layer1_calls = 0
+        self.layer1_candles = 0
+        self.layer1_errors = 0
+        self.requests = 0
+
+    def lat(self, key: str, ms: float) -> None:
+        ring = self.latency.get(key)
+        if ring is None:
+            ring = self.latency[key] = _Latency()
+        ring.add(ms)
+
+
+@dataclass(slots=True)
+class _TierState:
+    name: str
+    obj: Any
+    degraded_at: float | None = None
+    error: str | None = None
+
+
+class _NeedsLayer1(Exception):
+    """Raised inside the read path when an answer needs a Layer 1 call and calls are not allowed."""
+
+
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, OSError)
+try:  # translate backend errors that escape a tier into degradation, not crashes
+    import apsw as _apsw
+    import lmdb as _lmdb
+
+    _BACKEND_ERRORS = (StorageUnavailableError, OSError, _apsw.Error, _lmdb.Error)
+except ImportError:  # pragma: no cover - both are hard dependencies
+    pass
+
+
+class Store:
+    """A market-data store over the tiers chosen in ``config``. Create it with :func:`mds.open`.
+
+    Thread-safe: one lock serialises tier mutations; reads that hit memory take it briefly. One
+    writer process and many reader processes may open the same path.
+
+    Arrays handed out are read-only and never change afterwards (snapshot semantics).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        layer1: Any = None,
+        config: Config | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = config if config is not None else Config()
+        if not isinstance(self.config, Config):
+            raise InvalidRequestError("config must be an mds.Config")
+        self._clock: Callable[[], int] = clock if clock is not None else now_ms
+        self.path = Path(path).expanduser() if path is not None else default_path()
+        self._lock = threading.RLock()
+        self._metrics = _Metrics()
+        self._symbols_ok: set[str] = set()
+        self._coverage: dict[tuple[str, str], np.ndarray] = {}
+        self._frontiers: dict[tuple[str, str], int | None] = {}
+        self._data_version: int | None = None
+        self._closed = False
+        self._batch_depth = 0
+        self._deferred: list[tuple[str, Timeframe, np.ndarray]] = []
+        self._tiers: dict[str, _TierState] = {}
+        persistent = any(t in self.config.tiers for t in ("disk", "sqlite"))
+        if persistent:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o700)
+        self._open_tiers()
+        from mds.realtime import RealtimeCache
+
+        self._realtime = RealtimeCache(
+            ticker_ttl_ms=int(self.config.realtime_ttl_s * 1000),
+            orderbook_ttl_ms=int(self.config.orderbook_ttl_s * 1000),
+            clock=self._clock,
+        )
+        self._layer1 = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        if layer1 is not None:
+            from mds.layer1.connector import SmartRouterConnector
+
+            self._layer1 = layer1 if isinstance(layer1, SmartRouterConnector) else SmartRouterConnector(layer1)
+
+    # ------------------------------------------------------------------ tiers
+    def _open_tiers(self) -> None:
+        cfg = self.config
+        if "sqlite" in cfg.tiers:
+            self._tiers["sqlite"] = _TierState("sqlite", None)
+            self._try_open("sqlite")
+        if "disk" in cfg.tiers:
+            self._tiers["disk"] = _TierState("disk", None)
+            self._try_open("disk")
+        if "memory" in cfg.tiers:
+            from mds.memory import MemoryTier
+
+            self._tiers["memory"] = _TierState(
+                "memory",
+                MemoryTier(
+                    capacity=cfg.memory_candles,
+                    max_bytes=cfg.memory_bytes,
+                    ttl_ms=int(cfg.memory_ttl_s * 1000),
+                    clock=self._clock,
+                ),
+            )
+
+    def _try_open(self, name: str) -> bool:
+        state = self._tiers[name]
+        cfg = self.config
+        try:
+            if name == "sqlite":
+                from mds.sqlite_store import SqliteStore
+
+                state.obj = SqliteStore(
+                    self.path / "candles.sqlite3",
+                    durable=cfg.durable,
+                    vacuum_threshold=cfg.vacuum_threshold,
+                    maintenance_interval_s=cfg.maintenance_interval_s,
+                    compress_after_days=cfg.compress_after_days,
+                    clock=self._clock,
+                )
+            else:
+                from mds.lmdb_tier import LmdbTier
+
+                state.obj = LmdbTier(
+                    self.path / "lmdb",
+                    retention_ms=int(cfg.disk_days * 86_400_000),
+                    ttl_ms=int(cfg.disk_ttl_s * 1000),
+                    map_size_cap=cfg.disk_map_size_cap,
+                    clock=self._clock,
+                    loader=self._disk_loader if "sqlite" in cfg.tiers else None,
+                )
+        except _BACKEND_ERRORS as exc:
+            self._degrade(name, exc)
+            return False
+        state.degraded_at = None
+        state.error = None
+        return True
+
+    def _degrade(self, name: str, exc: BaseException) -> None:
+        state = self._tiers[name]
+        if state.degraded_at is None:
+            logger.warning("tier %s degraded: %s", name, exc)
+        state.degraded_at = time.monotonic()
+        state.error = f"{type(exc).__name__}: {exc}"
+
+    def _tier(self, name: str) -> Any:
+        """The tier object if it is configured and usable now (a degraded tier is retried later)."""
+        state = self._tiers.get(name)
+        if state is None:
+            return None
+        if state.degraded_at is not None:
+            if time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
+                return None
+            if state.obj is None and not self._try_open(name):
+                return None
+            state.degraded_at = None
+            state.error = None
+            logger.info("tier %s back in service", name)
+        return state.obj
+
+    def _guard(self, name: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Call a tier method; a backend failure degrades the tier and returns None."""
+        try:
+            return fn(*args)
+        except _BACKEND_ERRORS as exc:
+            self._degrade(name, exc)
+            return None
+
+    def _disk_loader(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray:
+        db = self._tier("sqlite")
+        if db is None:
+            raise StorageUnavailableError("SQLite tier unavailable; cannot refresh the disk tier")
+        return db.read_range(symbol, tf, start, end)
+
+    # ------------------------------------------------------------------ helpers
+    def _sym(self, symbol: object) -> str:
+        if symbol.__class__ is str and symbol in self._symbols_ok:
+            return symbol
+        s = validate_symbol(symbol)
+        if len(self._symbols_ok) < 100_000:
+            self._symbols_ok.add(s)
+        return s
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageUnavailableError("the store is closed")
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _cov(self, symbol: str, tf: Timeframe) -> np.ndarray:
+        """Coverage of a series, cached; the cache is dropped when another process writes SQLite."""
+        key = (symbol, tf.name)
+        cov = self._coverage.get(key)
+        if cov is not None:
+            return cov
+        db = self._tier("sqlite")
+        if db is not None:
+            got = self._guard("sqlite", db.coverage, symbol, tf)
+            cov = _EMPTY_RANGES if got is None else np.asarray(got, dtype=np.int64).reshape(-1, 2)
+        else:
+            cov = _EMPTY_RANGES
+        self._coverage[key] = cov
+        return cov
+
+    def _refresh_shared(self) -> bool:
+        """Drop cached coverage if another connection changed SQLite since the last look."""
+        db = self._tier("sqlite")
+        if db is None:
+            return False
+        version = self._guard("sqlite", db.data_version)
+        if version is None or version == self._data_version:
+            return False
+        self._data_version = version
+        self._coverage.clear()
+        self._frontiers.clear()
+        return True
+
+    def _add_coverage_cache(self, symbol: str, tf: Timeframe, ranges: np.ndarray) -> None:
+        key = (symbol, tf.name)
+        if "sqlite" in self._tiers and key not in self._coverage:
+            return  # will be read from SQLite on next use
+        self._coverage[key] = K.interval_union(self._coverage.get(key, _EMPTY_RANGES), ranges)
+
+    @staticmethod
+    def _covered_tail(cov: np.ndarray, end: int) -> int | None:
+        """Start of the covered run that reaches ``end`` (None if ``end`` is not covered up to)."""
+        for i in range(len(cov) - 1, -1, -1):
+            s, e = int(cov[i, 0]), int(cov[i, 1])
+            if s < end <= e:
+                return s
+            if e < end:
+                return None
+        return None
+
+    # ------------------------------------------------------------------ candle input
+    def _as_candles(self, candles: Any) -> np.ndarray:
+        if isinstance(candles, np.ndarray):
+            if candles.ndim != 1:
+                raise InvalidCandleError(f"candles must be a 1-D CANDLE_DTYPE array, got {candles.ndim}-D")
+            if candles.dtype != CANDLE_DTYPE:
+                if candles.dtype.names is None or set(candles.dtype.names) != set(CANDLE_DTYPE.names or ()):
+                    raise InvalidCandleError(f"candles must have CANDLE_DTYPE, got {candles.dtype}")
+                try:
+                    return candles.astype(CANDLE_DTYPE)
+                except (TypeError, ValueError) as exc:
+                    raise InvalidCandleError(f"cannot convert candles to CANDLE_DTYPE: {exc}") from None
+            return np.array(candles, dtype=CANDLE_DTYPE, copy=True)
+        if isinstance(candles, (str, bytes, Mapping)):
+            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of Upbit candle dicts")
+        try:
+            rows = list(candles)
+        except TypeError:
+            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of Upbit candle dicts") from None
+        return candles_from_upbit(rows)
+
+    def _validate(self, arr: np.ndarray, tf: Timeframe, now: int) -> None:
+        idx, reason = K.validate(arr, *tf.kernel_args, now)
+        if len(idx):
+            names = [K.REASONS.get(int(r), str(int(r))) for r in reason[:20]]
+            shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(idx[:5], names[:5]))
+            raise InvalidCandleError(
+                f"{len(idx)} invalid candle(s), nothing stored ({shown})",
+                rows=[int(i) for i in idx],
+                reasons=[K.REASONS.get(int(r), str(int(r))) for r in reason],
+            )
+
+    def _range_arg(self, value: Any, name: str) -> int | None:
+        return None if value is None else to_ms(value, name=name)
+
+    # ------------------------------------------------------------------ writes
+    def write_candles(
+        self,
+        symbol: str,
+        timeframe: str | Timeframe,
+        candles: Any,
+        *,
+        complete: tuple[Any, Any] | None = None,
+    ) -> WriteResult:
+        """Validate and store a batch of candles in every tier.
+
+        Parameters
+        ----------
+        symbol, timeframe
+            The series, e.g. ``"KRW-BTC"``, ``"1m"``.
+        candles
+            A CANDLE_DTYPE array (any order; duplicate ``ts``: the last wins) or an iterable of
+            Upbit candle dicts.
+        complete
+            ``(start, end)``: the batch holds every candle of that range, so absent slots in it
+            are no-trade intervals (recorded as coverage).
+
+        Returns
+        -------
+        WriteResult
+            Inserted, updated and unchanged counts over closed candles.
+
+        Raises
+        ------
+        InvalidRequestError
+            Bad symbol, timeframe or ``complete`` range.
+        InvalidCandleError
+            Any row is invalid (non-finite, high/low outside the body, negative volume or value,
+            misaligned or in the future): nothing at all is stored.
+        StorageUnavailableError
+            The durable write failed; nothing was stored.
+
+        Notes
+        -----
+        The candle still forming at the store's clock (partial) is kept in memory only. The durable
+        write commits before the faster tiers change.
+        """
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        arr = self._as_candles(candles)
+        now = self._now()
+        self._validate(arr, tf, now)
+        covered = _EMPTY_RANGES
+        if complete is not None:
+            try:
+                c_start, c_end = complete
+            except (TypeError, ValueError):
+                raise InvalidRequestError("complete must be a (start, end) pair") from None
+            cs, ce = to_ms(c_start, name="complete start"), to_ms(c_end, name="complete end")
+            if ce <= cs:
+                raise InvalidRequestError("complete: end must be after start")
+            last_closed_end = tf.floor(now)
+            cs, ce = tf.ceil(cs), min(tf.ceil(ce), last_closed_end)
+            if ce > cs:
+                covered = np.array([[cs, ce]], dtype=np.int64)
+        arr = K.sort_dedup(arr)
+        return self._store(sym, tf, arr, covered, now)
+
+    def _store(self, sym: str, tf: Timeframe, arr: np.ndarray, covered: np.ndarray, now: int) -> WriteResult:
+        """Write a validated, sorted, unique batch: SQLite first, then LMDB and memory."""
+        forming = tf.floor(now)
+        partial = arr[arr["ts"] >= forming]
+        closed = arr[arr["ts"] < forming]
+        with self._lock:
+            counts: tuple[int, int, int] | None = None
+            db = self._tier("sqlite")
+            if "sqlite" in self._tiers:
+                if db is None:
+                    raise StorageUnavailableError(
+                        f"SQLite tier is degraded ({self._tiers['sqlite'].error}); nothing was stored"
+                    )
+                self._unhold_disk(sym, tf, self._spans(tf, closed, covered))
+                self._frontiers.pop((sym, tf.name), None)
+                try:
+                    counts = db.write(sym, tf, closed, covered if len(covered) else None)
+                except _BACKEND_ERRORS as exc:
+                    self._degrade("sqlite", exc)
+                    raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
+            if len(covered):
+                self._add_coverage_cache(sym, tf, covered)
+            spans = self._spans(tf, closed, covered)
+            mem = self._tier("memory")
+            if counts is None:
+                counts = self._memory_counts(mem, sym, tf, closed)
+            if len(spans):
+                if self._batch_depth and db is not None:
+                    self._deferred.append((sym, tf, spans))  # filled after the batch commits
+                else:
+                    self._fill_fast_tiers(sym, tf, spans, closed if db is None else None)
+            if len(partial) and mem is not None:
+                mem.set_partial(sym, tf, partial[-1:].copy())
+            self._maybe_maintain()
+        return WriteResult(*(int(c) for c in counts))
+
+    def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+        """Before a durable write, make the disk tier stop claiming the spans it is about to change.
+
+        If the process dies between the SQLite commit and the LMDB update, LMDB then simply does not
+        hold those spans (a miss), instead of holding rows older than SQLite's.
+        """
+        disk = self._tier("disk")
+        if disk is None or not len(spans):
+            return
+        held = self._guard("disk", disk.held, sym, tf)
+        if held is None or not len(held):
+            return
+        overlap = _intersect(spans, np.asarray(held, dtype=np.int64).reshape(-1, 2))
+        for s, e in overlap.tolist():
+            if self._guard("disk", disk.delete, sym, tf, s, e) is None and self._tiers["disk"].degraded_at is not None:
+                self._invalidate_fast(sym, tf, s, e, only="disk")
+
+    def _memory_counts(self, mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
+        if not len(closed):
+            return (0, 0, 0)
+        old = None
+        if mem is not None:
+            old = mem.range(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)
+        _, ins, upd, unch = K.merge(old if old is not None else _EMPTY, closed)
+        return (ins, upd, unch)
+
+    @staticmethod
+    def _spans(tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> np.ndarray:
+        parts = [covered]
+        if len(closed):
+            parts.append(np.array([[int(closed["ts"][0]), tf.add(int(closed["ts"][-1]), 1)]], dtype=np.int64))
+        return K.interval_normalize(np.concatenate(parts)) if len(parts) > 1 else K.interval_normalize(covered)
+
+    def _fill_fast_tiers(self, sym: str, tf: Timeframe, spans: np.ndarray, batch: np.ndarray | None) -> None:
+        """Make LMDB and memory hold exactly what SQLite holds in ``spans`` (just written)."""
+        db = self._tier("sqlite")
+        disk = self._tier("disk")
+        mem = self._tier("memory")
+        if disk is None and mem is None:
+            return
+        for s, e in spans.tolist():
+            if db is not None:
+                rows = self._guard("sqlite", db.read_range, sym, tf, s, e)
+                if rows is None:
+                    self._invalidate_fast(sym, tf, s, e)
+                    continue
+            else:
+                rows = self._merge_with_fast(sym, tf, s, e, batch)
+            self._put_fast(sym, tf, s, e, rows)
+
+    def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
+        """Without SQLite: what the fast tiers already hold in [s, e) merged with the batch."""
+        part = _EMPTY if batch is None else batch[(batch["ts"] >= s) & (batch["ts"] < e)]
+        held = None
+        for name in ("memory", "disk"):
+            t = self._tier(name)
+            if t is not None:
+                held = self._guard(name, t.range if name == "memory" else t.get_range, sym, tf, s, e)
+                if held is not None:
+                    break
+        if held is None or not len(held):
+            return np.ascontiguousarray(part)
+        merged, *_ = K.merge(np.ascontiguousarray(held), part)
+        return merged
+
+    def _put_fast(self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
+        disk = self._tier("disk")
+        if disk is not None:
+            floor = self._now() - int(self.config.disk_days * 86_400_000)
+            if e > floor:
+                ds = max(s, tf.ceil(floor)) if s < floor else s
+                sub = rows[rows["ts"] >= ds] if ds > s else rows
+                if self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(sub)) is None:
+                    if self._tiers["disk"].degraded_at is not None:
+                        self._invalidate_fast(sym, tf, s, e, only="disk")
+        mem = self._tier("memory")
+        if mem is not None:
+            cap = self.config.memory_candles
+            if len(rows) > cap:
+                rows = rows[-cap:]
+                s = int(rows["ts"][0])
+            mem.put_range(sym, tf, s, e, np.ascontiguousarray(rows))
+
+    def _invalidate_fast(self, sym: str, tf: Timeframe, s: int, e: int, only: str | None = None) -> None:
+        """A fast tier could not be updated: make sure it cannot answer stale data for [s, e)."""
+        if only in (None, "memory"):
+            mem = self._tiers.get("memory")
+            if mem is not None:
+                mem.obj.invalidate(sym, tf)
+        if only in (None, "disk"):
+            state = self._tiers.get("disk")
+            if state is not None and state.obj is not None:
+                try:
+                    state.obj.delete(sym, tf, s, e)
+                except _BACKEND_ERRORS as exc:
+                    # The disk tier could not drop the stale range: stop using it until it is rebuilt.
+                    self._degrade("disk", exc)
+                    with contextlib.suppress(*_BACKEND_ERRORS):
+                        state.obj.clear()
+
+    # ------------------------------------------------------------------ reads
+    def candles(
+        self,
+        symbol: str,
+        timeframe: str | Timeframe,
+        *,
+        count: int | None = None,
+        start: Any = None,
+        end: Any = None,
+        include_partial: bool = False,
+    ) -> np.ndarray:
+        """Read candles as a read-only CANDLE_DTYPE array, ascending ``ts``, no duplicates.
+
+        Parameters
+        ----------
+        count
+            The latest ``count`` closed candles (before ``end`` when given); with ``start``, the
+            first ``count`` candles from ``start``.
+        start, end
+            The half-open range ``[start, end)``: int epoch ms, ``datetime`` (naive = UTC) or ISO
+            string. ``start`` alone reads up to the last closed interval.
+        include_partial
+            Append the candle still forming (memory only; fetched from Layer 1 when there is one).
+
+        Returns
+        -------
+        numpy.ndarray
+            Read-only; it never changes afterwards.
+
+        Raises
+        ------
+        InvalidRequestError
+            Bad symbol, timeframe, range or count, or neither ``count`` nor ``start`` given.
+        Layer1Error
+            A part the tiers do not cover had to be fetched and Layer 1 failed (nothing partial
+            is returned).
+        """
+        t0 = time.perf_counter()
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        with self._lock:
+            arr, source = self._read(sym, tf, count, start, end, include_partial, allow_layer1=True)
+        self._metrics.requests += 1
+        self._metrics.hits[source] += 1
+        ms = (time.perf_counter() - t0) * 1000
+        self._metrics.lat("api.candles", ms)
+        self._metrics.lat(source, ms)
+        return arr
+
+    def _read(
+        self,
+        sym: str,
+        tf: Timeframe,
+        count: Any,
+        start: Any,
+        end: Any,
+        include_partial: bool,
+        *,
+        allow_layer1: bool,
+    ) -> tuple[np.ndarray, str]:
+        if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0):
+            raise InvalidRequestError(f"count must be a positive int, not {count!r}")
+        s = self._range_arg(start, "start")
+        e = self._range_arg(end, "end")
+        if s is not None and e is not None and e <= s:
+            raise InvalidRequestError("end must be after start")
+        if count is None and s is None:
+            raise InvalidRequestError("give count (latest N) or start (a range)")
+        now = self._now()
+        last_end = tf.floor(now)  # end of the last closed interval
+        if count is not None and s is None:
+            arr, source = self._latest(sym, tf, int(count), last_end if e is None else min(tf.ceil(e), last_end),
+                                       allow_layer1)
+        else:
+            assert s is not None
+            hi = last_end if e is None else min(e, last_end)
+            arr, source = self._range(sym, tf, tf.ceil(s), max(hi, tf.ceil(s)), allow_layer1)
+            if count is not None and len(arr) > count:
+                arr = arr[: int(count)]
+        if include_partial:
+            part, psource = self._partial(sym, tf, now, allow_layer1)
+            if part is not None and (not len(arr) or int(part["ts"][0]) > int(arr["ts"][-1])):
+                arr = np.concatenate([arr, part])
+                arr.flags.writeable = False
+                if _SOURCE_RANK[psource] > _SOURCE_RANK[source]:
+                    source = psource
+        return arr, source
+
+    # latest N ---------------------------------------------------------------
+    def _latest(self, sym: str, tf: Timeframe, n: int, end: int, allow_layer1: bool) -> tuple[np.ndarray, str]:
+        if self._layer1 is None:
+            return self._latest_stored(sym, tf, n, end)
+        if self.config.lookup == "layer1_first" and allow_layer1:
+            hit = self._peek_latest(sym, tf, n, end)
+            if hit is not None:
+                return hit, "layer1_cache"
+        source = "storage_memory"
+        try:
+            for _ in range(4):
+                cov = self._cov(sym, tf)
+                tail = self._covered_tail(cov, end)
+                mem = self._tier("memory")
+                if mem is not None and tail is not None:
+                    got = mem.latest(sym, tf, n, end)
+                    if got is not None and self._proves(got, n, tail):
+                        return got, source
+                    self._metrics.misses["memory"] += 1
+                if tail is None and self._refresh_shared():
+                    continue  # another process stored something: look again before fetching
+                if tail is None:
+                    if not allow_layer1:
+                        raise _NeedsLayer1()
+                    self._fetch_tail(sym, tf, n, end, cov)
+                    source = "layer1_api"
+                    continue
+                rows, tsrc = self._latest_from_shared(sym, tf, n, end)
+                if self._proves(rows, n, tail):
+                    return rows, _slowest(source, tsrc)
+                # the covered run that ends at `end` holds fewer than n candles: fetch before it
+                if not allow_layer1:
+                    raise _NeedsLayer1()
+                self._fetch_and_store(sym, tf, None, max(1, n - _count_from(rows, tail)), tail)
+                source = "layer1_api"
+            rows, tsrc = self._latest_from_shared(sym, tf, n, end)
+            return rows, _slowest(source, tsrc)
+        except _StorageDown as down:
+            if not allow_layer1:
+                raise _NeedsLayer1() from None
+            rows = down.rows if len(down.rows) >= n else self._fetch_checked(sym, tf, count=n, end=end)[0]
+            return _ro(rows[-n:]), "layer1_api"
+
+    def _latest_stored(self, sym: str, tf: Timeframe, n: int, end: int) -> tuple[np.ndarray, str]:
+        """Latest N without a Layer 1: what is stored, as fresh as the shared tiers are."""
+        mem = self._tier("memory")
+        if mem is not None:
+            got = mem.latest(sym, tf, n, end)
+            if got is not None:
+                return got, "storage_memory"
+            self._refresh_shared()
+            frontier = self._frontier(sym, tf)
+            if frontier is not None and frontier < end:
+                got = mem.latest(sym, tf, n, frontier)
+                if got is not None:
+                    return got, "storage_memory"
+            self._metrics.misses["memory"] += 1
+        return self._latest_from_shared(sym, tf, n, end)
+
+    def _frontier(self, sym: str, tf: Timeframe) -> int | None:
+        """Where stored data of a series ends (coverage end or last candle + 1 interval)."""
+        key = (sym, tf.name)
+        if key in self._frontiers:
+            return self._frontiers[key]
+        ends: list[int] = []
+        cov = self._cov(sym, tf)
+        if len(cov):
+            ends.append(int(cov[-1, 1]))
+        db = self._tier("sqlite")
+        if db is not None:
+            last = self._guard("sqlite", db.last_ts, sym, tf)
+            if last is not None:
+                ends.append(tf.add(int(last), 1))
+        elif "sqlite" not in self._tiers:
+            for name in ("disk", "memory"):
+                t = self._tier(name)
+                held = None if t is None else self._guard(name, t.held, sym, tf)
+                if held is not None and len(held):
+                    ends.append(int(np.asarray(held, dtype=np.int64).reshape(-1, 2)[-1, 1]))
+        front = max(ends) if ends else None
+        if "sqlite" in self._tiers:
+            self._frontiers[key] = front
+        return front
+
+    @staticmethod
+    def _proves(rows: np.ndarray, n: int, tail: int | None) -> bool:
+        """Whether the latest rows before ``end`` are complete, given the covered run ``[tail, end)``."""
+        if tail is None:
+            return False
+        if len(rows) >= n:
+            return int(rows["ts"][-n]) >= tail
+        return tail <= HISTORY_START
+
+    def _latest_from_shared(self, sym: str, tf: Timeframe, n: int, end: int) -> tuple[np.ndarray, str]:
+        disk = self._tier("disk")
+        if disk is not None:
+            got = self._guard("disk", disk.get_latest, sym, tf, n, end)
+            if got is not None and len(got) == n:
+                self._to_memory(sym, tf, got, end)
+                return _ro(got), "storage_disk"
+            self._metrics.misses["disk"] += 1
+        db = self._tier("sqlite")
+        if db is not None:
+            got = self._guard("sqlite", db.read_latest, sym, tf, n, end)
+            if got is not None:
+                self._to_memory(sym, tf, got, end)
+                if len(got):
+                    self._to_disk(sym, tf, got, end)
+                return _ro(got), "sqlite_db"
+            self._metrics.misses["sqlite"] += 1
+        mem = self._tier("memory")
+        if mem is not None:
+            got = mem.latest(sym, tf, n, end)
+            if got is not None:
+                return got, "storage_memory"
+            held = mem.held(sym, tf)
+            if held is not None:
+                got = mem.range(sym, tf, held[0], min(held[1], end))
+                if got is not None:
+                    return got[-n:], "storage_memory"
+        if self._layer1 is not None:
+            raise _StorageDown()
+        return _EMPTY, "storage_memory"
+
+    def _to_memory(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
+        """Fill the memory tier with the latest rows read from a shared tier: they are exactly the
+        stored candles in ``[rows[0].ts, end)`` (capped at the stored frontier without Layer 1,
+        so a late write by another process cannot hide behind the window)."""
+        mem = self._tier("memory")
+        if mem is None or not len(rows):
+            return
+        if self._layer1 is None:
+            front = self._frontier(sym, tf)
+            end = min(end, front) if front is not None else end
+        rows = rows[-self.config.memory_candles :]
+        if end > int(rows["ts"][-1]):
+            mem.put_range(sym, tf, int(rows["ts"][0]), end, np.ascontiguousarray(rows))
+
+    def _to_disk(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
+        disk = self._tier("disk")
+        if disk is None:
+            return
+        floor = self._now() - int(self.config.disk_days * 86_400_000)
+        sub = rows[rows["ts"] >= floor]
+        if len(sub):
+            with self._lock:
+                self._guard("disk", disk.put_range, sym, tf, int(sub["ts"][0]), end, np.ascontiguousarray(sub))
+
+    # range ---------------------------------------------------------------------
+    def _range(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> tuple[np.ndarray, str]:
+        if e <= s:
+            return _EMPTY, "storage_memory"
+        source = "storage_memory"
+        if self._layer1 is not None:
+            missing = K.interval_subtract(np.array([[s, e]], dtype=np.int64), self._cov(sym, tf))
+            if len(missing) and self._refresh_shared():
+                missing = K.interval_subtract(np.array([[s, e]], dtype=np.int64), self._cov(sym, tf))
+            if len(missing):
+                if not allow_layer1:
+                    raise _NeedsLayer1()
+                fetched = self._fetch_ranges(sym, tf, missing)
+                source = "layer1_api"
+                if fetched is not None:
+                    return fetched[(fetched["ts"] >= s) & (fetched["ts"] < e)], source
+        for name in ("memory", "disk"):
+            t = self._tier(name)
+            if t is None:
+                continue
+            got = self._guard(name, t.range if name == "memory" else t.get_range, sym, tf, s, e)
+            if got is not None:
+                return _ro(got), _slowest(source, _TIER_SOURCE[name])
+            self._metrics.misses[name] += 1
+        db = self._tier("sqlite")
+        if db is not None:
+            got = self._guard("sqlite", db.read_range, sym, tf, s, e)
+            if got is not None:
+                self._to_disk_range(sym, tf, s, e, got)
+                return _ro(got), _slowest(source, "sqlite_db")
+            self._metrics.misses["sqlite"] += 1
+        mem = self._tier("memory")
+        if self._layer1 is not None and (mem is None or mem.held(sym, tf) is None):
+            if not allow_layer1:
+                raise _NeedsLayer1()
+            got = self._passthrough_range(sym, tf, s, e)
+            return _ro(got), "layer1_api"
+        if mem is not None:
+            held = mem.held(sym, tf)
+            if held is not None:
+                got = mem.range(sym, tf, max(s, held[0]), min(e, held[1]))
+                if got is not None:
+                    return got, "storage_memory"
+        return _EMPTY, source
+
+    def _to_disk_range(self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
+        disk = self._tier("disk")
+        if disk is None:
+            return
+        floor = self._now() - int(self.config.disk_days * 86_400_000)
+        if e <= floor:
+            return
+        ds = max(s, tf.ceil(floor))
+        with self._lock:
+            self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(rows[rows["ts"] >= ds]))
+
+    # partial -------------------------------------------------------------------
+    def _partial(self, sym: str, tf: Timeframe, now: int, allow_layer1: bool) -> tuple[np.ndarray | None, str]:
+        forming = tf.floor(now)
+        mem = self._tier("memory")
+        if self._layer1 is not None:
+            if not allow_layer1:
+                raise _NeedsLayer1()
+            rows = self._l1_candles(sym, tf, count=1)[0]
+            rows = rows[rows["ts"] == forming]
+            if len(rows):
+                if mem is not None:
+                    mem.set_partial(sym, tf, rows.copy())
+                return _ro(rows), "layer1_api"
+            return None, "layer1_api"
+        if mem is None:
+            return None, "storage_memory"
+        part = mem.partial(sym, tf)
+        if part is None or not len(part) or int(part["ts"][0]) != forming:
+            return None, "storage_memory"
+        return _ro(part), "storage_memory"
+
+    # ------------------------------------------------------------------ Layer 1
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a Layer 1 coroutine on the store's own event loop thread and wait for it."""
+        if self._loop is None:
+            with self._lock:
+                if self._loop is None:
+                    loop = asyncio.new_event_loop()
+                    th = threading.Thread(target=loop.run_forever, name="mds-layer1", daemon=True)
+                    th.start()
+                    self._loop, self._loop_thread = loop, th
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout=self.config.layer1_timeout_s)
+        except TimeoutError:
+            fut.cancel()
+            raise Layer1Error(f"Layer 1 did not answer within {self.config.layer1_timeout_s} s") from None
+
+    def _l1_candles(
+        self, sym: str, tf: Timeframe, *, count: int | None = None, start: int | None = None, end: int | None = None
+    ) -> tuple[np.ndarray, int, int, bool]:
+        """Fetch candles through the connector: (rows ascending, covered start, covered end, exhausted)."""
+        assert self._layer1 is not None
+        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, start_time=start, end_time=end, count=count)
+        t0 = time.perf_counter()
+        try:
+            ans = self._run(self._layer1.request_data_from_layer1(req))
+        except Layer1Error:
+            self._metrics.layer1_errors += 1
+            raise
+        finally:
+            self._metrics.lat("layer1_api", (time.perf_counter() - t0) * 1000)
+        arr = np.ascontiguousarray(ans.arrays[sym])
+        self._metrics.layer1_calls += int(ans.calls)
+        self._metrics.layer1_candles += len(arr)
+        lo, hi = ans.covered.get(sym, (0, 0))
+        return arr, int(lo), int(hi), bool(ans.exhausted.get(sym, False))
+
+    def _fetch_checked(
+        self, sym: str, tf: Timeframe, *, count: int | None = None, start: int | None = None, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fetch closed candles before ``end`` and validate them: (rows, covered ranges)."""
+        arr, lo, hi, exhausted = self._l1_candles(sym, tf, count=count, start=start, end=end)
+        arr = K.sort_dedup(arr[arr["ts"] < end])
+        idx, reasons = K.validate(arr, *tf.kernel_args, self._now())
+        if len(idx):
+            self._metrics.layer1_errors += 1
+            why = K.REASONS.get(int(reasons[0]), "?")
+            raise Layer1Error(
+                f"Layer 1 returned {len(idx)} invalid candle(s) for {sym} {tf.name} (first: {why}); nothing stored"
+            )
+        lo = HISTORY_START if exhausted else lo
+        hi = min(hi, end)
+        covered = np.array([[lo, hi]], dtype=np.int64) if hi > lo else _EMPTY_RANGES
+        return arr, covered
+
+    def _fetch_and_store(self, sym: str, tf: Timeframe, start: int | None, n: int | None, end: int) -> np.ndarray:
+        arr, covered = self._fetch_checked(sym, tf, count=n, start=start, end=end)
+        try:
+            self._store(sym, tf, arr, covered, self._now())
+        except StorageUnavailableError as exc:
+            logger.warning("storing fetched candles failed, answering from Layer 1: %s", exc)
+            raise _StorageDown(arr) from exc
+        return arr
+
+    def _fetch_tail(self, sym: str, tf: Timeframe, n: int, end: int, cov: np.ndarray) -> None:
+        before = cov[cov[:, 1] <= end] if len(cov) else cov
+        last = int(before[-1, 1]) if len(before) else None
+        if last is not None and tf.count(last, end) <= n:
+            self._fetch_and_store(sym, tf, last, None, end)  # only the intervals that closed since
+        else:
+            self._fetch_and_store(sym, tf, None, n, end)
+
+    def _fetch_ranges(self, sym: str, tf: Timeframe, missing: np.ndarray) -> np.ndarray | None:
+        """Fetch uncovered ranges; returns the fetched rows only when storage could not keep them."""
+        passthrough: list[np.ndarray] = []
+        for ms, me in missing.tolist():
+            try:
+                self._fetch_and_store(sym, tf, ms, None, me)
+            except _StorageDown as down:
+                passthrough.append(down.rows)
+        if passthrough:
+            return _ro(K.sort_dedup(np.concatenate(passthrough)))
+        return None
+
+    def _passthrough_range(self, sym: str, tf: Timeframe, s: int, e: int) -> np.ndarray:
+        arr, _ = self._fetch_checked(sym, tf, start=s, end=e)
+        return arr[arr["ts"] >= s]
+
+    def _peek_latest(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
+        """Answer a latest-N read from Layer 1's cache when it holds it fresh (never the network)."""
+        assert self._layer1 is not None
+        if not callable(getattr(self._layer1.layer1, "peek_cache", None)):
+            return None
+        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n)
+        try:
+            ans = self._run(self._layer1.get_from_layer1_cache(req))
+        except MdsError:
+            ans = None
+        if ans is None or sym not in ans.arrays:
+            self._metrics.misses["layer1_cache"] += 1
+            return None
+        lo, hi = ans.covered.get(sym, (0, 0))
+        arr = np.ascontiguousarray(ans.arrays[sym])
+        arr = arr[arr["ts"] < end]
+        idx, _ = K.validate(arr, *tf.kernel_args, self._now())
+        # fresh only when the cache reaches the last closed interval and proves n candles
+        if len(idx) or hi < end or len(arr) < n or int(arr["ts"][-n]) < lo:
+            self._metrics.misses["layer1_cache"] += 1
+            return None
+        return _ro(arr[-n:].copy())
+
+    # ------------------------------------------------------------------ coverage and gaps
+    def coverage(self, symbol: str, timeframe: str | Timeframe) -> list[tuple[int, int]]:
+        """Covered ranges ``[(start, end), ...]`` (epoch ms, half-open, merged) of a series.
+
+        A range that starts at 0 reaches back to the start of the market's history.
+        """
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        self._refresh_shared()
+        return [(int(a), int(b)) for a, b in self._cov(sym, tf).tolist()]
+
+    def gaps(self, symbol: str, timeframe: str | Timeframe, *, start: Any = None, end: Any = None) -> list[Gap]:
+        """Runs of absent candles with their kind.
+
+        ``no_trades``: inside coverage (the source was asked and had nothing); ``missing``: outside
+        coverage. Without a range, the span of the series' coverage and data (coverage reaching back
+        to the start of history counts from the first candle).
+        """
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        self._refresh_shared()
+        s = self._range_arg(start, "start")
+        e = self._range_arg(end, "end")
+        if s is not None and e is not None and e <= s:
+            raise InvalidRequestError("end must be after start")
+        cov = self._cov(sym, tf)
+        data = self._all_ts(sym, tf, s, e)
+        if s is None:
+            firsts = [int(data[0])] if len(data) else []
+            if len(cov):
+                c0 = int(cov[0, 0])
+                firsts.append(c0 if c0 > HISTORY_START or not len(data) else int(data[0]))
+            if not firsts:
+                return []
+            s = min(firsts)
+        if e is None:
+            lasts = [tf.add(int(data[-1]), 1)] if len(data) else []
+            if len(cov):
+                lasts.append(int(cov[-1, 1]))
+            if not lasts:
+                return []
+            e = max(lasts)
+        s = tf.ceil(s)
+        holes = K.find_gaps(data, *tf.kernel_args, s, e)
+        if not len(holes):
+            return []
+        out: list[Gap] = []
+        for hs, he in holes.tolist():
+            piece = np.array([[hs, he]], dtype=np.int64)
+            inside = K.interval_normalize(_intersect(piece, cov))
+            outside = K.interval_subtract(piece, cov)
+            for a, b in inside.tolist():
+                out.append(Gap(int(a), int(b), "no_trades"))
+            for a, b in outside.tolist():
+                out.append(Gap(int(a), int(b), "missing"))
+        out.sort(key=lambda g: g.start)
+        return out
+
+    def _all_ts(self, sym: str, tf: Timeframe, s: int | None, e: int | None) -> np.ndarray:
+        lo = -(2**62) if s is None else s
+        hi = 2**62 if e is None else e
+        db = self._tier("sqlite")
+        if db is not None:
+            rows = self._guard("sqlite", db.read_range, sym, tf, lo, hi)
+            if rows is not None:
+                return np.ascontiguousarray(rows["ts"])
+        for name in ("disk", "memory"):
+            t = self._tier(name)
+            if t is None:
+                continue
+            if name == "memory":
+                held = t.held(sym, tf)
+                if held is None:
+                    continue
+                rows = t.range(sym, tf, max(lo, held[0]), min(hi, held[1]))
+            else:
+                held_ranges = self._guard("disk", t.held, sym, tf)
+                if held_ranges is None or not len(held_ranges):
+                    continue
+                rows = self._guard(
+                    "disk", t.get_range, sym, tf, max(lo, int(held_ranges[0][0])), min(hi, int(held_ranges[-1][1]))
+                )
+            if rows is not None:
+                return np.ascontiguousarray(rows["ts"])
+        return np.zeros(0, dtype=np.int64)
+
+    def delete(self, symbol: str, timeframe: str | Timeframe, *, start: Any = None, end: Any = None) -> int:
+        """Remove candles in ``[start, end)`` (default: all) from every tier; coverage shrinks with it.
+
+        Returns the number of candles removed from the durable tier (or from memory without one).
+        """
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        s = self._range_arg(start, "start")
+        e = self._range_arg(end, "end")
+        if s is not None and e is not None and e <= s:
+            raise InvalidRequestError("end must be after start")
+        with self._lock:
+            removed = 0
+            db = self._tier("sqlite")
+            if "sqlite" in self._tiers:
+                if db is None:
+                    raise StorageUnavailableError("SQLite tier is degraded; nothing was deleted")
+                try:
+                    removed = int(db.delete(sym, tf, s, e))
+                except _BACKEND_ERRORS as exc:
+                    self._degrade("sqlite", exc)
+                    raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
+            else:
+                removed = len(self._all_ts(sym, tf, s, e))
+            lo = -(2**62) if s is None else s
+            hi = 2**62 if e is None else e
+            key = (sym, tf.name)
+            self._frontiers.pop(key, None)
+            if "sqlite" in self._tiers:
+                self._coverage.pop(key, None)
+            else:
+                self._coverage[key] = K.interval_subtract(
+                    self._coverage.get(key, _EMPTY_RANGES), np.array([[lo, hi]], dtype=np.int64)
+                )
+            mem = self._tier("memory")
+            if mem is not None:
+                mem.invalidate(sym, tf)
+            disk = self._tier("disk")
+            if disk is not None:
+                try:
+                    disk.delete(sym, tf, s, e)
+                except _BACKEND_ERRORS as exc:
+                    self._invalidate_fast(sym, tf, lo, hi, only="disk")
+                    self._degrade("disk", exc)
+        return removed
+
+    # ------------------------------------------------------------------ batch, maintenance, check
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Store]:
+        """Every write inside commits as one SQLite transaction, all or nothing.
+
+        The faster tiers (LMDB, memory) are updated after the commit; if the batch fails nothing
+        of it is stored anywhere.
+        """
+        self._check_open()
+        db = self._tier("sqlite")
+        with self._lock:
+            outer = self._batch_depth == 0
+            self._batch_depth += 1
+            try:
+                if db is None:
+                    yield self
+                else:
+                    with db.transaction():
+                        if outer:
+                            self._deferred.clear()
+                        yield self
+            except BaseException:
+                if outer:
+                    self._deferred.clear()
+                    self._coverage.clear()
+                    self._frontiers.clear()
+                raise
+            finally:
+                self._batch_depth -= 1
+            if outer and self._deferred:
+                work, self._deferred = self._deferred, []
+                for sym, tf, spans in work:
+                    self._fill_fast_tiers(sym, tf, spans, None)
+                self._maybe_maintain()
+
+    def _maybe_maintain(self) -> None:
+        if self._batch_depth:
+            return
+        db = self._tier("sqlite")
+        if db is not None and hasattr(db, "maybe_maintain"):
+            self._guard("sqlite", db.maybe_maintain)
+
+    def maintain(self, force: bool = False) -> MaintenanceReport:
+        """Run maintenance now: SQLite fragmentation check and VACUUM past the threshold (always
+        with ``force``), ANALYZE / ``PRAGMA optimize``, and purge of expired LMDB entries."""
+        self._check_open()
+        with self._lock:
+            before = after = 0.0
+            vacuumed = analyzed = False
+            db = self._tier("sqlite")
+            if db is not None:
+                rep = db.maintain(force=force)
+                before = float(rep.get("fragmentation_before", 0.0))
+                after = float(rep.get("fragmentation_after", before))
+                vacuumed = bool(rep.get("vacuumed", False))
+                analyzed = bool(rep.get("analyzed", False))
+            purged = 0
+            disk = self._tier("disk")
+            if disk is not None:
+                purged = int(self._guard("disk", disk.purge_expired) or 0)
+        return MaintenanceReport(before, after, vacuumed, analyzed, purged)
+
+    def check(self) -> CheckReport:
+        """Integrity of every tier: SQLite integrity and coverage vs data, LMDB vs SQLite."""
+        self._check_open()
+        problems: list[str] = []
+        for name, state in self._tiers.items():
+            if state.degraded_at is not None:
+                problems.append(f"{name}: degraded ({state.error})")
+        with self._lock:
+            db = self._tier("sqlite")
+            if db is not None:
+                problems += [f"sqlite: {p}" for p in db.integrity_problems()]
+            disk = self._tier("disk")
+            if disk is not None:
+                problems += [f"disk: {p}" for p in disk.check()]
+                if db is not None:
+                    problems += self._check_disk_vs_sqlite(db, disk)
+        return CheckReport(not problems, tuple(problems))
+
+    def _check_disk_vs_sqlite(self, db: Any, disk: Any) -> list[str]:
+        problems: list[str] = []
+        for sym, tfname, *_ in db.series():
+            tf = parse_timeframe(tfname)
+            held = self._guard("disk", disk.held, sym, tf)
+            if held is None:
+                continue
+            for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2).tolist():
+                a = self._guard("disk", disk.get_range, sym, tf, s, e)
+                b = db.read_range(sym, tf, s, e)
+                if a is not None and (len(a) != len(b) or a.tobytes() != b.tobytes()):
+                    problems.append(f"disk: {sym} {tfname} [{s}, {e}) differs from SQLite")
+        return problems
+
+    # ------------------------------------------------------------------ realtime
+    def put_ticker(self, ticker: Mapping[str, Any]) -> None:
+        """Store a ticker (Upbit REST, WebSocket DEFAULT or SIMPLE). Memory only."""
+        self._realtime.put_ticker(ticker)
+
+    def ticker(self, symbol: str) -> dict[str, Any] | None:
+        """The latest ticker of a market in Upbit field names, or None."""
+        return self._realtime.ticker(self._sym(symbol))
+
+    def ticker_history(self, symbol: str, since: Any = None) -> list[dict[str, Any]]:
+        """Tickers kept within the TTL, oldest first, optionally only those at or after ``since``."""
+        s = self._range_arg(since, "since")
+        return self._realtime.ticker_history(self._sym(symbol), since=s)
+
+    def put_orderbook(self, orderbook: Mapping[str, Any]) -> None:
+        """Store an orderbook snapshot (REST or WebSocket). Memory only."""
+        self._realtime.put_orderbook(orderbook)
+
+    def orderbook(self, symbol: str) -> dict[str, Any] | None:
+        """The latest orderbook with ``orderbook_units``, or None."""
+        return self._realtime.orderbook(self._sym(symbol))
+
+    def put_trades(self, symbol: str, trades: Any) -> int:
+        """Add trades (TRADE_DTYPE array or Upbit dicts), deduplicated on ``sequential_id``."""
+        return int(self._realtime.put_trades(self._sym(symbol), trades))
+
+    def trades(self, symbol: str, *, count: int | None = None, since: Any = None) -> np.ndarray:
+        """Trades of a market as a TRADE_DTYPE array, ascending time."""
+        s = self._range_arg(since, "since")
+        return self._realtime.trades(self._sym(symbol), count=count, since=s)
+
+    # ------------------------------------------------------------------ async API
+    async def get(self, request: StorageRequest) -> StorageResponse:
+        """Serve a seed-compatible request; errors become ``success=False``, never exceptions.
+
+        ``resp.arrays`` holds ``{symbol: array}`` (candles, trades) or ``{symbol: dict}``; ``resp.data``
+        is built from it only when asked for.
+        """
+        t0 = time.perf_counter()
+        meta = StorageMetadata()
+        try:
+            if not isinstance(request, StorageRequest):
+                raise InvalidRequestError("request must be an mds.StorageRequest")
+            self._check_open()
+            dt = request.data_type
+            if dt is DataType.CANDLE:
+                arrays, source = await self._get_candles(request)
+                tfname = request.timeframe
+                factory = _candle_factory(tfname or "1m")
+            else:
+                arrays, source = await self._get_realtime(request)
+                factory = _realtime_factory(dt)
+            meta.source = source
+            meta.cache_hit = source != "layer1_api"
+            meta.data_count = sum(len(v) if isinstance(v, np.ndarray) else (v is not None) for v in arrays.values())
+            ms = (time.perf_counter() - t0) * 1000
+            meta.processing_time_ms = ms
+            self._metrics.lat("api.get", ms)
+            return StorageResponse(True, arrays, meta, None, factory)
+        except Exception as exc:  # the one place errors become success=False (DESIGN.md section 3)
+            meta.processing_time_ms = (time.perf_counter() - t0) * 1000
+            meta.cache_hit = False
+            meta.source = "layer1_api" if isinstance(exc, Layer1Error) else meta.source
+            return StorageResponse(False, {}, meta, f"{type(exc).__name__}: {exc}")
+
+    async def _get_candles(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
+        tf = parse_timeframe(req.timeframe or "")
+        out: dict[str, Any] = {}
+        source = "storage_memory"
+        pending: list[str] = []
+        for sym in req.symbols:
+            try:
+                with self._lock:
+                    arr, src = self._read(sym, tf, req.count, req.start_time, req.end_time, False, allow_layer1=False)
+            except _NeedsLayer1:
+                pending.append(sym)
+                continue
+            except _StorageDown:
+                pending.append(sym)
+                continue
+            self._metrics.hits[src] += 1
+            out[sym] = arr
+            source = _slowest(source, src)
+        if pending:
+            results = await asyncio.gather(
+                *(
+                    asyncio.to_thread(self._locked_read, sym, tf, req.count, req.start_time, req.end_time)
+                    for sym in pending
+                )
+            )
+            for sym, (arr, src) in zip(pending, results):
+                self._metrics.hits[src] += 1
+                out[sym] = arr
+                source = _slowest(source, src)
+        self._metrics.requests += 1
+        return {s: out[s] for s in req.symbols}, source
+
+    def _locked_read(self, sym: str, tf: Timeframe, count: Any, start: Any, end: Any) -> tuple[np.ndarray, str]:
+        with self._lock:
+            return self._read(sym, tf, count, start, end, False, allow_layer1=True)
+
+    async def _get_realtime(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
+        out: dict[str, Any] = {}
+        missing: list[str] = []
+        for sym in req.symbols:
+            if req.data_type is DataType.TICKER:
+                val: Any = self._realtime.ticker(sym)
+            elif req.data_type is DataType.ORDERBOOK:
+                val = self._realtime.orderbook(sym)
+            else:
+                val = self._realtime.trades(sym, count=req.count, since=req.start_time)
+                if not len(val):
+                    val = None
+            out[sym] = val
+            if val is None:
+                missing.append(sym)
+        source = "storage_memory"
+        if missing and self._layer1 is not None:
+            fetched = await asyncio.to_thread(self._fetch_realtime, req, missing)
+            out.update(fetched)
+            source = "layer1_api"
+        return out, source
+
+    def _fetch_realtime(self, req: StorageRequest, symbols: list[str]) -> dict[str, Any]:
+        assert self._layer1 is not None
+        sub = StorageRequest(req.data_type, symbols, count=req.count)
+        t0 = time.perf_counter()
+        try:
+            ans = self._run(self._layer1.request_data_from_layer1(sub))
+        finally:
+            self._metrics.lat("layer1_api", (time.perf_counter() - t0) * 1000)
+        self._metrics.layer1_calls += int(ans.calls)
+        out: dict[str, Any] = {}
+        with self._lock:
+            for sym in symbols:
+                val = ans.arrays.get(sym)
+                if val is None:
+                    out[sym] = None
+                elif req.data_type is DataType.TICKER:
+                    self._realtime.put_ticker(val)
+                    out[sym] = self._realtime.ticker(sym)
+                elif req.data_type is DataType.ORDERBOOK:
+                    self._realtime.put_orderbook(val)
+                    out[sym] = self._realtime.orderbook(sym)
+                else:
+                    self._realtime.put_trades(sym, val)
+                    out[sym] = self._realtime.trades(sym, count=req.count, since=req.start_time)
+        return out
+
+    # ------------------------------------------------------------------ stats and lifecycle
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable figures: hits and misses per tier, hit rate, latency percentiles per
+        tier and per API, Layer 1 calls and candles fetched, sizes per tier, degraded tiers."""
+        m = self._metrics
+        served = sum(m.hits.values())
+        from_storage = served - m.hits["layer1_api"]
+        out: dict[str, Any] = {
+            "requests": m.requests,
+            "hits": dict(m.hits),
+            "misses": dict(m.misses),
+            "hit_rate": round(from_storage / served, 6) if served else None,
+            "latency": {k: v.summary() for k, v in sorted(m.latency.items())},
+            "layer1": {"calls": m.layer1_calls, "candles_fetched": m.layer1_candles, "errors": m.layer1_errors},
+            "tiers": {},
+            "degraded": sorted(n for n, s in self._tiers.items() if s.degraded_at is not None),
+            "core": K.IMPLEMENTATION,
+        }
+        for name, state in self._tiers.items():
+            info: dict[str, Any] = {"degraded": state.degraded_at is not None, "error": state.error}
+            if state.obj is not None and state.degraded_at is None:
+                with contextlib.suppress(*_BACKEND_ERRORS):
+                    info.update(_jsonable(state.obj.stats()))
+            out["tiers"][name] = info
+        with contextlib.suppress(Exception):
+            out["realtime"] = _jsonable(self._realtime.stats())
+        if self._layer1 is not None:
+            with contextlib.suppress(Exception):
+                out["layer1"]["connector"] = _jsonable(self._run(self._layer1.monitor_layer1_performance()))
+        return out
+
+    def close(self) -> None:
+        """Flush and release files. Further calls raise StorageUnavailableError."""
+        if self._closed:
+            return
+        self._closed = True
+        for state in self._tiers.values():
+            if state.obj is not None and hasattr(state.obj, "close"):
+                with contextlib.suppress(*_BACKEND_ERRORS):
+                    state.obj.close()
+        if self._loop is not None:
+            loop = self._loop
+            if self._layer1 is not None and hasattr(self._layer1.layer1, "aclose"):
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(self._layer1.layer1.aclose(), loop).result(timeout=5)
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=5)
+            loop.close()
+            self._loop = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store(path={str(self.path)!r}, tiers={self.config.tiers}, layer1={self._layer1 is not None})"
+
+
+class _StorageDown(Exception):
+    """Storage could not keep or answer; carries fetched rows for a pass-through answer."""
+
+    def __init__(self, rows: np.ndarray | None = None) -> None:
+        super().__init__("storage unavailable")
+        self.rows = rows if rows is not None else _EMPTY
+
+
+def _slowest(a: str, b: str) -> str:
+    return a if _SOURCE_RANK[a] >= _SOURCE_RANK[b] else b
+
+
+def _ro(arr: np.ndarray) -> np.ndarray:
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _count_from(rows: np.ndarray, start: int) -> int:
+    return int(np.count_nonzero(rows["ts"] >= start)) if len(rows) else 0
+
+
+def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a intersect b == a minus (a minus b)."""
+    return K.interval_subtract(a, K.interval_subtract(a, b))
+
+
+def _candle_factory(tfname: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    def build(arrays: dict[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for sym, arr in arrays.items():
+            out.extend(candles_to_upbit(arr, sym, tfname))
+        return out
+
+    return build
+
+
+def _realtime_factory(dt: DataType) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    def build(arrays: dict[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for sym, val in arrays.items():
+            if val is None:
+                continue
+            if isinstance(val, np.ndarray) and val.dtype == TRADE_DTYPE:
+                out.extend(
+                    {
+                        "market": sym,
+                        "timestamp": int(r["ts"]),
+                        "trade_price": float(r["price"]),
+                        "trade_volume": float(r["volume"]),
+                        "ask_bid": "BID" if int(r["side"]) > 0 else "ASK",
+                        "sequential_id": int(r["sequential_id"]),
+                    }
+                    for r in val
+                )
+            else:
+                out.append(dict(val))
+        return out
+
+    return build
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def open(  # the public name fixed by DESIGN.md
+    path: str | os.PathLike[str] | None = None,
+    *,
+    layer1: Any = None,
+    config: Config | None = None,
+    clock: Callable[[], int] | None = None,
+) -> Store:
+    """Open (creating if needed) a store.
+
+    Parameters
+    ----------
+    path
+        Store directory; None means ``$MDS_HOME`` or ``~/.mds``. Created with mode 0700.
+    layer1
+        An object with the Smart Router's async shape (or a SmartRouterConnector); None means
+        storage only: reads return what is stored.
+    config
+        :class:`mds.Config`; defaults for every field.
+    clock
+        Callable returning epoch ms (for simulations and tests); default the wall clock.
+    """
+    return Store(path, layer1=layer1, config=config, clock=clock)
+
+
+_ = (Iterable,)
