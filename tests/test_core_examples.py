@@ -1,0 +1,315 @@
+"""Named example cases for the kernels, run against both implementations (compiled and twin)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from mds import _pycore
+from mds._dtypes import CANDLE_DTYPE
+from mds.errors import InvalidRequestError
+from mds.timeframes import TIMEFRAMES
+
+try:
+    from mds import _core
+except ImportError:  # pragma: no cover - CI always builds the core
+    _core = None  # type: ignore[assignment]
+
+IMPLS = [pytest.param(_pycore, id="numpy")]
+IMPLS.append(
+    pytest.param(_core, id="cython")
+    if _core is not None
+    else pytest.param(None, id="cython", marks=pytest.mark.skip(reason="compiled core not built"))
+)
+
+MIN = 60_000
+DAY = 86_400_000
+I64_MAX = 2**63 - 1
+M1 = TIMEFRAMES["1m"].kernel_args
+W1 = TIMEFRAMES["1w"].kernel_args
+MO = TIMEFRAMES["1M"].kernel_args
+MAR_2024 = 1_709_251_200_000  # 2024-03-01 00:00 UTC
+FEB_2024 = 1_706_745_600_000  # 2024-02-01 00:00 UTC
+
+
+def candles(ts: list[int], close: float = 1.0) -> np.ndarray:
+    a = np.zeros(len(ts), CANDLE_DTYPE)
+    a["ts"] = ts
+    a["open"] = a["high"] = a["low"] = 1.0
+    a["close"] = close
+    a["high"] = np.maximum(1.0, close)
+    a["low"] = np.minimum(1.0, close)
+    return a
+
+
+pytestmark = pytest.mark.parametrize("k", IMPLS)
+
+
+# -- validate ----------------------------------------------------------------------------------
+def test_validate_reports_first_failing_reason_per_row(k: ModuleType) -> None:
+    a = candles([0, MIN, 2 * MIN, 3 * MIN, 4 * MIN, 5 * MIN + 1, 6 * MIN, 7 * MIN])
+    a["close"][1] = np.nan
+    a["low"][2] = 5.0  # low above body, and high below body too: the first reason wins
+    a["high"][3] = 0.5
+    a["volume"][4] = -1.0
+    a["value"][7] = -0.5
+    idx, reason = k.validate(a, *M1)
+    assert idx.tolist() == [1, 2, 3, 4, 5, 7]
+    assert [k.REASONS[r] for r in reason.tolist()] == [
+        "nonfinite",
+        "low_above_body",
+        "high_below_body",
+        "negative_volume",
+        "misaligned",
+        "negative_value",
+    ]
+
+
+def test_validate_flags_future_only_when_now_given(k: ModuleType) -> None:
+    a = candles([0, MIN, 2 * MIN])
+    assert k.validate(a, *M1)[0].tolist() == []
+    idx, reason = k.validate(a, *M1, now_ms=MIN)
+    assert idx.tolist() == [2] and reason.tolist() == [7]
+
+
+def test_validate_weeks_align_to_monday(k: ModuleType) -> None:
+    monday = 1_704_067_200_000  # 2024-01-01 was a Monday
+    a = candles([monday, monday + 7 * DAY, monday + DAY, 0])  # 1970-01-01 was a Thursday
+    assert k.validate(a, *W1)[0].tolist() == [2, 3]
+
+
+def test_validate_months_start_on_the_first_including_leap_february(k: ModuleType) -> None:
+    feb29 = MAR_2024 - DAY
+    a = candles([FEB_2024, MAR_2024, feb29, MAR_2024 + 1, -31 * DAY, -30 * DAY])  # 1969-12-01 ok
+    assert k.validate(a, *MO)[0].tolist() == [2, 3, 5]
+
+
+def test_validate_rejects_wrong_dtype(k: ModuleType) -> None:
+    with pytest.raises(InvalidRequestError):
+        k.validate(np.zeros(3, np.float64), *M1)
+    with pytest.raises(InvalidRequestError):
+        k.validate(candles([0]), 0, 0, False)
+
+
+# -- sort_dedup / merge ------------------------------------------------------------------------
+def test_sort_dedup_keeps_last_duplicate(k: ModuleType) -> None:
+    b = candles([2 * MIN, 0, 2 * MIN, MIN], close=1.0)
+    b["close"][2] = 7.0
+    out = k.sort_dedup(b)
+    assert out["ts"].tolist() == [0, MIN, 2 * MIN]
+    assert out["close"].tolist() == [1.0, 1.0, 7.0]
+    assert not np.shares_memory(out, b)
+
+
+def test_merge_counts_inserted_updated_unchanged(k: ModuleType) -> None:
+    s = candles([0, MIN, 2 * MIN])
+    b = candles([3 * MIN, MIN, 2 * MIN, 0])
+    b["close"][1] = 2.0
+    b["high"][1] = 2.0
+    merged, ins, upd, unch = k.merge(s, b)
+    assert (ins, upd, unch) == (1, 1, 2)
+    assert merged["ts"].tolist() == [0, MIN, 2 * MIN, 3 * MIN]
+    assert merged["close"].tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+def test_merge_compares_bytes_so_same_nan_is_unchanged(k: ModuleType) -> None:
+    s = candles([0])
+    s["value"] = np.nan
+    assert k.merge(s, s.copy())[1:] == (0, 0, 1)
+    z = s.copy()
+    z["volume"] = -0.0
+    assert k.merge(s, z)[1:] == (0, 1, 0)
+
+
+def test_merge_into_appends_in_place_and_refuses_when_full(k: ModuleType) -> None:
+    buf = np.zeros(5, CANDLE_DTYPE)
+    buf[:3] = candles([0, MIN, 2 * MIN])
+    assert k.merge_into(buf, 3, candles([3 * MIN, 4 * MIN])) == (5, 2, 0, 0)
+    assert buf["ts"].tolist() == [0, MIN, 2 * MIN, 3 * MIN, 4 * MIN]
+    before = buf.copy()
+    with pytest.raises(InvalidRequestError):
+        k.merge_into(buf, 5, candles([30 * MIN]))
+    with pytest.raises(InvalidRequestError):
+        k.merge_into(buf, 4, candles([30 * MIN, -MIN]))
+    assert buf.tobytes() == before.tobytes()
+
+
+def test_merge_into_inserts_in_the_middle(k: ModuleType) -> None:
+    buf = np.zeros(8, CANDLE_DTYPE)
+    buf[:4] = candles([0, 2 * MIN, 4 * MIN, 6 * MIN])
+    b = candles([5 * MIN, MIN, 4 * MIN], close=3.0)
+    assert k.merge_into(buf, 4, b) == (6, 2, 1, 0)
+    assert buf["ts"][:6].tolist() == [0, MIN, 2 * MIN, 4 * MIN, 5 * MIN, 6 * MIN]
+    assert buf["close"][:6].tolist() == [1.0, 3.0, 1.0, 3.0, 3.0, 1.0]
+
+
+# -- gaps --------------------------------------------------------------------------------------
+def test_find_gaps_on_a_strided_field_with_start_rounded_up(k: ModuleType) -> None:
+    a = candles([0, MIN, 3 * MIN, 4 * MIN, 8 * MIN])
+    gaps = k.find_gaps(a["ts"], *M1, -MIN // 2, 10 * MIN)
+    assert gaps.tolist() == [[2 * MIN, 3 * MIN], [5 * MIN, 8 * MIN], [9 * MIN, 10 * MIN]]
+
+
+def test_find_gaps_last_gap_ends_at_end(k: ModuleType) -> None:
+    ts = np.array([0], np.int64)
+    assert k.find_gaps(ts, *M1, 0, MIN + 1).tolist() == [[MIN, MIN + 1]]
+    assert k.find_gaps(ts, *M1, 0, MIN).tolist() == []
+    assert k.find_gaps(ts, *M1, 5, 5).shape == (0, 2)
+
+
+def test_find_gaps_ignores_misaligned_and_duplicate_ts(k: ModuleType) -> None:
+    ts = np.array([0, 0, MIN + 7, 2 * MIN, 2 * MIN], np.int64)
+    assert k.find_gaps(ts, *M1, 0, 3 * MIN).tolist() == [[MIN, 2 * MIN]]
+
+
+def test_find_gaps_calendar_months(k: ModuleType) -> None:
+    jan, apr = 1_704_067_200_000, 1_711_929_600_000
+    ts = np.array([jan, MAR_2024], np.int64)
+    assert k.find_gaps(ts, *MO, jan, apr + 1).tolist() == [[FEB_2024, MAR_2024], [apr, apr + 1]]
+
+
+def test_find_gaps_near_int64_max_saturates(k: ModuleType) -> None:
+    end = I64_MAX
+    start = end - 3 * MIN
+    got = k.find_gaps(np.zeros(0, np.int64), *M1, start, end)
+    assert got[0, 0] >= start and got[-1, 1] == end
+
+
+# -- intervals ---------------------------------------------------------------------------------
+def test_interval_normalize_merges_adjacent_and_drops_empty(k: ModuleType) -> None:
+    got = k.interval_normalize([[10, 20], [0, 5], [5, 7], [30, 30], [15, 25]])
+    assert got.tolist() == [[0, 7], [10, 25]]
+    assert k.interval_normalize(np.zeros((0, 2), np.int64)).shape == (0, 2)
+
+
+def test_interval_subtract_splits_ranges(k: ModuleType) -> None:
+    got = k.interval_subtract([[0, 100]], [[10, 20], [50, 60], [90, 200]])
+    assert got.tolist() == [[0, 10], [20, 50], [60, 90]]
+    assert k.interval_union([[0, 5]], [[5, 9]]).tolist() == [[0, 9]]
+
+
+def test_interval_contains(k: ModuleType) -> None:
+    cov = [[0, 10], [20, 30]]
+    assert k.interval_contains(cov, 2, 10)
+    assert not k.interval_contains(cov, 5, 21)
+    assert k.interval_contains(cov, 15, 15)  # empty range
+    assert k.interval_contains([[0, 5], [5, 9]], 0, 9)  # adjacent pieces
+
+
+# -- SeriesBuffer ------------------------------------------------------------------------------
+def test_series_buffer_latest_view_survives_appends_past_spare_room(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(100)
+    buf.write(candles(list(range(0, 100 * MIN, MIN))))
+    view = buf.latest(10)
+    snapshot = view.copy()
+    for i in range(100, 400):
+        buf.write(candles([i * MIN]))
+    assert view.tobytes() == snapshot.tobytes()
+    assert len(buf) == 100 and buf.first_ts == 300 * MIN and buf.last_ts == 399 * MIN
+    assert buf.latest(2)["ts"].tolist() == [398 * MIN, 399 * MIN]
+
+
+def test_series_buffer_views_are_read_only_no_copy(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN]))
+    a, b = buf.latest(3), buf.latest(2)
+    assert np.shares_memory(a, b)
+    assert not a.flags.writeable
+    with pytest.raises(ValueError):
+        a.flags.writeable = True
+    with pytest.raises(ValueError):
+        a["close"][0] = 5.0
+
+
+def test_series_buffer_correction_copies_only_when_a_view_holds_the_row(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN]))
+    view = buf.latest(3)
+    assert buf.write(candles([MIN], close=5.0)) == (0, 1, 0)
+    assert view["close"].tolist() == [1.0, 1.0, 1.0]
+    fresh = buf.latest(3)
+    assert fresh["close"].tolist() == [1.0, 5.0, 1.0]
+    assert not np.shares_memory(view, fresh)
+    del view, fresh
+    buf.write(candles([MIN], close=4.0))  # no view alive any more: written in place
+    assert buf.latest(3)["close"].tolist() == [1.0, 4.0, 1.0]
+
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN]))
+    held = buf.range(0, MIN)  # views have only ever covered row 0
+    buf.write(candles([2 * MIN], close=6.0))  # so row 2 is written in place
+    assert held.base is buf.latest(1).base  # same array: no copy was made
+    assert buf.latest(3)["close"].tolist() == [1.0, 1.0, 6.0]
+
+
+def test_series_buffer_range_and_window(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(3)
+    assert buf.first_ts is None and buf.last_ts is None and len(buf) == 0
+    assert buf.write(candles([0, MIN, 2 * MIN, 3 * MIN])) == (4, 0, 0)
+    assert buf.range(0, 10 * MIN)["ts"].tolist() == [MIN, 2 * MIN, 3 * MIN]
+    assert buf.range(2 * MIN, 3 * MIN)["ts"].tolist() == [2 * MIN]
+    assert buf.range(5, 1).shape == (0,)
+    assert buf.write(candles([-MIN])) == (1, 0, 0)  # older than the window: dropped
+    assert buf.first_ts == MIN
+    buf.clear()
+    assert len(buf) == 0 and buf.latest(5).shape == (0,)
+
+
+def test_series_buffer_stays_within_72_bytes_per_candle(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(1000)
+    for i in range(0, 3000, 7):
+        buf.write(candles(list(range(i * MIN, (i + 7) * MIN, MIN))))
+        if len(buf) >= 16:
+            assert buf.nbytes <= 72 * len(buf)
+    assert len(buf) == 1000
+
+
+# -- LRU ---------------------------------------------------------------------------------------
+def test_lru_pops_least_recently_touched(k: ModuleType) -> None:
+    lru = k.LRU()
+    for key in (1, 2, 3, 1, 4):
+        lru.touch(key)
+    lru.remove(3)
+    lru.remove(99)
+    assert len(lru) == 3 and 3 not in lru and 1 in lru
+    assert lru.oldest() == 2
+    assert [lru.pop_oldest() for _ in range(3)] == [2, 1, 4]
+    assert lru.oldest() is None
+    with pytest.raises(KeyError):
+        lru.pop_oldest()
+
+
+def test_lru_reuses_slots_over_many_keys(k: ModuleType) -> None:
+    lru = k.LRU()
+    for i in range(10_000):
+        lru.touch(i)
+        if i % 3 == 0:
+            lru.pop_oldest()
+    assert len(lru) == 10_000 - 3334
+    assert lru.oldest() == 3334
+
+
+# -- implementation switch ---------------------------------------------------------------------
+def test_implementation_switch_honours_environment(k: ModuleType) -> None:
+    if k is not _pycore:
+        pytest.skip("checked once")
+    env = dict(os.environ, MDS_PUREPYTHON="1")
+    code = "import mds._kernels as k; print(k.IMPLEMENTATION)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "numpy"
+    if _core is not None:
+        env = {key: v for key, v in os.environ.items() if key != "MDS_PUREPYTHON"}
+        env["MDS_REQUIRE_CORE"] = "1"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "cython"
+
+
+def test_compiled_struct_matches_candle_dtype(k: ModuleType) -> None:
+    if k is _pycore:
+        pytest.skip("compiled only")
+    k._check_layout()  # raises ImportError on a mismatch
