@@ -28,7 +28,7 @@ import numpy as np
 from mds._dtypes import CANDLE_DTYPE
 from mds._kernels import LRU, SeriesBuffer
 from mds.errors import InvalidRequestError
-from mds.timeframes import Timeframe
+from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import Clock, now_ms
 
 __all__ = ["MemoryTier"]
@@ -57,7 +57,9 @@ class _Entry:
 
 
 def _name(tf: str | Timeframe) -> str:
-    return tf if tf.__class__ is str else tf.name  # type: ignore[union-attr]
+    if isinstance(tf, Timeframe):
+        return tf.name
+    return parse_timeframe(tf).name  # an alias ("60m") must not make a second series
 
 
 class MemoryTier:
@@ -162,7 +164,7 @@ class MemoryTier:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        e = self._entries.get((symbol, tf if tf.__class__ is str else tf.name))  # type: ignore[union-attr]
+        e = self._entries.get((symbol, tf.name if tf.__class__ is Timeframe else _name(tf)))
         if e is None or not e.holds:
             self._misses += 1
             return None

@@ -323,3 +323,13 @@ def test_bytes_per_candle_vs_list_of_upbit_dicts():
     tier_b, dict_b = _bytes_per_candle()
     assert tier_b <= 72, tier_b
     assert tier_b <= 0.1 * dict_b, (tier_b, dict_b)
+
+
+def test_timeframe_aliases_name_one_series():
+    tier = MemoryTier(clock=Clock())
+    a = series(10, t0=T0 // 3_600_000 * 3_600_000)
+    a["ts"] = a["ts"][0] + np.arange(10) * 3_600_000
+    tier.put_range("KRW-BTC", "60m", int(a["ts"][0]), int(a["ts"][-1]) + 3_600_000, a)
+    assert np.array_equal(tier.latest("KRW-BTC", parse_timeframe("1h"), 10), a)
+    assert np.array_equal(tier.latest("KRW-BTC", "1h", 10), a)
+    assert len(tier) == 1
