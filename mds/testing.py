@@ -337,6 +337,7 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     truncate: bool = False
     faults: tuple[str, ...] = ()
+    delay: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +431,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         reply = fake._serve(parts.path, params)
+        # Logged before any injected latency, so a client that timed out still sees it counted.
         fake._log(RequestRecord(parts.path, params, reply.status, _group(parts.path), received, reply.faults))
+        if reply.delay:
+            fake._closing.wait(reply.delay)
         try:
             self.send_response(reply.status)
             ctype = "application/json; charset=utf-8" if reply.body[:1] in (b"[", b"{") else "text/plain"
@@ -719,8 +723,19 @@ class FakeUpbit:
                     terminal = f
                     f.consume()
         applied = tuple(k for k in (("latency",) if latency else ()) + ((terminal.kind,) if terminal else ()))
-        if latency:
-            self._closing.wait(latency)
+        reply = self._reply(path, params, group, headers, terminal, applied)
+        reply.delay = latency
+        return reply
+
+    def _reply(
+        self,
+        path: str,
+        params: dict[str, str],
+        group: str,
+        headers: dict[str, str],
+        terminal: Fault | None,
+        applied: tuple[str, ...],
+    ) -> _Reply:
         if terminal is not None:
             if terminal.kind == "rate_limit":
                 return _Reply(429, _TOO_MANY, self._remaining(group, 0), faults=applied)
