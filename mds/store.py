@@ -971,11 +971,15 @@ class Store:
         assert self._layer1 is not None
         if not callable(getattr(self._layer1.layer1, "peek_cache", None)):
             return None
-        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n)
+        # one more than asked: the cache's newest candle may be the forming one
+        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n + 1)
         try:
             ans = self._run(self._layer1.get_from_layer1_cache(req))
         except MdsError:
             ans = None
+        return self._peek_check(ans, sym, tf, n, end)
+
+    def _peek_check(self, ans: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
         if ans is None or sym not in ans.arrays:
             self._metrics.misses["layer1_cache"] += 1
             return None
@@ -988,6 +992,32 @@ class Store:
             self._metrics.misses["layer1_cache"] += 1
             return None
         return _ro(arr[-n:].copy())
+
+    async def _peek_async(self, req: StorageRequest, tf: Timeframe) -> dict[str, np.ndarray] | None:
+        """The layer1_first step of the async API: one peek for all symbols, in the caller's loop."""
+        if (
+            self._layer1 is None
+            or self.config.lookup != "layer1_first"
+            or req.count is None
+            or req.start_time is not None
+            or not callable(getattr(self._layer1.layer1, "peek_cache", None))
+        ):
+            return None
+        try:
+            ans = await self._layer1.get_from_layer1_cache(
+                StorageRequest(DataType.CANDLE, req.symbols, timeframe=tf.name, count=req.count + 1)
+            )
+        except MdsError:
+            return None
+        last_end = tf.floor(self._now())
+        end = last_end if req.end_time is None else min(tf.ceil(req.end_time), last_end)
+        out: dict[str, np.ndarray] = {}
+        for sym in req.symbols:
+            got = self._peek_check(ans, sym, tf, req.count, end)
+            if got is None:
+                return None
+            out[sym] = got
+        return out
 
     # ------------------------------------------------------------------ coverage and gaps
     def coverage(self, symbol: str, timeframe: str | Timeframe) -> list[tuple[int, int]]:
@@ -1285,6 +1315,11 @@ class Store:
 
     async def _get_candles(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
         tf = parse_timeframe(req.timeframe or "")
+        peeked = await self._peek_async(req, tf)
+        if peeked is not None:
+            self._metrics.hits["layer1_cache"] += len(peeked)
+            self._metrics.requests += 1
+            return peeked, "layer1_cache"
         out: dict[str, Any] = {}
         source = "storage_memory"
         pending: list[str] = []
