@@ -347,7 +347,7 @@ class Store:
         try:
             rows = list(candles)
         except TypeError:
-            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of Upbit candle dicts") from None
+            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of candle dicts") from None
         return candles_from_upbit(rows)
 
     def _validate(self, arr: np.ndarray, tf: Timeframe, now: int) -> None:
@@ -536,9 +536,9 @@ class Store:
             if e > floor:
                 ds = max(s, tf.ceil(floor)) if s < floor else s
                 sub = rows[rows["ts"] >= ds] if ds > s else rows
-                if self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(sub)) is None:
-                    if self._tiers["disk"].degraded_at is not None:
-                        self._invalidate_fast(sym, tf, s, e, only="disk")
+                done = self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(sub))
+                if done is None and self._tiers["disk"].degraded_at is not None:
+                    self._invalidate_fast(sym, tf, s, e, only="disk")
         mem = self._tier("memory")
         if mem is not None:
             cap = self.config.memory_candles
