@@ -36,6 +36,17 @@ __all__ = ["Layer1Answer", "SmartRouterConnector"]
 logger = logging.getLogger(__name__)
 
 _MAX_FORWARD_ROUNDS = 64
+_CANDLE_KEYS = frozenset(
+    (
+        "candle_date_time_utc",
+        "opening_price",
+        "high_price",
+        "low_price",
+        "trade_price",
+        "candle_acc_trade_volume",
+        "candle_acc_trade_price",
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +157,14 @@ class SmartRouterConnector:
         self.policy: dict[str, Any] | None = None
 
     # -- the one call path -------------------------------------------------------------------
-    async def _call(self, kind: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Call ``layer1.method``; return the answer dict or raise Layer1Error."""
+    async def _call(
+        self, kind: str, method: str, *args: Any, check: Callable[[dict[str, Any]], Any], **kwargs: Any
+    ) -> tuple[dict[str, Any], Any]:
+        """Call ``layer1.method``; return the answer dict and ``check(answer)``, or raise Layer1Error.
+
+        Every failure, including a malformed answer that ``check`` rejects, counts against the
+        success rate.
+        """
         t0 = time.perf_counter()
         self._stats.calls[kind] += 1
         try:
@@ -174,7 +191,12 @@ class SmartRouterConnector:
             meta = result.get("metadata") if isinstance(result.get("metadata"), Mapping) else {}
             msg = result.get("error") or result.get("message") or (meta or {}).get("error") or "no message"
             raise Layer1Error(f"Layer 1 {method} answered success=false: {msg}")
-        return dict(result)
+        answer = dict(result)
+        try:
+            return answer, check(answer)
+        except Layer1Error:
+            self._stats.failures[kind] += 1
+            raise
 
     def _meta(self, answer: Mapping[str, Any]) -> Mapping[str, Any]:
         meta = answer.get("metadata")
@@ -182,20 +204,33 @@ class SmartRouterConnector:
 
     # -- candles -----------------------------------------------------------------------------
     def _candle_fetcher(self, sym: str, tf: Timeframe, state: dict[str, Any]) -> Any:
+        what = f"get_candle_data({sym}, {tf.name})"
+
         async def fetch(count: int, to: int | None) -> list[dict[str, Any]]:
-            answer = await self._call(
+            to_s = None if to is None else -(-to // 1000) * 1000
+
+            def check(answer: dict[str, Any]) -> list[dict[str, Any]]:
+                rows = _rows_of(answer.get("data"), what)
+                page_ts(rows, tf, sym, to_s)
+                for r in rows:
+                    if not r.keys() >= _CANDLE_KEYS:
+                        raise BadPayload(f"{what}: a candle lacks {sorted(_CANDLE_KEYS - r.keys())}")
+                return rows
+
+            answer, rows = await self._call(
                 "candle",
                 "get_candle_data",
                 [sym],
                 tf.name,
                 count=count,
-                to=None if to is None else iso_utc_z(-(-to // 1000) * 1000),
+                to=None if to_s is None else iso_utc_z(to_s),
                 use_cache=False,
+                check=check,
             )
             state["calls"] += 1
             if to is None:
                 state["latest_meta"] = self._meta(answer)
-            return _rows_of(answer.get("data"), f"get_candle_data({sym}, {tf.name})")
+            return list(rows)
 
         return fetch
 
@@ -345,16 +380,27 @@ class SmartRouterConnector:
             )
         syms = list(request.symbols)
         if dt is DataType.TICKER:
-            answer = await self._call("ticker", "get_ticker_data", syms, use_cache=False)
-            arrays = self._snapshots(request, answer, "get_ticker_data")
+            _, arrays = await self._call(
+                "ticker",
+                "get_ticker_data",
+                syms,
+                use_cache=False,
+                check=lambda a: self._snapshots(request, a, "get_ticker_data"),
+            )
             records: dict[str, list[dict[str, Any]]] = {}
         elif dt is DataType.ORDERBOOK:
-            answer = await self._call("orderbook", "get_orderbook_data", syms, use_cache=False)
-            arrays = self._snapshots(request, answer, "get_orderbook_data")
+            _, arrays = await self._call(
+                "orderbook",
+                "get_orderbook_data",
+                syms,
+                use_cache=False,
+                check=lambda a: self._snapshots(request, a, "get_orderbook_data"),
+            )
             records = {}
         else:
-            answer = await self._call("trade", "get_trades", syms, count=request.count or 100)
-            arrays, records = self._trades(request, answer)
+            _, (arrays, records) = await self._call(
+                "trade", "get_trades", syms, count=request.count or 100, check=lambda a: self._trades(request, a)
+            )
         return Layer1Answer(
             dt, "layer1_api", arrays, records=records, calls=1, latency_ms=(time.perf_counter() - t0) * 1000.0
         )

@@ -1,0 +1,331 @@
+"""SmartRouterConnector against UpbitRouter + FakeUpbit and against a minimal in-test Layer 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mds import candles_to_upbit
+from mds.errors import Layer1Error
+from mds.layer1 import SmartRouterConnector, UpbitRouter
+from mds.models import Config, DataType, StorageRequest
+from mds.testing import FakeUpbit, generate_market
+from mds.timeutil import to_ms
+
+T0 = to_ms("2025-01-01T00:00:00Z")
+DAY = 86_400_000
+NOW = T0 + 4 * DAY  # the data ends here; clocks are pinned so coverage is deterministic
+FAST = 0.05
+
+BTC = generate_market("KRW-BTC", "1m", T0, NOW, seed=21)
+DOGE = generate_market("KRW-DOGE", "1m", T0, NOW, liquidity="illiquid", seed=21)
+SERIES = {("KRW-BTC", "1m"): BTC, ("KRW-DOGE", "1m"): DOGE}
+
+
+def clock() -> int:
+    return NOW
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def candles(symbols: list[str] | str, **kw: Any) -> StorageRequest:
+    return StorageRequest(DataType.CANDLE, symbols, "1m", **kw)
+
+
+def with_router(fn: Any, **fake_kw: Any) -> tuple[Any, FakeUpbit]:
+    """Run ``fn(connector, router, fake)`` against a fresh FakeUpbit and UpbitRouter."""
+    with FakeUpbit(SERIES, rate_window_s=FAST, **fake_kw) as up:
+
+        async def go() -> Any:
+            async with UpbitRouter(
+                up.base_url, rate_window_s=FAST, backoff_s=0.005, max_backoff_s=0.05, timeout_s=2.0, clock=clock
+            ) as r:
+                return await fn(SmartRouterConnector(r, clock=clock), r, up)
+
+        return run(go()), up
+
+
+# -- against UpbitRouter -------------------------------------------------------------------------
+
+
+def test_latest_1000_candles_are_paginated_into_one_ascending_array() -> None:
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        ans = await c.request_data_from_layer1(candles(["KRW-BTC", "KRW-DOGE"], count=1000))
+        return ans, up.request_count("/v1/candles")
+
+    (ans, n_req), _ = with_router(fn)
+    assert ans.source == "layer1_api" and ans.calls == 10 and n_req == 10
+    assert np.array_equal(ans.arrays["KRW-BTC"], BTC[-1000:])
+    assert np.array_equal(ans.arrays["KRW-DOGE"], DOGE[-1000:])
+    assert ans.covered["KRW-BTC"] == (int(BTC["ts"][-1000]), NOW)
+    assert ans.arrays["KRW-BTC"].flags.c_contiguous
+
+
+def test_a_range_request_covers_exactly_the_range() -> None:
+    start, end = T0 + DAY + 7 * 60_000, T0 + 2 * DAY
+
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        return await c.request_data_from_layer1(candles("KRW-DOGE", start_time=start, end_time=end))
+
+    ans, _ = with_router(fn)
+    want = DOGE[(DOGE["ts"] >= start) & (DOGE["ts"] < end)]
+    assert np.array_equal(ans.arrays["KRW-DOGE"], want)
+    assert ans.covered["KRW-DOGE"] == (start, end) and ans.exhausted["KRW-DOGE"] is False
+
+
+def test_n_candles_from_a_start_walk_forward() -> None:
+    start = T0 + DAY + 30 * 60_000
+
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        a = await c.request_data_from_layer1(candles("KRW-DOGE", start_time=start, count=500))
+        b = await c.request_data_from_layer1(candles("KRW-BTC", start_time=NOW - 3 * 60 * 60_000))
+        return a, b
+
+    (a, b), _ = with_router(fn)
+    assert np.array_equal(a.arrays["KRW-DOGE"], DOGE[DOGE["ts"] >= start][:500])
+    lo, hi = a.covered["KRW-DOGE"]
+    assert lo == start and hi == int(a.arrays["KRW-DOGE"]["ts"][-1]) + 60_000
+    assert np.array_equal(b.arrays["KRW-BTC"], BTC[BTC["ts"] >= NOW - 3 * 60 * 60_000])
+    assert b.covered["KRW-BTC"] == (NOW - 3 * 60 * 60_000, NOW)
+
+
+def test_layer1_cache_answers_without_network_and_misses_cleanly() -> None:
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        assert await c.get_from_layer1_cache(candles("KRW-BTC", count=100)) is None
+        await c.request_data_from_layer1(candles("KRW-BTC", count=50))
+        before = up.request_count()
+        hit = await c.get_from_layer1_cache(candles("KRW-BTC", count=150))
+        inside = await c.get_from_layer1_cache(candles("KRW-BTC", start_time=NOW - 3_600_000, end_time=NOW))
+        outside = await c.get_from_layer1_cache(candles("KRW-BTC", start_time=NOW - DAY, end_time=NOW))
+        forward = await c.get_from_layer1_cache(candles("KRW-BTC", start_time=NOW - DAY, count=5))
+        trades = await c.get_from_layer1_cache(StorageRequest(DataType.TRADE, ["KRW-BTC"]))
+        assert up.request_count() == before
+        return hit, inside, outside, forward, trades
+
+    (hit, inside, outside, forward, trades), _ = with_router(fn)
+    assert hit.source == "layer1_cache" and np.array_equal(hit.arrays["KRW-BTC"], BTC[-150:])
+    assert hit.covered["KRW-BTC"] == (int(BTC["ts"][-150]), NOW)
+    assert np.array_equal(inside.arrays["KRW-BTC"], BTC[BTC["ts"] >= NOW - 3_600_000])
+    assert inside.covered["KRW-BTC"] == (NOW - 3_600_000, NOW)
+    assert outside is None and forward is None and trades is None
+
+
+def test_tickers_orderbooks_and_trades_through_the_router() -> None:
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        t = await c.request_data_from_layer1(StorageRequest(DataType.TICKER, ["KRW-BTC", "KRW-DOGE"]))
+        cached = await c.get_from_layer1_cache(StorageRequest(DataType.TICKER, ["KRW-DOGE"]))
+        ob = await c.request_data_from_layer1(StorageRequest(DataType.ORDERBOOK, ["KRW-BTC"]))
+        tr = await c.request_data_from_layer1(StorageRequest(DataType.TRADE, ["KRW-BTC"], count=12))
+        return t, cached, ob, tr
+
+    (t, cached, ob, tr), _ = with_router(fn)
+    assert t.arrays["KRW-BTC"]["trade_price"] == BTC["close"][-1]
+    assert cached is not None and cached.source == "layer1_cache"
+    assert cached.arrays["KRW-DOGE"] == t.arrays["KRW-DOGE"]
+    assert ob.arrays["KRW-BTC"]["orderbook_units"]
+    arr = tr.arrays["KRW-BTC"]
+    assert len(arr) == 12 and (np.diff(arr["ts"]) >= 0).all()
+    assert len(tr.records["KRW-BTC"]) == 12
+
+
+def test_router_failures_reach_the_caller_as_layer1error_with_upbits_message() -> None:
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        up.inject("blocked", message="blocked for 42 seconds")
+        with pytest.raises(Layer1Error, match="42 seconds"):
+            await c.request_data_from_layer1(candles("KRW-BTC", count=10))
+        up.clear_faults()
+        return await c.monitor_layer1_performance()
+
+    report, _ = with_router(fn)
+    assert report["failures"] == 1 and report["success_rate"] == 0.0
+    assert report["layer1"]["counters"]["blocked"] == 1
+
+
+def test_policy_and_monitoring_merge_the_routers_own_numbers() -> None:
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        await c.request_data_from_layer1(candles("KRW-BTC", count=450))
+        return await c.sync_cache_policies(), await c.monitor_layer1_performance()
+
+    (policy, report), _ = with_router(fn)
+    assert policy["layer1"]["candle_ttl_s"] == 300.0
+    assert policy["candle_ttl_s"] == max(300.0, Config().memory_ttl_s)
+    json.dumps(report)
+    assert report["calls"] == 3 and report["success_rate"] == 1.0
+    assert report["by_data_type"]["candle"]["calls"] == 3
+    assert report["layer1"]["counters"]["requests"] == 3
+
+
+# -- against a minimal Smart Router shape ----------------------------------------------------------
+
+
+class MiniLayer1:
+    """The Smart Router's shape over arrays: at most 200 candles a call, no cache, no extras."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def get_candle_data(
+        self, symbols: list[str], interval: str, count: int = 200, to: Any = None, use_cache: bool = True
+    ) -> dict[str, Any]:
+        self.calls.append(("candle", to))
+        rows: list[dict[str, Any]] = []
+        for s in symbols:
+            arr = SERIES[(s, interval)]
+            if to is not None:
+                arr = arr[arr["ts"] < to_ms(to)]
+            rows += candles_to_upbit(arr[-min(count, 200) :][::-1], s, interval)
+        await asyncio.sleep(0)
+        return {"success": True, "data": rows, "metadata": {"source": "api"}}
+
+    async def get_ticker_data(self, symbols: list[str], use_cache: bool = True) -> dict[str, Any]:
+        return {"success": True, "data": {s: {"trade_price": 1.5} for s in symbols}, "metadata": {}}
+
+    async def get_orderbook_data(self, symbols: list[str], use_cache: bool = True) -> dict[str, Any]:
+        return {"success": True, "data": [{"market": s, "orderbook_units": []} for s in symbols], "metadata": {}}
+
+    async def get_trades(self, symbols: list[str], count: int = 100) -> dict[str, Any]:
+        rows = [
+            {
+                "market": s,
+                "timestamp": T0 + i,
+                "trade_price": 10.0 + i,
+                "trade_volume": 0.5,
+                "ask_bid": "BID" if i % 2 else "ASK",
+                "sequential_id": 100 + i,
+            }
+            for s in symbols
+            for i in range(count)
+        ]
+        return {"success": True, "data": rows[::-1], "metadata": {}}
+
+
+def test_minimal_layer1_is_paginated_by_the_connector() -> None:
+    mini = MiniLayer1()
+    c = SmartRouterConnector(mini, clock=clock)
+    ans = run(c.request_data_from_layer1(candles("KRW-BTC", count=1000)))
+    assert np.array_equal(ans.arrays["KRW-BTC"], BTC[-1000:])
+    assert len(mini.calls) == 5 and mini.calls[0][1] is None
+    assert mini.calls[1][1].endswith("Z")
+    assert ans.covered["KRW-BTC"] == (int(BTC["ts"][-1000]), NOW)
+    rng = run(c.request_data_from_layer1(candles("KRW-DOGE", start_time=T0, end_time=T0 + DAY)))
+    assert np.array_equal(rng.arrays["KRW-DOGE"], DOGE[DOGE["ts"] < T0 + DAY])
+    assert rng.exhausted["KRW-DOGE"] is True and rng.covered["KRW-DOGE"] == (T0, T0 + DAY)
+
+
+def test_minimal_layer1_realtime_answers_and_missing_extras() -> None:
+    c = SmartRouterConnector(MiniLayer1(), clock=clock)
+    t = run(c.request_data_from_layer1(StorageRequest(DataType.TICKER, ["KRW-BTC", "KRW-ETH"])))
+    assert t.arrays == {
+        "KRW-BTC": {"market": "KRW-BTC", "trade_price": 1.5},
+        "KRW-ETH": {"market": "KRW-ETH", "trade_price": 1.5},
+    }
+    tr = run(c.request_data_from_layer1(StorageRequest(DataType.TRADE, ["KRW-BTC"], count=4)))
+    assert tr.arrays["KRW-BTC"]["sequential_id"].tolist() == [100, 101, 102, 103]
+    assert tr.arrays["KRW-BTC"]["side"].tolist() == [-1, 1, -1, 1]
+    assert run(c.get_from_layer1_cache(candles("KRW-BTC", count=10))) is None
+    policy = run(c.sync_cache_policies())
+    assert policy["layer1"] is None and policy["candle_ttl_s"] == Config().memory_ttl_s
+    report = run(c.monitor_layer1_performance())
+    assert report["layer1"] is None and report["calls"] == 2
+
+
+class BrokenLayer1(MiniLayer1):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    async def get_candle_data(
+        self, symbols: list[str], interval: str, count: int = 200, to: Any = None, use_cache: bool = True
+    ) -> Any:
+        good = await super().get_candle_data(symbols, interval, count, to, use_cache)
+        if self.mode == "success_false":
+            return {"success": False, "error": "upstream said no", "metadata": {}}
+        if self.mode == "raises":
+            raise RuntimeError("socket exploded")
+        if self.mode == "slow":
+            await asyncio.sleep(5)
+        if self.mode == "not_a_dict":
+            return good["data"]
+        if self.mode == "data_not_list":
+            return {"success": True, "data": "oops", "metadata": {}}
+        if self.mode == "missing_field":
+            for r in good["data"]:
+                del r["trade_price"]
+        if self.mode == "wrong_market":
+            for r in good["data"]:
+                r["market"] = "KRW-XRP"
+        if self.mode == "misaligned":
+            good["data"][0]["candle_date_time_utc"] = "2025-01-03T10:00:30"
+        return good
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [
+        ("success_false", "upstream said no"),
+        ("raises", "socket exploded"),
+        ("slow", "timed out"),
+        ("not_a_dict", "not a success/data/metadata dict"),
+        ("data_not_list", "not a list"),
+        ("missing_field", "trade_price"),
+        ("wrong_market", "KRW-XRP"),
+        ("misaligned", "aligned"),
+    ],
+)
+def test_bad_layer1_answers_become_layer1error(mode: str, match: str) -> None:
+    c = SmartRouterConnector(BrokenLayer1(mode), timeout_s=0.1, clock=clock)
+    with pytest.raises(Layer1Error, match=match):
+        run(c.request_data_from_layer1(candles("KRW-BTC", count=10)))
+    report = run(c.monitor_layer1_performance())
+    assert report["failures"] == 1 and report["success_rate"] == 0.0
+    assert report["timeouts"] == (1 if mode == "slow" else 0)
+
+
+def test_realtime_answers_for_other_markets_are_rejected() -> None:
+    class Wrong(MiniLayer1):
+        async def get_ticker_data(self, symbols: list[str], use_cache: bool = True) -> dict[str, Any]:
+            return {"success": True, "data": [{"market": "KRW-XRP"}], "metadata": {}}
+
+        async def get_orderbook_data(self, symbols: list[str], use_cache: bool = True) -> dict[str, Any]:
+            return {"success": True, "data": [], "metadata": {}}
+
+    c = SmartRouterConnector(Wrong(), clock=clock)
+    with pytest.raises(Layer1Error, match="KRW-XRP"):
+        run(c.request_data_from_layer1(StorageRequest(DataType.TICKER, ["KRW-BTC"])))
+    with pytest.raises(Layer1Error, match="no answer"):
+        run(c.request_data_from_layer1(StorageRequest(DataType.ORDERBOOK, ["KRW-BTC"])))
+
+
+def test_sync_policy_keeps_the_longer_ttl_and_peek_without_dates_covers_only_its_rows() -> None:
+    class Cached(MiniLayer1):
+        def cache_policy(self) -> dict[str, Any]:
+            return {"candle_ttl_s": 7200.0, "ticker_ttl_s": 1.0, "orderbook_ttl_s": "bad"}
+
+        async def peek_cache(
+            self, data_type: str, symbols: list[str], interval: str | None = None, count: int | None = None
+        ) -> dict[str, Any] | None:
+            if data_type != "candle":
+                return None
+            sel = BTC[-(count or 200) :][::-1]
+            return {"success": True, "data": candles_to_upbit(sel, "KRW-BTC", "1m"), "metadata": {}}
+
+    c = SmartRouterConnector(Cached(), clock=clock, config=Config(memory_ttl_s=600.0, realtime_ttl_s=30.0))
+    policy = run(c.sync_cache_policies())
+    assert policy["candle_ttl_s"] == 7200.0 and policy["ticker_ttl_s"] == 30.0
+    assert policy["orderbook_ttl_s"] == Config().orderbook_ttl_s
+    hit = run(c.get_from_layer1_cache(candles("KRW-BTC", count=100)))
+    assert hit is not None and np.array_equal(hit.arrays["KRW-BTC"], BTC[-100:])
+    # undated: covered up to its newest candle, which may have been forming when cached
+    assert hit.covered["KRW-BTC"] == (int(BTC["ts"][-100]), int(BTC["ts"][-1]))
+    assert run(c.get_from_layer1_cache(StorageRequest(DataType.TICKER, ["KRW-BTC"]))) is None
+
+
+def test_an_object_without_the_smart_router_shape_is_refused() -> None:
+    with pytest.raises(TypeError, match="get_candle_data"):
+        SmartRouterConnector(object())
