@@ -187,17 +187,14 @@ cdef inline int64_t _month_start(int64_t mi) noexcept nogil:
 
 
 cdef inline bint _month_aligned(int64_t ts) noexcept nogil:
-    cdef int64_t days = _fdiv(ts, DAY_MS)
-    return ts - days * DAY_MS == 0 and _day_of_month(days) == 1
+    return _fmod(ts, DAY_MS) == 0 and _day_of_month(_fdiv(ts, DAY_MS)) == 1
 
 
 cdef inline int64_t _ceil_slot(int64_t t, int64_t iv, int64_t org, bint month) noexcept nogil:
     """First aligned slot ``>= t``, saturated at INT64_MAX."""
-    cdef int64_t mi, s, off
+    cdef int64_t off
     if month:
-        mi = _month_index(t)
-        s = _month_start(mi)
-        return t if s == t else _month_start(mi + 1)
+        return t if _month_aligned(t) else _month_start(_month_index(t) + 1)
     off = _fmod(_fmod(t, iv) - _fmod(org, iv), iv)
     if off == 0:
         return t
@@ -464,7 +461,7 @@ cdef void _merge_in_place(Candle* s, Py_ssize_t n, const Candle* b, Py_ssize_t k
         else:
             if shift and hi_src > p + 1:
                 memmove(&s[p + 1 + shift], &s[p + 1], (hi_src - p - 1) * sizeof(Candle))
-            if flag[j] == 1:
+            if flag[j] == 1 or shift:  # an unchanged row still moves when rows go in before it
                 memcpy(&s[p + shift], &b[j], sizeof(Candle))
             hi_src = p
         j -= 1

@@ -160,17 +160,16 @@ def _month_start(mi: int) -> int:
 
 
 def _month_aligned_vec(ts: np.ndarray) -> np.ndarray:
-    days = ts // DAY_MS
-    _, _, d = _civil_from_days_vec(days)
-    return np.asarray((ts - days * DAY_MS == 0) & (d == 1))
+    _, _, d = _civil_from_days_vec(ts // DAY_MS)
+    return np.asarray((ts % DAY_MS == 0) & (d == 1))
 
 
 def _ceil_slot(t: int, interval_ms: int, origin_ms: int, is_month: bool) -> int:
     """First aligned slot ``>= t``, saturated at I64_MAX."""
     if is_month:
-        mi = _month_index(t)
-        s = _month_start(mi)
-        return t if s == t else _month_start(mi + 1)
+        if t % DAY_MS == 0 and _civil_from_days(t // DAY_MS)[2] == 1:
+            return t
+        return _month_start(_month_index(t) + 1)
     off = (t % interval_ms - origin_ms % interval_ms) % interval_ms
     return t if off == 0 else min(t + (interval_ms - off), I64_MAX)
 
@@ -429,7 +428,7 @@ def find_gaps(
     if is_month:
         days = t // DAY_MS
         y, m, d = _civil_from_days_vec(days)
-        aligned = (t - days * DAY_MS == 0) & (d == 1)
+        aligned = (t % DAY_MS == 0) & (d == 1)
         c_mi = _month_index(c)
         k = ((y - 1970) * 12 + (m - 1) - c_mi)[aligned].astype(np.uint64)
         n_slots = _month_index(end - 1) - c_mi + 1

@@ -148,6 +148,14 @@ def test_merge_into_inserts_in_the_middle(k: ModuleType) -> None:
     assert buf["close"][:6].tolist() == [1.0, 3.0, 1.0, 3.0, 3.0, 1.0]
 
 
+def test_merge_into_moves_unchanged_rows_after_an_insert(k: ModuleType) -> None:
+    buf = np.zeros(4, CANDLE_DTYPE)
+    buf[:2] = candles([MIN, 2 * MIN])
+    assert k.merge_into(buf, 2, candles([0, MIN, 2 * MIN])) == (3, 1, 0, 2)
+    assert buf["ts"][:3].tolist() == [0, MIN, 2 * MIN]
+    assert buf["close"][:3].tolist() == [1.0, 1.0, 1.0]
+
+
 # -- gaps --------------------------------------------------------------------------------------
 def test_find_gaps_on_a_strided_field_with_start_rounded_up(k: ModuleType) -> None:
     a = candles([0, MIN, 3 * MIN, 4 * MIN, 8 * MIN])
