@@ -155,6 +155,7 @@ class Store:
         self._closed = False
         self._batch_depth = 0
         self._deferred: list[tuple[str, Timeframe, np.ndarray]] = []
+        self._disk_marked = False
         self._tiers: dict[str, _TierState] = {}
         persistent = any(t in self.config.tiers for t in ("disk", "sqlite"))
         if persistent:
@@ -185,7 +186,8 @@ class Store:
             self._try_open("sqlite")
         if "disk" in cfg.tiers:
             self._tiers["disk"] = _TierState("disk", None)
-            self._try_open("disk")
+            if self._try_open("disk"):
+                self._drop_stale_disk()
         if "memory" in cfg.tiers:
             from mds.memory import MemoryTier
 
@@ -231,6 +233,37 @@ class Store:
         state.degraded_at = None
         state.error = None
         return True
+
+    @property
+    def _stale_marker(self) -> Path:
+        return self.path / "lmdb.stale"
+
+    def _drop_stale_disk(self) -> None:
+        """Clear the disk tier if SQLite was written while the disk tier could not follow.
+
+        A store opened without the disk tier, or one whose disk tier failed to drop a range,
+        leaves a marker file before its SQLite write; the next store that opens the disk tier
+        empties it (it refills lazily from SQLite), so LMDB never answers older data than SQLite.
+        """
+        marker = self._stale_marker
+        if not marker.exists():
+            return
+        try:
+            self._tiers["disk"].obj.clear()
+            marker.unlink()
+            logger.info("disk tier cleared: SQLite was written while it could not follow")
+        except _BACKEND_ERRORS as exc:
+            self._degrade("disk", exc)
+
+    def _mark_disk_stale(self) -> None:
+        if self._disk_marked or "sqlite" not in self._tiers:
+            return
+        try:
+            fd = os.open(self._stale_marker, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            self._disk_marked = True
+        except OSError as exc:  # best effort: the write itself may still go on
+            logger.warning("could not mark the disk tier stale: %s", exc)
 
     def _degrade(self, name: str, exc: BaseException) -> None:
         state = self._tiers[name]
@@ -441,7 +474,10 @@ class Store:
                     raise StorageUnavailableError(
                         f"SQLite tier is degraded ({self._tiers['sqlite'].error}); nothing was stored"
                     )
-                self._unhold_disk(sym, tf, self._spans(tf, closed, covered))
+                if self._tier("disk") is None:
+                    self._mark_disk_stale()  # LMDB (now or later) cannot follow this write
+                else:
+                    self._unhold_disk(sym, tf, self._spans(tf, closed, covered))
                 self._frontiers.pop((sym, tf.name), None)
                 try:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
@@ -561,8 +597,10 @@ class Store:
                 except _BACKEND_ERRORS as exc:
                     # The disk tier could not drop the stale range: stop using it until it is rebuilt.
                     self._degrade("disk", exc)
-                    with contextlib.suppress(*_BACKEND_ERRORS):
+                    try:
                         state.obj.clear()
+                    except _BACKEND_ERRORS:
+                        self._mark_disk_stale()
 
     # ------------------------------------------------------------------ reads
     def candles(
@@ -1119,8 +1157,32 @@ class Store:
         e = self._range_arg(end, "end")
         if s is not None and e is not None and e <= s:
             raise InvalidRequestError("end must be after start")
+        lo = -(2**62) if s is None else s
+        hi = 2**62 if e is None else e
+        key = (sym, tf.name)
         with self._lock:
-            removed = 0
+            # the fast tiers first: a crash after this point leaves them missing rows, never stale
+            disk = self._tier("disk")
+            if disk is not None:
+                try:
+                    disk.delete(sym, tf, s, e)
+                except _BACKEND_ERRORS as exc:
+                    self._degrade("disk", exc)
+                    self._invalidate_fast(sym, tf, lo, hi, only="disk")
+            elif "sqlite" in self._tiers:
+                self._mark_disk_stale()
+            mem = self._tier("memory")
+            kept = None
+            if mem is not None and "sqlite" not in self._tiers:
+                held = mem.held(sym, tf)
+                if held is not None:
+                    rows = mem.range(sym, tf, held[0], held[1])
+                    if rows is not None:
+                        keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
+                        kept = (held, keep, len(rows) - len(keep))
+            if mem is not None:
+                mem.invalidate(sym, tf)
+            self._frontiers.pop(key, None)
             db = self._tier("sqlite")
             if "sqlite" in self._tiers:
                 if db is None:
@@ -1130,28 +1192,15 @@ class Store:
                 except _BACKEND_ERRORS as exc:
                     self._degrade("sqlite", exc)
                     raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
-            else:
-                removed = len(self._all_ts(sym, tf, s, e))
-            lo = -(2**62) if s is None else s
-            hi = 2**62 if e is None else e
-            key = (sym, tf.name)
-            self._frontiers.pop(key, None)
-            if "sqlite" in self._tiers:
                 self._coverage.pop(key, None)
             else:
+                removed = len(self._all_ts(sym, tf, s, e)) if kept is None else kept[2]
                 self._coverage[key] = K.interval_subtract(
                     self._coverage.get(key, _EMPTY_RANGES), np.array([[lo, hi]], dtype=np.int64)
                 )
-            mem = self._tier("memory")
-            if mem is not None:
-                mem.invalidate(sym, tf)
-            disk = self._tier("disk")
-            if disk is not None:
-                try:
-                    disk.delete(sym, tf, s, e)
-                except _BACKEND_ERRORS as exc:
-                    self._invalidate_fast(sym, tf, lo, hi, only="disk")
-                    self._degrade("disk", exc)
+            if kept is not None and mem is not None:
+                (hs, he), rows, _ = kept
+                mem.put_range(sym, tf, hs, he, rows)
         return removed
 
     # ------------------------------------------------------------------ batch, maintenance, check

@@ -402,3 +402,23 @@ def test_reader_process_sees_writer_without_waiting_for_ttl(tmp_path, clock) -> 
         assert len(got) == 300
         assert got["ts"][-1] == T0 + 299 * MIN
         assert reader.check().ok
+
+
+def test_disk_tier_is_cleared_after_writes_it_missed(tmp_path, clock) -> None:
+    path = tmp_path / "s"
+    with mds.open(path, clock=clock) as st:
+        st.write_candles("KRW-BTC", "1m", candles(100), complete=(T0, T0 + 100 * MIN))
+    changed = candles(100, price=200.0)
+    with mds.open(path, config=Config(tiers=("memory", "sqlite")), clock=clock) as st:
+        st.write_candles("KRW-BTC", "1m", changed)  # LMDB is not open: it cannot follow
+    with mds.open(path, clock=clock) as st:
+        got = st.candles("KRW-BTC", "1m", start=T0, end=T0 + 100 * MIN)
+        assert np.array_equal(got, changed)
+        assert st.check().ok
+
+
+def test_delete_in_memory_only_store_keeps_the_rest(tmp_path, clock) -> None:
+    with mds.open(tmp_path / "m", config=Config(tiers=("memory",)), clock=clock) as st:
+        st.write_candles("KRW-BTC", "1m", candles(100))
+        assert st.delete("KRW-BTC", "1m", start=T0, end=T0 + 10 * MIN) == 10
+        assert len(st.candles("KRW-BTC", "1m", start=T0, end=T0 + DAY)) == 90
