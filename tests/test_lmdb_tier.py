@@ -1,0 +1,483 @@
+"""The LMDB disk tier: held-range semantics, retention and TTL, map growth, damage, processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from mds._dtypes import CANDLE_DTYPE
+from mds.errors import StorageUnavailableError
+from mds.lmdb_tier import CHUNK_PERIOD_MS, LmdbTier
+from mds.timeframes import DAY_MS, MINUTE_MS, TIMEFRAMES, parse_timeframe
+
+M1 = parse_timeframe("1m")
+S1 = parse_timeframe("1s")
+NOW = 1_750_000_000_000 - 1_750_000_000_000 % DAY_MS + 13 * 3_600_000  # 13:00 UTC
+SYM = "KRW-BTC"
+
+
+class Clock:
+    def __init__(self, t: int = NOW) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def candles(tf, start: int, n: int, seed: int = 0, skip: float = 0.0) -> np.ndarray:
+    """``n`` aligned slots from ``start`` (some dropped with probability ``skip``), valid OHLCV."""
+    rng = np.random.default_rng(seed)
+    ts = np.array([tf.add(tf.ceil(start), i) for i in range(n)], dtype=np.int64)
+    if skip:
+        ts = ts[rng.random(n) >= skip]
+    a = np.zeros(len(ts), CANDLE_DTYPE)
+    a["ts"] = ts
+    px = 100 + rng.random(len(ts))
+    a["open"] = px
+    a["close"] = px + 0.5
+    a["high"] = px + 1
+    a["low"] = px - 1
+    a["volume"] = rng.random(len(ts))
+    a["value"] = a["volume"] * px
+    return a
+
+
+def minutes(start: int, n: int, seed: int = 0, skip: float = 0.0) -> np.ndarray:
+    return candles(M1, start, n, seed, skip)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tier(tmp_path: Path, clock: Clock):
+    t = LmdbTier(tmp_path / "lmdb", clock=clock)
+    yield t
+    assert t.check() == []
+    t.close()
+
+
+def test_round_trip_across_chunk_boundaries(tier: LmdbTier) -> None:
+    start = NOW - 5 * DAY_MS - 17 * MINUTE_MS
+    a = minutes(start, 5 * 1440, seed=1, skip=0.1)
+    end = NOW - 17 * MINUTE_MS
+    assert tier.put_range(SYM, M1, start, end, a) == len(a)
+    assert np.array_equal(tier.get_range(SYM, M1, start, end), a)
+    # Arbitrary sub-ranges, crossing day chunks, are exactly the rows inside.
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        s, e = sorted(rng.integers(start, end, 2).tolist())
+        got = tier.get_range(SYM, M1, s, e)
+        assert got is not None
+        assert np.array_equal(got, a[(a["ts"] >= s) & (a["ts"] < e)])
+        assert not got.flags.writeable
+    assert tier.held(SYM, M1).tolist() == [[start, end]]
+
+
+@pytest.mark.parametrize("name", sorted(TIMEFRAMES))
+def test_round_trip_every_timeframe(tmp_path: Path, clock: Clock, name: str) -> None:
+    tf = TIMEFRAMES[name]
+    with LmdbTier(tmp_path / "lmdb", clock=clock, retention_ms=20 * 365 * DAY_MS) as t:
+        start = tf.floor(NOW - 3 * 365 * DAY_MS)
+        end = tf.floor(NOW)
+        n = min(tf.count(start, end), 5000)
+        a = candles(tf, start, n, seed=3)
+        end = tf.add(int(a["ts"][-1]), 1)
+        t.put_range(SYM, tf, start, end, a)
+        assert np.array_equal(t.get_range(SYM, tf, start, end), a)
+        assert np.array_equal(t.get_latest(SYM, tf, 7, end), a[-7:])
+        assert t.check() == []
+
+
+def test_range_not_fully_held_is_none(tier: LmdbTier) -> None:
+    a = minutes(NOW - DAY_MS, 600)
+    s, e = int(a["ts"][100]), int(a["ts"][400])
+    tier.put_range(SYM, M1, s, e, a)
+    assert tier.get_range(SYM, M1, s - MINUTE_MS, e) is None
+    assert tier.get_range(SYM, M1, s, e + 1) is None
+    assert tier.get_range("KRW-ETH", M1, s, e) is None
+    assert tier.get_range(SYM, S1, s, e) is None
+    assert len(tier.get_range(SYM, M1, s, s + 1)) == 1
+
+
+def test_held_range_without_trades_answers_empty(tier: LmdbTier) -> None:
+    s, e = NOW - 3 * DAY_MS, NOW - 2 * DAY_MS
+    tier.put_range(SYM, M1, s, e, np.empty(0, CANDLE_DTYPE))
+    got = tier.get_range(SYM, M1, s, e)
+    assert got is not None
+    assert len(got) == 0
+    assert tier.held(SYM, M1).tolist() == [[s, e]]
+
+
+def test_put_range_replaces_only_inside_its_range(tier: LmdbTier) -> None:
+    a = minutes(NOW - 2 * DAY_MS, 2 * 1440, seed=4)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    # The source now says [m0, m1) holds only every third candle, with new prices.
+    m0, m1 = int(a["ts"][1000]), int(a["ts"][2000])
+    b = a[1000:2000:3].copy()
+    b["close"] += 1
+    tier.put_range(SYM, M1, m0, m1, b)
+    want = np.concatenate([a[:1000], b, a[2000:]])
+    assert np.array_equal(tier.get_range(SYM, M1, s, e), want)
+    assert tier.held(SYM, M1).tolist() == [[s, e]]
+
+
+def test_adjacent_and_overlapping_puts_merge_held(tier: LmdbTier) -> None:
+    a = minutes(NOW - DAY_MS, 1000)
+    t = a["ts"].tolist()
+    tier.put_range(SYM, M1, t[0], t[300], a[:300])
+    tier.put_range(SYM, M1, t[500], t[700], a[500:700])
+    assert tier.held(SYM, M1).tolist() == [[t[0], t[300]], [t[500], t[700]]]
+    tier.put_range(SYM, M1, t[300], t[500], a[300:500])
+    tier.put_range(SYM, M1, t[600], t[900], a[600:900])
+    assert tier.held(SYM, M1).tolist() == [[t[0], t[900]]]
+    assert np.array_equal(tier.get_range(SYM, M1, t[0], t[900]), a[:900])
+
+
+def test_get_latest_needs_a_held_range_reaching_back(tier: LmdbTier) -> None:
+    a = minutes(NOW - 3 * DAY_MS, 3 * 1440 - 60, seed=5, skip=0.2)
+    s, e = NOW - 3 * DAY_MS, NOW - 60 * MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    assert np.array_equal(tier.get_latest(SYM, M1, 1000, e), a[-1000:])
+    mid = int(a["ts"][2000])
+    assert np.array_equal(tier.get_latest(SYM, M1, 1500, mid), a[500:2000])
+    assert tier.get_latest(SYM, M1, len(a) + 1, e) is None  # would need rows before s
+    assert tier.get_latest(SYM, M1, 10, e + MINUTE_MS) is None  # e is not held
+    assert len(tier.get_latest(SYM, M1, 0, e)) == 0
+
+
+def test_delete_removes_rows_and_held_range(tier: LmdbTier) -> None:
+    a = minutes(NOW - 2 * DAY_MS, 2000)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    m0, m1 = int(a["ts"][500]), int(a["ts"][1700])
+    assert tier.delete(SYM, M1, m0, m1) == 1200
+    assert tier.get_range(SYM, M1, s, e) is None
+    assert np.array_equal(tier.get_range(SYM, M1, s, m0), a[:500])
+    assert np.array_equal(tier.get_range(SYM, M1, m1, e), a[1700:])
+    assert tier.delete(SYM, M1) == 800
+    assert tier.held(SYM, M1).shape == (0, 2)
+    assert tier.stats()["entries"] == 0
+
+
+def test_retention_keeps_only_the_recent_window(tmp_path: Path, clock: Clock) -> None:
+    with LmdbTier(tmp_path / "lmdb", clock=clock, retention_ms=10 * DAY_MS, ttl_ms=100 * DAY_MS) as t:
+        start = NOW - 20 * DAY_MS
+        a = minutes(start, 20 * 1440, seed=6)
+        t.put_range(SYM, M1, start, NOW, a)
+        cutoff = NOW - 10 * DAY_MS
+        assert t.held(SYM, M1).tolist() == [[cutoff, NOW]]
+        assert t.get_range(SYM, M1, start, NOW) is None
+        assert np.array_equal(t.get_range(SYM, M1, cutoff, NOW), a[a["ts"] >= cutoff])
+        assert t.stats()["entries"] == 11  # ten whole days and the part of one
+        clock.t += 3 * DAY_MS
+        assert t.get_range(SYM, M1, cutoff, NOW) is None  # fell out of the window
+        assert np.array_equal(t.get_range(SYM, M1, cutoff + 3 * DAY_MS, NOW), a[a["ts"] >= cutoff + 3 * DAY_MS])
+        assert t.purge_expired() == 3
+        assert t.held(SYM, M1).tolist() == [[cutoff + 3 * DAY_MS, NOW]]
+        assert t.check() == []
+
+
+def test_stale_chunks_without_loader_are_not_held(tmp_path: Path, clock: Clock) -> None:
+    with LmdbTier(tmp_path / "lmdb", clock=clock, ttl_ms=DAY_MS) as t:
+        a = minutes(NOW - 2 * DAY_MS, 1440)
+        s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+        t.put_range(SYM, M1, s, e, a)
+        clock.t += DAY_MS - 1
+        assert t.get_range(SYM, M1, s, e) is not None
+        clock.t += 2
+        assert t.get_range(SYM, M1, s, e) is None
+        assert t.get_latest(SYM, M1, 10, e) is None
+        assert t.purge_expired() == 2
+        assert t.held(SYM, M1).shape == (0, 2)
+        assert t.stats()["entries"] == 0
+
+
+def test_stale_chunk_is_refreshed_through_loader(tmp_path: Path, clock: Clock) -> None:
+    a = minutes(NOW - 2 * DAY_MS, 1440, seed=7)
+    source = a.copy()
+    source["close"] += 10  # SQLite changed since the tier was filled (another writer)
+    calls = []
+
+    def loader(symbol, tf, start, end):
+        calls.append((symbol, tf.name, start, end))
+        return source[(source["ts"] >= start) & (source["ts"] < end)]
+
+    with LmdbTier(tmp_path / "lmdb", clock=clock, ttl_ms=DAY_MS, loader=loader) as t:
+        s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+        t.put_range(SYM, M1, s, e, a)
+        assert np.array_equal(t.get_range(SYM, M1, s, e), a)
+        assert calls == []
+        clock.t += DAY_MS + 1
+        assert np.array_equal(t.get_range(SYM, M1, s, e), source)
+        # One load per stale chunk, limited to what is held.
+        assert sorted(calls) == sorted(
+            [(SYM, "1m", s, s - s % DAY_MS + DAY_MS), (SYM, "1m", s - s % DAY_MS + DAY_MS, e)]
+        )
+        assert t.get_range(SYM, M1, s, e) is not None
+        assert len(calls) == 2  # fresh again
+        assert t.stats()["refreshed_chunks"] == 2
+        assert t.check() == []
+
+
+def test_appended_chunk_keeps_its_oldest_write_time(tmp_path: Path, clock: Clock) -> None:
+    day = NOW - NOW % DAY_MS
+    a = minutes(day, 600)
+    with LmdbTier(tmp_path / "lmdb", clock=clock, ttl_ms=DAY_MS) as t:
+        t.put_range(SYM, M1, day, day + 300 * MINUTE_MS, a[:300])
+        clock.t += DAY_MS // 2
+        t.put_range(SYM, M1, day + 300 * MINUTE_MS, day + 600 * MINUTE_MS, a[300:])
+        clock.t += DAY_MS // 2 + 1
+        # The first half was written more than a TTL ago: the chunk as a whole is stale.
+        assert t.get_range(SYM, M1, day + 400 * MINUTE_MS, day + 500 * MINUTE_MS) is None
+
+
+def test_map_grows_when_full(tmp_path: Path, clock: Clock) -> None:
+    with LmdbTier(tmp_path / "lmdb", clock=clock, map_size=1 << 20, map_size_cap=1 << 30) as t:
+        start = S1.floor(NOW - 2 * DAY_MS)
+        a = candles(S1, start, 100_000, seed=8)  # 5.6 MB
+        end = int(a["ts"][-1]) + 1000
+        t.put_range(SYM, S1, start, end, a)
+        st = t.stats()
+        assert st["map_size"] > 5_600_000
+        assert st["map_resizes"] >= 1
+        assert not st["degraded"]
+        assert np.array_equal(t.get_range(SYM, S1, start, end), a)
+
+
+def test_full_map_at_cap_degrades_without_losing_reads(tmp_path: Path, clock: Clock) -> None:
+    with LmdbTier(tmp_path / "lmdb", clock=clock, map_size=1 << 20, map_size_cap=2 << 20) as t:
+        small = minutes(NOW - DAY_MS, 100)
+        s, e = int(small["ts"][0]), int(small["ts"][-1]) + MINUTE_MS
+        t.put_range(SYM, M1, s, e, small)
+        big = candles(S1, S1.floor(NOW - 2 * DAY_MS), 100_000)
+        with pytest.raises(StorageUnavailableError, match="full"):
+            t.put_range("KRW-ETH", S1, int(big["ts"][0]), int(big["ts"][-1]) + 1000, big)
+        assert t.stats()["degraded"]
+        assert t.held("KRW-ETH", S1).shape == (0, 2)  # the failed write changed nothing
+        assert np.array_equal(t.get_range(SYM, M1, s, e), small)
+        t.put_range(SYM, M1, e, e + MINUTE_MS, np.empty(0, CANDLE_DTYPE))  # small writes still fit
+        assert not t.stats()["degraded"]
+
+
+def _filled(path: Path, clock: Clock) -> tuple[LmdbTier, np.ndarray, int, int]:
+    t = LmdbTier(path, clock=clock, map_size=8 << 20)
+    a = minutes(NOW - 10 * DAY_MS, 10 * 1440, seed=9)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    t.put_range(SYM, M1, s, e, a)
+    return t, a, s, e
+
+
+def _refill_and_read(t: LmdbTier, a: np.ndarray, s: int, e: int) -> None:
+    t.put_range(SYM, M1, s, e, a)
+    assert np.array_equal(t.get_range(SYM, M1, s, e), a)
+    assert t.check() == []
+
+
+def test_truncated_data_file_while_open_reads_none_then_refills(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    data = tmp_path / "lmdb" / "data.mdb"
+    os.truncate(data, 40_000)  # well below the committed pages (the file has slack past them)
+    assert t.get_range(SYM, M1, s, e) is None
+    assert t.stats()["recreated"] == 1
+    _refill_and_read(t, a, s, e)
+    t.close()
+
+
+def test_truncated_data_file_at_open_is_recreated(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    t.close()
+    data = tmp_path / "lmdb" / "data.mdb"
+    os.truncate(data, 100_000)
+    with LmdbTier(tmp_path / "lmdb", clock=clock) as t2:
+        assert t2.get_range(SYM, M1, s, e) is None
+        _refill_and_read(t2, a, s, e)
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "everywhere"])
+def test_garbage_in_data_file_is_detected(tmp_path: Path, clock: Clock, where: str) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    t.close()
+    data = tmp_path / "lmdb" / "data.mdb"
+    size = os.path.getsize(data)
+    rng = np.random.default_rng(10)
+    with open(data, "r+b") as f:
+        if where == "start":
+            f.write(rng.bytes(8192))  # both meta pages
+        elif where == "middle":
+            for off in rng.integers(8192, size - 4096, 40):
+                f.seek(int(off))
+                f.write(rng.bytes(512))
+        else:
+            f.write(rng.bytes(size))
+    with LmdbTier(tmp_path / "lmdb", clock=clock) as t2:
+        got = t2.get_range(SYM, M1, s, e)
+        # Damaged pages are either caught (None: not held) or missed by a scattered write;
+        # never a crash, never rows other than the ones stored.
+        assert got is None or np.array_equal(got, a)
+        assert t2.get_latest(SYM, M1, 100, e) is None or True
+        t2.clear()
+        _refill_and_read(t2, a, s, e)
+
+
+def test_garbage_chunk_value_is_not_parsed(tier: LmdbTier) -> None:
+    a = minutes(NOW - DAY_MS, 100)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    h = tier._handle()
+    with h.env.begin(write=True) as txn:
+        key = next(iter(txn.cursor(db=h.chunks)))[0]
+        txn.put(key, b"\x08\x06" + b"\x93\x01\xce\xff\xff\xff\xff" + b"x" * 100, db=h.chunks)
+    assert tier.get_range(SYM, M1, s, e) is None
+    assert tier.stats()["recreated"] == 1
+    _refill_and_read(tier, a, s, e)
+
+
+def test_deleted_data_file_while_open_is_recreated(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    os.unlink(tmp_path / "lmdb" / "data.mdb")
+    os.unlink(tmp_path / "lmdb" / "lock.mdb")
+    assert t.get_range(SYM, M1, s, e) is None
+    _refill_and_read(t, a, s, e)
+    t.close()
+
+
+def test_deleted_directory_while_open_is_recreated(tmp_path: Path, clock: Clock) -> None:
+    import shutil
+
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    shutil.rmtree(tmp_path / "lmdb")
+    assert t.get_range(SYM, M1, s, e) is None
+    assert t.held(SYM, M1).shape == (0, 2)
+    _refill_and_read(t, a, s, e)
+    assert (os.stat(tmp_path / "lmdb").st_mode & 0o777) == 0o700
+    t.close()
+
+
+def test_other_format_version_is_cleared_on_open(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    h = t._handle()
+    with h.env.begin(write=True) as txn:
+        txn.put(b"format", b"\x63", db=h.meta)  # 99
+    t.close()
+    with LmdbTier(tmp_path / "lmdb", clock=clock) as t2:
+        assert t2.stats()["entries"] == 0
+        assert t2.get_range(SYM, M1, s, e) is None
+
+
+def test_two_tiers_in_one_process_share_the_environment(tmp_path: Path, clock: Clock) -> None:
+    t1, a, s, e = _filled(tmp_path / "lmdb", clock)
+    t2 = LmdbTier(tmp_path / "lmdb", clock=clock)
+    assert np.array_equal(t2.get_range(SYM, M1, s, e), a)
+    t1.close()
+    assert np.array_equal(t2.get_range(SYM, M1, s, e), a)
+    t2.close()
+    with pytest.raises(StorageUnavailableError):
+        t2.get_range(SYM, M1, s, e)
+
+
+def test_randomised_operations_match_a_model(tmp_path: Path, clock: Clock) -> None:
+    rng = np.random.default_rng(11)
+    base = NOW - 6 * DAY_MS
+    universe = minutes(base, 6 * 1440, seed=12)
+    model = {}  # ts -> row bytes, for held minutes only
+    held = np.zeros(6 * 1440, bool)
+    with LmdbTier(tmp_path / "lmdb", clock=clock) as t:
+        for step in range(150):
+            i, j = sorted(rng.integers(0, 6 * 1440 + 1, 2).tolist())
+            s, e = base + i * MINUTE_MS, base + j * MINUTE_MS
+            op = rng.random()
+            if op < 0.55:
+                rows = universe[i:j][rng.random(j - i) >= 0.3].copy()
+                rows["close"] += step
+                t.put_range(SYM, M1, s, e, rows)
+                for k in range(i, j):
+                    model.pop(k, None)
+                model.update({int((r["ts"] - base) // MINUTE_MS): r.tobytes() for r in rows})
+                held[i:j] = True
+            elif op < 0.7:
+                removed = t.delete(SYM, M1, s, e)
+                assert removed == sum(1 for k in list(model) if i <= k < j)
+                for k in range(i, j):
+                    model.pop(k, None)
+                held[i:j] = False
+            else:
+                got = t.get_range(SYM, M1, s, e)
+                if j > i and not held[i:j].all():
+                    assert got is None
+                else:
+                    want = b"".join(model[k] for k in sorted(model) if i <= k < j)
+                    assert got is not None
+                    assert got.tobytes() == want
+        assert t.check() == []
+
+
+# -- two processes -------------------------------------------------------------------------------
+
+
+def _writer(path: str, rounds: int, ready, done) -> None:
+    t = LmdbTier(path, clock=lambda: NOW, map_size=1 << 20)
+    ready.set()
+    a = minutes(NOW - 2 * DAY_MS, 2 * 1440, seed=13)
+    s = int(a["ts"][0])
+    for r in range(rounds):
+        b = a.copy()
+        b["volume"] = r  # every row of one write carries the round number
+        t.put_range(SYM, M1, s, s + 2 * DAY_MS, b)
+    t.close()
+    done.set()
+
+
+def test_reader_process_sees_only_whole_commits(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    path = str(tmp_path / "lmdb")
+    LmdbTier(path, clock=lambda: NOW).close()
+    proc = ctx.Process(target=_writer, args=(path, 60, ready, done))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        t = LmdbTier(path, clock=lambda: NOW)
+        s = NOW - 2 * DAY_MS - (NOW - 2 * DAY_MS) % MINUTE_MS
+        s = minutes(NOW - 2 * DAY_MS, 1)["ts"][0]
+        seen = set()
+        deadline = time.monotonic() + 30
+        while not done.is_set() and time.monotonic() < deadline:
+            got = t.get_range(SYM, M1, int(s), int(s) + 2 * DAY_MS)
+            if got is not None:
+                assert len(got) == 2 * 1440
+                vols = np.unique(got["volume"])
+                assert len(vols) == 1  # never half of one write and half of another
+                seen.add(float(vols[0]))
+        assert done.wait(30)
+        final = t.get_range(SYM, M1, int(s), int(s) + 2 * DAY_MS)
+        assert final is not None
+        assert np.all(final["volume"] == 59)
+        assert t.stats()["map_size"] > 1 << 20  # adopted the writer's resize
+        assert t.check() == []
+        t.close()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    assert seen
+
+
+def test_chunk_periods_cover_every_timeframe() -> None:
+    assert set(CHUNK_PERIOD_MS) == set(TIMEFRAMES)
+    assert all(p % 3_600_000 == 0 for p in CHUNK_PERIOD_MS.values())
+
+
+def test_lmdb_errors_are_not_exported() -> None:
+    assert issubclass(StorageUnavailableError, OSError)
+    assert not issubclass(lmdb.Error, StorageUnavailableError)
