@@ -329,3 +329,17 @@ def test_sync_policy_keeps_the_longer_ttl_and_peek_without_dates_covers_only_its
 def test_an_object_without_the_smart_router_shape_is_refused() -> None:
     with pytest.raises(TypeError, match="get_candle_data"):
         SmartRouterConnector(object())
+
+
+def test_a_forward_walk_past_the_newest_candle_stops_after_one_probe() -> None:
+    later = NOW + 5 * DAY  # the market has been silent since NOW
+
+    async def fn(c: SmartRouterConnector, r: UpbitRouter, up: FakeUpbit) -> Any:
+        c2 = SmartRouterConnector(r, clock=lambda: later)
+        ans = await c2.request_data_from_layer1(candles("KRW-BTC", start_time=NOW - 10 * 60_000, count=500))
+        return ans, up.request_count()
+
+    (ans, n_req), _ = with_router(fn)
+    assert np.array_equal(ans.arrays["KRW-BTC"], BTC[-10:])
+    assert ans.covered["KRW-BTC"] == (NOW - 10 * 60_000, later)
+    assert n_req <= 4

@@ -276,30 +276,38 @@ class SmartRouterConnector:
                 fetch, tf, sym, count=count or self.page_size, end=end, page_size=self.page_size
             )
             hi = end if end is not None else self._latest_end(tf, state["latest_meta"], pages, asked_at)
-            hi = min(hi, forming) if end is None else hi
+            hi = min(hi, forming)  # the forming interval is never covered
             lo = pages.covered_from if pages.covered_from is not None else hi
         return self._to_array(sym, pages.rows), (min(lo, hi), hi), pages.exhausted, state["calls"]
 
     async def _forward(
         self, fetch: Any, tf: Timeframe, sym: str, start: int, count: int, forming: int, state: dict[str, Any]
     ) -> tuple[np.ndarray, tuple[int, int], bool, int]:
-        """``count`` candles from ``start`` on: fetch windows forward until enough or now is reached."""
+        """``count`` candles from ``start`` on: fetch windows forward until enough or now is reached.
+
+        Windows double while they come back short (no-trade intervals); an empty window triggers
+        one probe of the latest candle, so a walk past the source's newest data stops at once.
+        """
         parts: list[np.ndarray] = []
         got = 0
         lo = tf.ceil(start)
         hi = lo
         limit = tf.add(forming, 1)
         rounds = 0
-        while got < count and hi < limit:
+        probed = False
+        while got < count and hi < limit and rounds < _MAX_FORWARD_ROUNDS:
             rounds += 1
-            if rounds > _MAX_FORWARD_ROUNDS:
-                break
-            stop = min(tf.add(hi, max(count - got, 1)), limit)
+            stop = min(tf.add(hi, (count - got) * min(2 ** (rounds - 1), 1024)), limit)
             pages = await paginate_candles(fetch, tf, sym, start=hi, end=stop, page_size=self.page_size)
             arr = self._to_array(sym, pages.rows)
             parts.append(arr)
             got += len(arr)
             hi = stop
+            if not len(arr) and not probed and hi < limit:
+                probed = True
+                latest = await paginate_candles(fetch, tf, sym, count=1, page_size=self.page_size)
+                if not len(latest.ts) or int(latest.ts[0]) < hi:
+                    hi = limit  # nothing newer anywhere: everything up to now is covered
         arr = np.concatenate(parts) if parts else np.zeros(0, dtype=CANDLE_DTYPE)
         if len(arr) > count:
             arr = arr[:count]
