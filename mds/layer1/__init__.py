@@ -1,10 +1,25 @@
 """Layer 1: the exchange router mds sits on (DESIGN.md section 5).
 
 - :class:`SmartRouterConnector` wraps any object with the Smart Router's async shape.
-- :class:`UpbitRouter` is a real Layer 1 over Upbit's public REST API.
+- :class:`UpbitRouter` is a real Layer 1 over Upbit's public REST API. It is imported on first
+  use, so ``import mds`` does not pay for the HTTP client (httpx takes ~85 ms to import).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from mds.layer1.connector import Layer1Answer, SmartRouterConnector
-from mds.layer1.router import DEFAULT_BASE_URL, UpbitRouter
+
+if TYPE_CHECKING:
+    from mds.layer1.router import DEFAULT_BASE_URL, UpbitRouter
 
 __all__ = ["DEFAULT_BASE_URL", "Layer1Answer", "SmartRouterConnector", "UpbitRouter"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("UpbitRouter", "DEFAULT_BASE_URL"):
+        from mds.layer1 import router
+
+        return getattr(router, name)
+    raise AttributeError(f"module 'mds.layer1' has no attribute {name!r}")
