@@ -272,6 +272,8 @@ class _Env:
         self.recreated = 0
         self.resizes = 0
         self.verified: dict[bytes, int] = {}
+        self.held_cache: dict[bytes, tuple[bytes, list[int]]] = {}
+        self.checked_size = -1
         self.chunks: Any = None
         self.held: Any = None
         self.meta: Any = None
@@ -336,6 +338,10 @@ class _Env:
             sync=self.durable,
             metasync=self.durable,
             readahead=False,
+            # Pages are written in place in the shared map: no dirty-page copies and no write()
+            # of every page at commit (bulk loads about 2x faster). LMDB extends the file to
+            # the map size (sparse); readers never write through the map.
+            writemap=True,
             max_spare_txns=2,
             lock=True,
         )
@@ -368,6 +374,8 @@ class _Env:
                 txn.drop(self.held, delete=False)
                 txn.put(b"format", msgpack.packb(FORMAT_VERSION), db=self.meta)
         self.verified = {}
+        self.held_cache = {}
+        self.checked_size = -1
 
     def _close(self) -> None:
         if self.env is not None:
@@ -426,7 +434,8 @@ class _Env:
         Called after the transaction began, so every page it can reach was written before the
         ``fstat`` (LMDB writes pages before the meta page that references them). A truncated
         file would fault on access (SIGBUS) and a deleted one hides other processes' writes;
-        both are caught here, before any read. Costs about 2 us (``fstat`` plus ``info``).
+        both are caught here, before any read. Costs one ``fstat`` (about 1 us) while the size is
+        unchanged.
         A file truncated after this check, during the read itself, can still fault: LMDB
         offers no protection against that and neither does this module.
         """
@@ -436,9 +445,12 @@ class _Env:
             raise _Gone(str(exc)) from None
         if st.st_nlink == 0:
             raise _Gone("data file deleted")
+        if st.st_size == self.checked_size:
+            return  # writers extend the file to the map size before writing pages into it
         need = (self.env.info()["last_pgno"] + 1) * self.psize  # type: ignore[union-attr]
         if st.st_size < need:
             raise _Corrupt(f"data file truncated to {st.st_size} bytes, committed pages need {need}")
+        self.checked_size = st.st_size
 
     def ensure_slack(self) -> None:
         """Keep ``_SLACK`` allocated bytes past the last committed page (never shrinks the file)."""
@@ -695,7 +707,7 @@ class LmdbTier:
         h: _Env, txn: Any, prefix: bytes, period: int, start: int, end: int, stale_before: int
     ) -> np.ndarray | list[int] | None:
         hv = txn.get(prefix, db=h.held)
-        if hv is None or not _contains(_unpack_held(hv), start, end):
+        if hv is None or not _contains(_held_parsed(h, prefix, hv), start, end):
             return None
         cur = txn.cursor(db=h.chunks)
         stop = prefix + _KEY.pack(end + _OFFSET)
@@ -765,7 +777,7 @@ class LmdbTier:
         hv = txn.get(prefix, db=h.held)
         if hv is None:
             return None
-        rng = _covering(_unpack_held(hv), end - 1)
+        rng = _covering(_held_parsed(h, prefix, hv), end - 1)
         if rng is None:
             return None
         lower = max(rng[0], cutoff)
@@ -1080,6 +1092,19 @@ class LmdbTier:
         self.close()
 
 
+def _held_parsed(h: _Env, prefix: bytes, hv: Any) -> list[int]:
+    """``_unpack_held`` with a per-process cache keyed by the value's bytes (callers never mutate)."""
+    raw = bytes(hv)
+    hit = h.held_cache.get(prefix)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    flat = _unpack_held(raw)
+    if len(h.held_cache) >= _MAX_VERIFIED:
+        h.held_cache.clear()
+    h.held_cache[prefix] = (raw, flat)
+    return flat
+
+
 def _held_of(h: _Env, txn: Any, prefix: bytes) -> list[int]:
     hv = txn.get(prefix, db=h.held)
     return [] if hv is None else _unpack_held(hv)
@@ -1109,11 +1134,13 @@ def _replace(h: _Env, txn: Any, prefix: bytes, period: int, start: int, end: int
     groups: dict[int, np.ndarray] = {}
     if len(rows):
         ts = rows["ts"]
-        per = ts - ts % period
-        cuts = np.flatnonzero(per[1:] != per[:-1]) + 1
-        bounds = [0, *cuts.tolist(), len(rows)]
-        for i in range(len(bounds) - 1):
-            groups[int(per[bounds[i]])] = rows[bounds[i] : bounds[i + 1]]
+        first = int(ts[0]) - int(ts[0]) % period
+        edges = np.arange(first, int(ts[-1]) + period, period, dtype=np.int64)
+        cuts = ts.searchsorted(edges).tolist()  # O(chunks log rows), not a pass over every row
+        cuts.append(len(rows))
+        for i, p in enumerate(edges.tolist()):
+            if cuts[i + 1] > cuts[i]:
+                groups[p] = rows[cuts[i] : cuts[i + 1]]
     for p in existing:
         key = prefix + _KEY.pack(p + _OFFSET)
         new = groups.pop(p, None)
