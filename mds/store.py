@@ -176,7 +176,13 @@ class Store:
         if layer1 is not None:
             from mds.layer1.connector import SmartRouterConnector
 
-            self._layer1 = layer1 if isinstance(layer1, SmartRouterConnector) else SmartRouterConnector(layer1)
+            self._layer1 = (
+                layer1
+                if isinstance(layer1, SmartRouterConnector)
+                else SmartRouterConnector(
+                    layer1, clock=self._clock, timeout_s=self.config.layer1_timeout_s, config=self.config
+                )
+            )
 
     # ------------------------------------------------------------------ tiers
     def _open_tiers(self) -> None:
@@ -966,7 +972,9 @@ class Store:
             raise Layer1Error(
                 f"Layer 1 returned {len(idx)} invalid candle(s) for {sym} {tf.name} (first: {why}); nothing stored"
             )
-        lo = HISTORY_START if exhausted else lo
+        # A short page means the market's history ran out, except for seconds candles, which
+        # Upbit keeps for three months only: there it says nothing about older intervals.
+        lo = HISTORY_START if exhausted and tf.name != "1s" else lo
         hi = min(hi, end)
         covered = np.array([[lo, hi]], dtype=np.int64) if hi > lo else _EMPTY_RANGES
         return arr, covered

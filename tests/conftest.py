@@ -1,0 +1,34 @@
+"""Shared set-up for the test suite.
+
+Subprocesses started by tests (``python -m mds.cli``, ``python -c``) must import the same ``mds``
+as this process: the installed wheel in CI (with its compiled core), the source tree in a
+development checkout. Running every test from a scratch working directory keeps the source tree
+from shadowing an installed package, and PYTHONPATH points children at the package under test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mds
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_import_the_package_under_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    root = str(Path(mds.__file__).resolve().parent.parent)
+    old_cwd = os.getcwd()
+    old_pp = os.environ.get("PYTHONPATH")
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    os.environ["PYTHONPATH"] = root if not old_pp else root + os.pathsep + old_pp
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_pp is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pp
