@@ -222,7 +222,15 @@ class _Txn:
                 raise _translate(exc, s.path) from exc
             s._doomed = False
             if not s.readonly:
-                s._check_foreign_commits()
+                try:
+                    s._check_foreign_commits()
+                except BaseException as exc:
+                    # BEGIN succeeded: without this rollback the connection stays inside a
+                    # transaction and every later BEGIN fails
+                    s._rollback_quietly()
+                    if isinstance(exc, apsw.Error):
+                        raise _translate(exc, s.path) from exc
+                    raise
         s._depth += 1
         return s
 
