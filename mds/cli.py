@@ -1,0 +1,977 @@
+"""The ``mds`` command: demo, backfill, get, gaps, import, export, stats, maintain, check, plot.
+
+Every command takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``). Times on the command line
+are ISO-8601 dates or times (UTC unless an offset is given) or epoch milliseconds. Errors are one
+line on stderr: exit 2 for bad input (arguments, symbols, timeframes, ranges, unreadable or
+invalid import files), 1 for everything else (storage or Layer 1 failures, ``check`` problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import numpy as np
+
+from mds import _kernels as K
+from mds._dtypes import CANDLE_DTYPE
+from mds.convert import candles_from_upbit, candles_to_upbit
+from mds.errors import InvalidCandleError, InvalidRequestError, MdsError
+from mds.symbols import validate_symbol
+from mds.timeframes import DAY_MS, MINUTE_MS, Timeframe, parse_timeframe
+from mds.timeutil import iso_utc, now_ms, to_ms
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_KST_MS = 9 * 3_600_000
+_PAGE = 200
+_PRICE_FIELDS = ("open", "high", "low", "close", "volume", "value")
+IMPORT_FORMATS = ("auto", "upbit-json", "upbit-csv", "pyupbit-csv", "ccxt-csv")
+
+#: Demo markets, liquid and illiquid interleaved so that any ``--markets N`` mixes both.
+_DEMO_MARKETS = (
+    ("KRW-BTC", "liquid"),
+    ("KRW-MED", "illiquid"),
+    ("KRW-ETH", "liquid"),
+    ("KRW-GRS", "illiquid"),
+    ("KRW-XRP", "liquid"),
+    ("KRW-STRAX", "illiquid"),
+    ("KRW-SOL", "liquid"),
+    ("KRW-LAMB", "illiquid"),
+)
+#: The demo's simulated "now" at the end of the backfill (2025-01-27 00:00 UTC): fixed, so the
+#: output is the same on every machine for the same seed.
+_DEMO_ANCHOR_MS = 1_737_936_000_000
+
+
+class BadInput(MdsError, ValueError):
+    """Bad command-line input or an unreadable/invalid file: exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> int:
+    """A command-line time: epoch ms (digits) or ISO-8601 (UTC unless an offset is given)."""
+    t = text.strip()
+    if t.lstrip("-").isdigit():
+        return to_ms(int(t), name="time")
+    return to_ms(t, name="time")
+
+
+def _time_arg(text: str) -> int:
+    try:
+        return parse_time(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _series(symbol: str, timeframe: str) -> tuple[str, Timeframe]:
+    """Validate a series named on the command line before any store is opened."""
+    return validate_symbol(symbol), parse_timeframe(timeframe)
+
+
+def _check_range(start: int | None, end: int | None) -> None:
+    if start is not None and end is not None and end <= start:
+        raise InvalidRequestError(f"--end ({_fmt_time(end)}) must be after --start ({_fmt_time(start)})")
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "path", None):
+        return Path(args.path).expanduser()
+    from mds.store import default_path
+
+    return default_path()
+
+
+def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: Any = None, **kw: Any) -> Any:
+    import mds
+
+    path = _store_path(args)
+    if must_exist and not path.is_dir():
+        raise BadInput(f"no store at {path} (create one with 'mds backfill' or 'mds import', or give --path)")
+    return mds.open(path, layer1=layer1, **kw)
+
+
+def _fmt_time(ms: int) -> str:
+    return iso_utc(ms) + "Z"
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:.10g}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO) -> None:
+    """A plain text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        out.write("  ".join(parts).rstrip() + "\n")
+        if n == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Backfill and read seeded markets served by a local FakeUpbit, then print what happened."""
+    import mds
+    from mds.layer1.router import UpbitRouter
+    from mds.testing import FakeUpbit, generate_market
+
+    if args.markets > len(_DEMO_MARKETS):
+        raise BadInput(f"--markets must be at most {len(_DEMO_MARKETS)}")
+    if args.days > 30:
+        raise BadInput("--days must be at most 30 (FakeUpbit serves 10 requests a second, as Upbit does)")
+    if args.reads_per_minute > 60:
+        raise BadInput("--reads-per-minute must be at most 60")
+    out = sys.stdout
+    t_start = time.perf_counter()
+    markets = _DEMO_MARKETS[: args.markets]
+    now = [_DEMO_ANCHOR_MS]
+
+    def clock() -> int:
+        return now[0]
+
+    start = _DEMO_ANCHOR_MS - args.days * DAY_MS
+    gen_start = start - DAY_MS  # the fake holds one more day than is backfilled: "missing" in the store
+    gen_end = _DEMO_ANCHOR_MS + (args.minutes + 2) * MINUTE_MS
+    data = {
+        (sym, "1m"): generate_market(sym, "1m", gen_start, gen_end, liquidity=liq, seed=args.seed)
+        for sym, liq in markets
+    }
+    rng = np.random.default_rng(args.seed)
+    config = mds.Config(lookup="storage_first")
+
+    with contextlib.ExitStack() as stack:
+        if args.path:
+            path = Path(args.path).expanduser()
+        else:
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mds-demo-")))
+        fake = stack.enter_context(FakeUpbit(data, clock=clock))
+        router = UpbitRouter(base_url=fake.base_url, clock=clock)
+        store = stack.enter_context(mds.open(path, layer1=router, config=config, clock=clock))
+        n_liquid = sum(1 for _, liq in markets if liq == "liquid")
+        out.write(
+            f"mds demo: {len(markets)} markets ({n_liquid} liquid, {len(markets) - n_liquid} illiquid), "
+            f"{args.days} days of 1m candles, then {args.minutes} simulated minutes x "
+            f"{args.reads_per_minute} reads of latest 200 and 1000 per market (seed {args.seed})\n"
+        )
+        out.write(f"FakeUpbit at {fake.base_url} (10 requests/s per group), store at {path}\n")
+        out.write(
+            "config: lookup=storage_first; memory keeps 1000 candles a series, disk (LMDB) 31 days, SQLite all; "
+            "a second reader opens the same store with SQLite only\n\n"
+        )
+
+        phases: list[list[Any]] = []
+
+        def phase(name: str, reads: int, fn: Any) -> None:
+            req0, l1c0 = fake.request_count(), store.stats()["layer1"]["candles_fetched"]
+            t0 = time.perf_counter()
+            fn()
+            st = store.stats()
+            phases.append(
+                [
+                    name,
+                    reads,
+                    f"{time.perf_counter() - t0:.2f}",
+                    fake.request_count() - req0,
+                    st["layer1"]["candles_fetched"] - l1c0,
+                ]
+            )
+
+        def backfill() -> None:
+            for sym, _ in markets:
+                store.candles(sym, "1m", start=start, end=_DEMO_ANCHOR_MS)
+
+        step = MINUTE_MS // args.reads_per_minute
+
+        def workload() -> None:
+            for _minute in range(args.minutes):
+                for _tick in range(args.reads_per_minute):
+                    now[0] += step
+                    for sym, _ in markets:
+                        store.candles(sym, "1m", count=200)
+                        store.candles(sym, "1m", count=1000)
+                now[0] = _DEMO_ANCHOR_MS + (_minute + 1) * MINUTE_MS
+
+        history_windows = 8
+        lo_min = start // MINUTE_MS
+        hi_min = max(lo_min + 1, (_DEMO_ANCHOR_MS - 1060 * MINUTE_MS) // MINUTE_MS)
+        windows = [
+            (sym, int(m) * MINUTE_MS, int(m) * MINUTE_MS + 60 * MINUTE_MS)
+            for sym, _ in markets
+            for m in rng.integers(lo_min, hi_min, history_windows)
+        ]
+
+        def history() -> None:  # older than the memory tier holds: answered by LMDB
+            for sym, s, e in windows:
+                store.candles(sym, "1m", start=s, end=e)
+
+        reader_stats: dict[str, Any] = {}
+
+        def reader() -> None:  # another reader of the same files, storage only, SQLite only
+            with mds.open(path, config=mds.Config(tiers=("sqlite",)), clock=clock) as other:
+                for sym, s, e in windows:
+                    other.candles(sym, "1m", start=s, end=e)
+                for sym, _ in markets:
+                    other.candles(sym, "1m", count=1000)
+                reader_stats.update(other.stats())
+
+        phase("backfill", len(markets), backfill)
+        hits0 = dict(store.stats()["hits"])
+        phase("strategy reads", 2 * len(markets) * args.minutes * args.reads_per_minute, workload)
+        hits1 = dict(store.stats()["hits"])
+        phase("history reads (1 h windows)", len(windows), history)
+        phase("2nd reader, SQLite only", len(windows) + len(markets), reader)
+
+        _table(["phase", "reads", "wall s", "Layer 1 requests", "candles fetched"], phases, out)
+
+        st = store.stats()
+        work_hits = {k: hits1[k] - hits0.get(k, 0) for k in hits1}
+        served = sum(work_hits.values())
+        work_rate = (served - work_hits.get("layer1_api", 0)) / served if served else 0.0
+        out.write(
+            f"\nrequests {st['requests']}, hit rate {_pct(st['hit_rate'])} overall, "
+            f"{_pct(work_rate)} during the strategy reads "
+            f"(a Layer 1 fetch only when a new minute has closed)\n\n"
+        )
+        rows = []
+        labels = {
+            "storage_memory": "memory",
+            "layer1_cache": "layer1 cache",
+            "storage_disk": "disk (LMDB)",
+            "sqlite_db": "SQLite",
+            "layer1_api": "Layer 1 API",
+        }
+        for key, label in labels.items():
+            lat = st["latency"].get(key)
+            if not st["hits"].get(key) and lat is None:
+                continue
+            lat = lat or {"p50_ms": 0.0, "p99_ms": 0.0}
+            rows.append([label, st["hits"].get(key, 0), f"{lat['p50_ms']:.4f}", f"{lat['p99_ms']:.4f}"])
+        lat = reader_stats.get("latency", {}).get("sqlite_db")
+        if lat:
+            rows.append(
+                [
+                    "SQLite (2nd reader)",
+                    reader_stats["hits"]["sqlite_db"],
+                    f"{lat['p50_ms']:.4f}",
+                    f"{lat['p99_ms']:.4f}",
+                ]
+            )
+        api = st["latency"].get("api.candles")
+        if api:
+            rows.append(["all reads", api["count"], f"{api['p50_ms']:.4f}", f"{api['p99_ms']:.4f}"])
+        _table(["answered by", "reads", "p50 ms", "p99 ms"], rows, out)
+        l1 = st["layer1"]
+        out.write(
+            f"\nLayer 1: {fake.request_count()} HTTP requests served by FakeUpbit, {l1['calls']} calls, "
+            f"{l1['candles_fetched']} candles fetched, {l1['errors']} errors\n\n"
+        )
+
+        gap_end = parse_timeframe("1m").floor(now[0])
+        grows = []
+        for sym, liq in markets:
+            gaps = store.gaps(sym, "1m", start=gen_start, end=gap_end)
+            miss = [g for g in gaps if g.kind == "missing"]
+            notr = [g for g in gaps if g.kind == "no_trades"]
+            miss_min = sum((g.end - g.start) // MINUTE_MS for g in miss)
+            notr_min = sum((g.end - g.start) // MINUTE_MS for g in notr)
+            n = (gap_end - gen_start) // MINUTE_MS - miss_min - notr_min
+            grows.append([sym, liq, n, len(notr), notr_min, len(miss), miss_min])
+        out.write(
+            f"gaps from {_fmt_time(gen_start)} to {_fmt_time(gap_end)} "
+            "(missing: never fetched; no_trades: fetched, nothing traded)\n"
+        )
+        _table(
+            ["market", "liquidity", "candles", "no_trades runs", "no_trades min", "missing runs", "missing min"],
+            grows,
+            out,
+        )
+        st = store.stats()
+        tiers = st["tiers"]
+        srows = []
+        if "sqlite" in tiers:
+            t = tiers["sqlite"]
+            srows.append(["SQLite", _fmt_bytes(t.get("size_bytes", 0)), f"{t.get('series', 0)} series"])
+        if "disk" in tiers:
+            t = tiers["disk"]
+            srows.append(["disk (LMDB)", _fmt_bytes(t.get("bytes", 0)), f"{t.get('entries', 0)} chunks"])
+        if "memory" in tiers:
+            t = tiers["memory"]
+            srows.append(["memory", _fmt_bytes(t.get("bytes", 0)), f"{t.get('candles', 0)} candles"])
+        out.write("\n")
+        _table(["store", "size", "holds"], srows, out)
+        report = store.check()
+        out.write(f"\ncheck: {'ok' if report.ok else '; '.join(report.problems)}\n")
+        out.write(f"core: {st['core']}, wall time {time.perf_counter() - t_start:.1f} s\n")
+        if args.path:
+            out.write(f"store kept at {path}\n")
+    return 0 if report.ok else 1
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100.0 * v:.1f} %"
+
+
+# ---------------------------------------------------------------------------------------------
+# backfill
+# ---------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A progress bar on a terminal, one line per series otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def update(self, label: str, done: int, total: int, candles: int, final: bool = False) -> None:
+        share = done / total if total else 1.0
+        bar = "#" * int(share * 30)
+        line = f"{label} [{bar:<30}] {100 * share:5.1f} % {candles} candles"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+            self.stream.flush()
+        elif final:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Fetch and store a time range for each symbol; covered parts are skipped (resumable)."""
+    from mds.layer1.router import UpbitRouter
+    from mds.models import Config
+
+    tf = parse_timeframe(args.timeframe)
+    symbols = [validate_symbol(s) for s in args.symbols]
+    now = now_ms()
+    if args.days is not None:
+        if args.until is not None:
+            raise BadInput("--until goes with --since, not with --days")
+        end = tf.floor(now)
+        start = end - int(args.days * DAY_MS)
+    else:
+        start = args.since
+        end = tf.floor(now) if args.until is None else min(args.until, tf.floor(now))
+    _check_range(start, args.until if args.until is not None else end)
+    start = tf.ceil(start)
+    if end <= start:
+        raise BadInput("the range holds no closed candle yet")
+    router = UpbitRouter(base_url=args.base_url)
+    progress = _Progress(sys.stderr)
+    chunk = _PAGE * 10  # ten requests between progress updates
+    with _open_store(args, must_exist=False, layer1=router, config=Config(lookup="storage_first")) as store:
+        for sym in symbols:
+            cov = np.asarray(store.coverage(sym, tf), dtype=np.int64).reshape(-1, 2)
+            todo = K.interval_subtract(np.array([[start, end]], dtype=np.int64), cov)
+            todo_n = sum(tf.count(int(a), int(b)) for a, b in todo.tolist())
+            span = tf.count(start, end)
+            st0 = store.stats()["layer1"]
+            label = f"{sym} {tf.name}"
+            done = got = 0
+            progress.update(label, 0, span, 0)
+            t = end
+            while t > start:  # newest first, as Upbit pages; covered chunks cost no request
+                s = max(start, tf.add(t, -chunk))
+                got += len(store.candles(sym, tf, start=s, end=t))
+                done += tf.count(s, t)
+                progress.update(label, done, span, got)
+                t = s
+            progress.update(label, span, span, got, final=True)
+            st1 = store.stats()["layer1"]
+            sys.stdout.write(
+                f"{sym} {tf.name}: {got} candles in [{_fmt_time(start)}, {_fmt_time(end)}); "
+                f"{span - todo_n} of {span} intervals were already covered; "
+                f"{st1['candles_fetched'] - st0['candles_fetched']} candles fetched in "
+                f"{st1['calls'] - st0['calls']} Layer 1 calls\n"
+            )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# get, gaps
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(store: Any, sym: str, tf: Timeframe, args: argparse.Namespace, default_count: int | None = None) -> Any:
+    start, end, count = args.start, args.end, getattr(args, "count", None)
+    _check_range(start, end)
+    if count is None and start is None:
+        if default_count is None:
+            raise BadInput("give --count N or --start (with an optional --end)")
+        count = default_count
+    return store.candles(sym, tf, count=count, start=start, end=end)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Print stored candles as a table, CSV or JSON (Upbit field names)."""
+    sym, tf = _series(args.symbol, args.timeframe)
+    _check_range(args.start, args.end)
+    with _open_store(args) as store:
+        arr = _read(store, sym, tf, args)
+    out = sys.stdout
+    if args.format == "json":
+        json.dump(candles_to_upbit(arr, sym, tf), out, indent=1)
+        out.write("\n")
+    elif args.format == "csv":
+        _write_csv(arr, out)
+    else:
+        rows = [[_fmt_time(int(r["ts"]))] + [_fmt_num(float(r[f])) for f in _PRICE_FIELDS] for r in arr]
+        _table(["time_utc", *_PRICE_FIELDS], rows, out)
+        out.write(f"{len(arr)} candles\n")
+    return 0
+
+
+def cmd_gaps(args: argparse.Namespace) -> int:
+    """List runs of absent candles: missing (never fetched) or no_trades (fetched, nothing traded)."""
+    sym, tf = _series(args.symbol, args.timeframe)
+    _check_range(args.start, args.end)
+    with _open_store(args) as store:
+        gaps = store.gaps(sym, tf, start=args.start, end=args.end)
+    rows = [[_fmt_time(g.start), _fmt_time(g.end), g.kind, tf.count(g.start, g.end)] for g in gaps]
+    out = sys.stdout
+    if rows:
+        _table(["start", "end", "kind", "candles"], rows, out)
+    totals = {k: sum(r[3] for r in rows if r[2] == k) for k in ("missing", "no_trades")}
+    runs = {k: sum(1 for r in rows if r[2] == k) for k in ("missing", "no_trades")}
+    out.write(
+        f"{sym} {tf.name}: {runs['missing']} missing runs ({totals['missing']} candles), "
+        f"{runs['no_trades']} no_trades runs ({totals['no_trades']} candles)\n"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not raw.strip():
+        raise BadInput(f"{path} is empty")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path} is not UTF-8 text (binary or another encoding?)") from None
+
+
+def _detect_format(path: str, text: str) -> str:
+    head = text.lstrip()[:1]
+    if head in ("[", "{") or path.lower().endswith(".json"):
+        return "upbit-json"
+    first = next(csv.reader(io.StringIO(text)), [])
+    header = [h.strip().lower() for h in first]
+    if "candle_date_time_utc" in header:
+        return "upbit-csv"
+    if "timestamp" in header or (header and header[0].lstrip("-").isdigit()):
+        return "ccxt-csv"
+    if {"open", "high", "low", "close", "volume"} <= set(header):
+        return "pyupbit-csv"
+    raise BadInput(
+        f"cannot tell the format of {path}: expected Upbit JSON, or a CSV header with candle_date_time_utc "
+        "(upbit-csv), timestamp (ccxt-csv) or an index plus open,high,low,close,volume,value (pyupbit-csv)"
+    )
+
+
+def _parse_upbit_json(text: str, sym: str, tf: Timeframe) -> np.ndarray:
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise BadInput(f"not valid JSON: {exc}") from None
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list):
+        raise BadInput("Upbit JSON must be a list of candles or a list of pages (lists of candles)")
+    rows: list[Any] = []
+    for item in obj:
+        if isinstance(item, list):
+            rows.extend(item)
+        else:
+            rows.append(item)
+    if not all(isinstance(r, dict) for r in rows):
+        raise BadInput("Upbit JSON must hold candle objects (dicts with candle_date_time_utc, opening_price, ...)")
+    _check_units(rows, tf)
+    return candles_from_upbit(rows, market=sym)
+
+
+def _check_units(rows: list[dict[str, Any]], tf: Timeframe) -> None:
+    units = {r.get("unit") for r in rows if "unit" in r}
+    if not units:
+        return
+    if tf.minutes_unit is None or units != {tf.minutes_unit}:
+        shown = ", ".join(sorted(str(u) for u in units))
+        raise BadInput(f"the file holds {shown}-minute candles, not {tf.name}")
+
+
+def _csv_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        rows = [r for r in reader if r and any(c.strip() for c in r)]
+    except csv.Error as exc:
+        raise BadInput(f"not valid CSV: {exc}") from None
+    if not rows:
+        raise BadInput("the CSV file holds no rows")
+    return [h.strip() for h in rows[0]], rows[1:]
+
+
+def _column(header: list[str], name: str, fmt: str) -> int:
+    low = [h.lower() for h in header]
+    if name not in low:
+        raise BadInput(f"{fmt}: the CSV header lacks the column {name!r} (header: {','.join(header)})")
+    return low.index(name)
+
+
+def _floats(rows: list[list[str]], idx: int, name: str, line0: int) -> np.ndarray:
+    try:
+        return np.asarray([r[idx] for r in rows], dtype=np.float64)
+    except IndexError:
+        bad = next(i for i, r in enumerate(rows) if len(r) <= idx)
+        raise BadInput(f"line {line0 + bad}: too few columns") from None
+    except ValueError:
+        for i, r in enumerate(rows):
+            try:
+                float(r[idx])
+            except ValueError:
+                raise BadInput(f"line {line0 + i}: {name} {r[idx]!r} is not a number") from None
+        raise  # pragma: no cover
+
+
+def _times(values: list[str], naive_offset_ms: int, line0: int, allow_epoch: bool) -> np.ndarray:
+    """Parse time cells: epoch ms (when allowed) or ISO date-times; naive ones are shifted by
+    ``-naive_offset_ms`` (KST index: 9 h)."""
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        t = v.strip()
+        try:
+            if allow_epoch and t.lstrip("-").replace(".", "", 1).isdigit():
+                out[i] = int(float(t))
+                continue
+            dt = _dt.datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
+        except ValueError:
+            raise BadInput(f"line {line0 + i}: {v!r} is not a time") from None
+        if dt.tzinfo is None:
+            out[i] = to_ms(dt) - naive_offset_ms
+        else:
+            out[i] = to_ms(dt)
+    return out
+
+
+def _parse_csv(text: str, fmt: str, sym: str, tf: Timeframe) -> tuple[np.ndarray, bool]:
+    """Parse one of the CSV formats; returns (candles, value_estimated)."""
+    header, rows = _csv_rows(text)
+    line0 = 2
+    if fmt == "upbit-csv":
+        for need in ("candle_date_time_utc", "opening_price", "high_price", "low_price", "trade_price"):
+            _column(header, need, fmt)
+        width = len(header)
+        short = [i for i, r in enumerate(rows) if len(r) < width]
+        if short:
+            raise BadInput(f"line {line0 + short[0]}: too few columns")
+        dicts = [dict(zip(header, r)) for r in rows]
+        if dicts and "market" in dicts[0]:
+            other = {d["market"] for d in dicts} - {sym}
+            if other:
+                raise BadInput(f"the file holds candles of {', '.join(sorted(other))}, not {sym}")
+        units = [d for d in dicts if d.get("unit", "").strip()]
+        if units:
+            try:
+                _check_units([{"unit": int(d["unit"])} for d in units], tf)
+            except ValueError:
+                raise BadInput("the unit column holds a value that is not an integer") from None
+        return candles_from_upbit(dicts), False
+    if fmt == "ccxt-csv" and header and header[0].lstrip("-").isdigit():
+        rows = [header, *rows]  # no header: timestamp,open,high,low,close,volume
+        header = ["timestamp", "open", "high", "low", "close", "volume"]
+        line0 = 1
+    if fmt == "ccxt-csv":
+        ti = _column(header, "timestamp", fmt)
+        naive_offset = 0
+    else:  # pyupbit: first column is the KST index, whatever its name
+        ti = 0
+        naive_offset = _KST_MS
+    cols = {f: _column(header, f, fmt) for f in ("open", "high", "low", "close", "volume")}
+    has_value = "value" in [h.lower() for h in header]
+    if fmt == "pyupbit-csv" and not has_value:
+        raise BadInput("pyupbit-csv: the CSV header lacks the column 'value'")
+    try:
+        tcol = [r[ti] for r in rows]
+    except IndexError:
+        raise BadInput("a row has too few columns") from None
+    arr = np.empty(len(rows), dtype=CANDLE_DTYPE)
+    arr["ts"] = _times(tcol, naive_offset, line0, allow_epoch=fmt == "ccxt-csv")
+    for f, i in cols.items():
+        arr[f] = _floats(rows, i, f, line0)
+    if has_value:
+        arr["value"] = _floats(rows, _column(header, "value", fmt), "value", line0)
+    else:
+        arr["value"] = arr["close"] * arr["volume"]
+    return arr, not has_value
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Validate, deduplicate and store candles from a file."""
+    sym, tf = _series(args.symbol, args.timeframe)
+    text = _read_text(args.file)
+    fmt = args.format if args.format != "auto" else _detect_format(args.file, text)
+    try:
+        if fmt == "upbit-json":
+            arr, estimated = _parse_upbit_json(text, sym, tf), False
+        else:
+            arr, estimated = _parse_csv(text, fmt, sym, tf)
+    except InvalidCandleError as exc:
+        raise BadInput(f"{args.file}: {exc}") from None
+    if not len(arr):
+        raise BadInput(f"{args.file} holds no candles")
+    unique = np.unique(arr["ts"])
+    dups = len(arr) - len(unique)
+    complete = None
+    if args.complete:
+        complete = (int(unique[0]), tf.add(int(unique[-1]), 1))
+    with _open_store(args, must_exist=False) as store:
+        try:
+            res = store.write_candles(sym, tf, arr, complete=complete)
+        except InvalidCandleError as exc:
+            raise BadInput(f"{args.file}: {exc}") from None
+    out = sys.stdout
+    out.write(
+        f"{sym} {tf.name}: {len(unique)} candles from {args.file} ({fmt}), "
+        f"{_fmt_time(int(unique[0]))} to {_fmt_time(int(unique[-1]))}: "
+        f"{res.inserted} inserted, {res.updated} updated, {res.unchanged} unchanged"
+        + (f", {dups} duplicate rows dropped (last wins)" if dups else "")
+        + "\n"
+    )
+    if estimated:
+        out.write("note: the file has no quote volume; value estimated as close * volume\n")
+    out.write(
+        "span marked covered (absent minutes count as no_trades)\n"
+        if args.complete
+        else "span not marked covered (use --complete if the file holds every candle of its span)\n"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export, stats, maintain, check, plot
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_csv(arr: np.ndarray, out: TextIO) -> None:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["timestamp", "time_utc", *_PRICE_FIELDS])
+    ts = arr["ts"].tolist()
+    cols = [arr[f].tolist() for f in _PRICE_FIELDS]
+    for i, t in enumerate(ts):
+        w.writerow([t, _fmt_time(t), *(repr(c[i]) for c in cols)])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a series (or a range of it) to CSV or Parquet."""
+    sym, tf = _series(args.symbol, args.timeframe)
+    _check_range(args.start, args.end)
+    parquet = args.out.lower().endswith(".parquet")
+    if parquet:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise MdsError("Parquet export needs pyarrow (pip install pyarrow); or export to a .csv file") from None
+    with _open_store(args) as store:
+        start = args.start if args.start is not None else 0
+        arr = store.candles(sym, tf, start=start, end=args.end)
+    if parquet:
+        table = pa.table({"ts": arr["ts"], **{f: arr[f] for f in _PRICE_FIELDS}})
+        pq.write_table(table, args.out)
+    else:
+        try:
+            with open(args.out, "w", newline="", encoding="utf-8") as fh:
+                _write_csv(arr, fh)
+        except OSError as exc:
+            raise MdsError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    sys.stdout.write(f"{sym} {tf.name}: {len(arr)} candles written to {args.out}\n")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print the store's figures (sizes per tier) as JSON."""
+    with _open_store(args) as store:
+        st = store.stats()
+    json.dump(st, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    """Run maintenance now (VACUUM past the threshold, or always with --force)."""
+    with _open_store(args) as store:
+        rep = store.maintain(force=args.force)
+    sys.stdout.write(
+        f"fragmentation {100 * rep.fragmentation_before:.1f} % -> {100 * rep.fragmentation_after:.1f} %, "
+        f"vacuumed: {'yes' if rep.vacuumed else 'no'}, analyzed: {'yes' if rep.analyzed else 'no'}, "
+        f"disk entries purged: {rep.disk_entries_purged}\n"
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the integrity of every tier; exit 1 when there are problems."""
+    with _open_store(args) as store:
+        rep = store.check()
+    if rep.ok:
+        sys.stdout.write("ok\n")
+        return 0
+    for p in rep.problems:
+        sys.stdout.write(f"problem: {p}\n")
+    sys.stderr.write(f"mds check: {len(rep.problems)} problem(s)\n")
+    return 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw candles with missing and no-trade intervals shaded."""
+    sym, tf = _series(args.symbol, args.timeframe)
+    _check_range(args.start, args.end)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MdsError("mds plot needs matplotlib (pip install 'mds[plot]' or pip install matplotlib)") from None
+    with _open_store(args) as store:
+        arr = _read(store, sym, tf, args, default_count=300)
+        if not len(arr):
+            raise BadInput(f"no stored candles of {sym} {tf.name} in that range")
+        lo = int(arr["ts"][0]) if args.start is None else tf.ceil(args.start)
+        hi = tf.add(int(arr["ts"][-1]), 1) if args.end is None else args.end
+        gaps = store.gaps(sym, tf, start=lo, end=hi)
+    day = 86_400_000.0
+    x = arr["ts"] / day  # matplotlib date numbers: days since 1970-01-01
+    width = (tf.interval_ms / day) * 0.7
+    up = arr["close"] >= arr["open"]
+    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
+    shade = {"missing": ("tab:red", 0.25), "no_trades": ("0.6", 0.25)}
+    seen: set[str] = set()
+    for g in gaps:
+        color, alpha = shade[g.kind]
+        ax.axvspan(g.start / day, g.end / day, color=color, alpha=alpha, lw=0, label=None if g.kind in seen else g.kind)
+        seen.add(g.kind)
+    for mask, color in ((up, "tab:green"), (~up, "tab:red")):
+        ax.vlines(x[mask], arr["low"][mask], arr["high"][mask], color=color, linewidth=0.6)
+        body_lo = np.minimum(arr["open"][mask], arr["close"][mask])
+        body_h = np.abs(arr["close"][mask] - arr["open"][mask])
+        ax.bar(x[mask], np.maximum(body_h, 1e-12), width, bottom=body_lo, color=color, linewidth=0)
+    ax.xaxis_date()
+    ax.set_title(f"{sym} {tf.name}: {len(arr)} candles, {len(gaps)} gaps (UTC)")
+    ax.set_ylabel(sym.split("-", 1)[0])
+    if seen:
+        ax.legend(loc="upper left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    try:
+        fig.savefig(args.out)
+    except (OSError, ValueError) as exc:
+        raise MdsError(f"cannot write {args.out}: {exc}") from None
+    finally:
+        plt.close(fig)
+    sys.stdout.write(f"{sym} {tf.name}: {len(arr)} candles, {len(gaps)} gaps, plot written to {args.out}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser and entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mds`` argument parser."""
+    common = _Parser(add_help=False)
+    common.add_argument("--path", default=argparse.SUPPRESS, help="store directory (default: $MDS_HOME, else ~/.mds)")
+    p = _Parser(
+        prog="mds",
+        description="mds: embedded market-data storage for Upbit candles. Times: ISO-8601 "
+        "(UTC unless an offset is given) or epoch ms.",
+    )
+    p.add_argument("--path", default=None, help="store directory (default: $MDS_HOME, else ~/.mds)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the store does (to stderr)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_, description=description or help_)
+
+    def series(sp: argparse.ArgumentParser, ranged: bool = True) -> None:
+        sp.add_argument("symbol", metavar="SYMBOL", help="Upbit market code, e.g. KRW-BTC")
+        sp.add_argument("--timeframe", "-t", default="1m", help="1s, 1m 3m 5m 10m 15m 30m, 1h, 4h, 1d, 1w, 1M")
+        if ranged:
+            sp.add_argument("--start", type=_time_arg, help="range start (inclusive)")
+            sp.add_argument("--end", type=_time_arg, help="range end (exclusive)")
+
+    d = add(
+        "demo",
+        "offline demo: FakeUpbit, backfill, strategy-like reads, gaps, statistics",
+        "Runs offline: a local FakeUpbit with seeded liquid and illiquid markets, a store in a temporary "
+        "directory (or --path), a backfill of 1m candles through UpbitRouter, strategy-like reads while a "
+        "simulated clock moves on, then a table of hit rates, latencies, Layer 1 requests, gaps and sizes.",
+    )
+    d.add_argument("--days", type=_positive_int, default=3, help="days of 1m candles to backfill (default 3)")
+    d.add_argument("--markets", type=_positive_int, default=5, help="number of markets (default 5, at most 8)")
+    d.add_argument("--seed", type=int, default=7, help="seed of the generated markets (default 7)")
+    d.add_argument("--minutes", type=_positive_int, default=20, help="simulated minutes of reads (default 20)")
+    d.add_argument("--reads-per-minute", type=_positive_int, default=6, help="strategy ticks a minute (default 6)")
+    d.set_defaults(func=cmd_demo, demo=True)
+
+    b = add("backfill", "fetch and store history from Upbit (resumable)")
+    b.add_argument("symbols", nargs="+", metavar="SYMBOL", help="Upbit market codes")
+    b.add_argument("--timeframe", "-t", default="1m", help="timeframe (default 1m)")
+    g = b.add_mutually_exclusive_group(required=True)
+    g.add_argument("--days", type=_positive_float, help="the last N days")
+    g.add_argument("--since", type=_time_arg, help="range start")
+    b.add_argument("--until", type=_time_arg, help="range end (exclusive; default now)")
+    b.add_argument("--base-url", default="https://api.upbit.com", help="Upbit REST base URL")
+    b.set_defaults(func=cmd_backfill)
+
+    gt = add("get", "print stored candles")
+    series(gt)
+    gt.add_argument("--count", "-n", type=_positive_int, help="latest N closed candles (with --start: first N)")
+    gt.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
+    gt.set_defaults(func=cmd_get)
+
+    gp = add("gaps", "list missing and no-trade intervals")
+    series(gp)
+    gp.set_defaults(func=cmd_gaps)
+
+    im = add(
+        "import",
+        "import candles from a file",
+        "Import candles from a file, validated and deduplicated (last row wins). Formats: upbit-json "
+        "(Upbit REST pages: a list or a list of lists), upbit-csv (CSV with Upbit field names), "
+        "pyupbit-csv (naive KST index; open,high,low,close,volume,value), ccxt-csv (timestamp as epoch "
+        "ms or naive UTC; open,high,low,close,volume; the quote volume 'value' is estimated as "
+        "close * volume unless a value column is present). The file's span is marked covered only with "
+        "--complete.",
+    )
+    im.add_argument("file", metavar="PATH")
+    im.add_argument("--symbol", "-s", required=True, help="Upbit market code")
+    im.add_argument("--timeframe", "-t", required=True, help="timeframe of the candles in the file")
+    im.add_argument("--format", "-f", choices=IMPORT_FORMATS, default="auto")
+    im.add_argument(
+        "--complete", action="store_true", help="the file holds every candle of its span (absent = no trades)"
+    )
+    im.set_defaults(func=cmd_import)
+
+    ex = add("export", "write a series to CSV (or Parquet when FILE ends .parquet and pyarrow is installed)")
+    series(ex)
+    ex.add_argument("--out", "-o", required=True, metavar="FILE")
+    ex.set_defaults(func=cmd_export)
+
+    add("stats", "print store figures as JSON").set_defaults(func=cmd_stats)
+    mt = add("maintain", "run maintenance (VACUUM, ANALYZE, purge)")
+    mt.add_argument("--force", action="store_true", help="VACUUM whatever the fragmentation")
+    mt.set_defaults(func=cmd_maintain)
+    add("check", "check the integrity of every tier (exit 1 on problems)").set_defaults(func=cmd_check)
+
+    pl = add("plot", "draw candles with gaps shaded to a PNG (needs matplotlib)")
+    series(pl)
+    pl.add_argument("--count", "-n", type=_positive_int, help="latest N closed candles (default 300)")
+    pl.add_argument("--out", "-o", required=True, metavar="FILE.png")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mds`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="mds: %(name)s: %(message)s", stream=sys.stderr
+    )
+    prog = f"mds {args.command}"
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # e.g. piped into head: stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (BadInput, InvalidRequestError, InvalidCandleError) as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
+    except MdsError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 1
+    except ValueError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
