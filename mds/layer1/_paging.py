@@ -45,7 +45,8 @@ class CandlePages:
         returned: the range start when it was reached, else the oldest candle returned; None when
         nothing was returned and history did not run out.
     exhausted : bool
-        A page came back short: the source has nothing older than the oldest row.
+        A page came back short and no candle before ``start`` was dropped: the source has
+        nothing older than the oldest row returned.
     requests : int
         Pages fetched.
     """
@@ -144,7 +145,10 @@ async def paginate_candles(
             out_rows.extend(page[i] for i in keep)
             out_ts.append(ts[keep])
         if distinct < n:
-            exhausted = True
+            # Rows before ``start`` were dropped: the source has older candles than the oldest
+            # row returned, so callers must not read this as the start of the market's history.
+            reached = start is not None and oldest is not None and oldest <= start
+            exhausted = not (start is not None and oldest is not None and oldest < start)
             break
         if start is not None and oldest is not None and oldest <= start:
             reached = True
