@@ -71,7 +71,10 @@ _ROW = CANDLE_DTYPE.itemsize
 _MiB = 1 << 20
 _KEY = struct.Struct(">Q")
 _OFFSET = 1 << 63  # period start as unsigned big-endian: byte order == time order
-_MAX_HELD_INTS = 2_000_000  # a million disjoint ranges per series is far past any real use
+#: Bounds on a held set: 50,000 disjoint ranges per series is far past any real use. The byte
+#: bound is checked before a value is touched: a damaged node can claim a size that reaches
+#: past the end of the map.
+_MAX_HELD_INTS = 100_000
 _MAX_HELD_BYTES = 9 * _MAX_HELD_INTS + 16
 #: Allocated bytes kept past the last committed page. LMDB trusts the page structure it reads:
 #: a damaged node can point up to 64 KiB past its page, and reading past the end of the file
@@ -79,6 +82,7 @@ _MAX_HELD_BYTES = 9 * _MAX_HELD_INTS + 16
 #: corruption instead.
 _SLACK = 1 << 20
 _MAX_ROWS = 1 << 26  # sanity bound on a chunk header's row count
+_MAX_KEY = 64  # symbol (<= 20 chars) + timeframe + separators + 8-byte period
 _MAX_VERIFIED = 1 << 20  # chunk versions remembered as checksum-verified
 _DATA = "data.mdb"
 _LOCK = "lock.mdb"
@@ -95,6 +99,10 @@ _CORRUPTION = (
 )
 
 Loader = Callable[[str, Timeframe, int, int], np.ndarray]
+
+
+class _Refused(Exception):
+    """A guarded write found the series changed since its rows were read; nothing is written."""
 
 
 class _Corrupt(Exception):
@@ -176,6 +184,26 @@ def _put_chunk(h: _Env, txn: Any, key: bytes, rows: np.ndarray, written_at: int)
     val, crc = _pack_chunk(rows, written_at)
     txn.put(key, val, db=h.chunks)
     h.verified[key] = crc  # harmless if the txn aborts: the stored checksum then differs
+
+
+def _cur_key(cur: Any) -> bytes:
+    """The cursor's key, refused before anything else is read when no key of ours is that long.
+
+    A damaged node can claim a key size that pushes LMDB's view of its value outside the map.
+    """
+    key = cur.key()
+    if len(key) > _MAX_KEY:
+        raise _Corrupt("key longer than any key this module writes")
+    return bytes(key)
+
+
+def _items(cur: Any) -> Iterator[tuple[bytes, Any]]:
+    """``(key, value)`` of every entry, keys checked by :func:`_cur_key` first."""
+    ok = cur.first()
+    while ok:
+        key = _cur_key(cur)
+        yield key, cur.value()
+        ok = cur.next()
 
 
 def _pack_held(flat: list[int]) -> bytes:
@@ -551,6 +579,9 @@ class LmdbTier:
         self.ttl_ms = int(ttl_ms)
         self.clock: Callable[[], int] = clock or now_ms
         self.loader = loader
+        #: ``version(symbol, tf)``: a value that changes whenever the series is written to SQLite
+        #: (the Store's change stamp). A refresh through ``loader`` is kept only if it did not change.
+        self.version: Callable[[str, Timeframe], object] | None = None
         self.degraded = False
         self.degraded_reason: str | None = None
         self._counts = {"hits": 0, "misses": 0, "refreshed_chunks": 0, "errors": 0}
@@ -725,7 +756,7 @@ class LmdbTier:
         stale: list[int] = []
         if cur.set_range(prefix + _KEY.pack(start - start % period + _OFFSET)):
             while True:
-                key = bytes(cur.key())
+                key = _cur_key(cur)
                 if key >= stop:
                     break
                 raw, ts, written = _chunk_rows(cur.value(), key, h.verified)
@@ -802,7 +833,7 @@ class LmdbTier:
         positioned = cur.set_range(prefix + _KEY.pack(last - last % period + _OFFSET + 1))
         ok = cur.prev() if positioned else cur.last()
         while ok:
-            key = bytes(cur.key())
+            key = _cur_key(cur)
             if key < first_key:
                 break
             raw, ts, written = _chunk_rows(cur.value(), key, h.verified)
@@ -839,6 +870,7 @@ class LmdbTier:
         if held is None:
             return False
         fresh: dict[int, np.ndarray] = {}
+        token = self.version(symbol, tf) if self.version is not None else None
         try:
             for p in periods:
                 pieces = [self._load(symbol, tf, a, b) for a, b in _intersect(held, max(p, cutoff), p + period)]
@@ -848,6 +880,8 @@ class LmdbTier:
             return False
 
         def apply(h: _Env, txn: Any) -> None:
+            if self.version is not None and self.version(symbol, tf) != token:
+                raise _Refused  # the series was written since it was loaded: do not keep that copy
             for p, rows in fresh.items():
                 key = prefix + _KEY.pack(p + _OFFSET)
                 if len(rows):
@@ -857,7 +891,7 @@ class LmdbTier:
 
         try:
             self._write(apply, needed=sum(r.nbytes for r in fresh.values()))
-        except StorageUnavailableError:
+        except (StorageUnavailableError, _Refused):
             return False
         self._counts["refreshed_chunks"] += len(fresh)
         return True
@@ -880,7 +914,15 @@ class LmdbTier:
         return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
 
     # -- writes -----------------------------------------------------------------------------------
-    def put_range(self, symbol: str, tf: Timeframe, start: int, end: int, candles: np.ndarray) -> int:
+    def put_range(
+        self,
+        symbol: str,
+        tf: Timeframe,
+        start: int,
+        end: int,
+        candles: np.ndarray,
+        guard: Callable[[], bool] | None = None,
+    ) -> int:
         """Store ``candles`` as exactly all candles of the series in ``[start, end)``.
 
         What the tier held in that range is replaced, and the range is marked held, in one
@@ -895,11 +937,15 @@ class LmdbTier:
         candles : numpy.ndarray
             CANDLE_DTYPE, sorted by ``ts``, unique, closed candles; rows outside the range are
             ignored.
+        guard : callable, optional
+            Called inside the write transaction (which excludes every other LMDB writer); when it
+            returns False nothing is written. A reader process filling the tier from SQLite uses
+            it to check that no write to the series began since it read.
 
         Returns
         -------
         int
-            Number of candles stored.
+            Number of candles stored (0 when the guard refused).
 
         Raises
         ------
@@ -921,12 +967,17 @@ class LmdbTier:
         period = self._period(tf)
 
         def apply(h: _Env, txn: Any) -> None:
+            if guard is not None and not guard():
+                raise _Refused
             _replace(h, txn, prefix, period, start, end, rows, now)
             flat = _held_of(h, txn, prefix)
             flat = _subtract(_union(flat, start, end), -(1 << 62), cutoff)
             txn.put(prefix, _pack_held(flat), db=h.held)
 
-        self._write(apply, needed=rows.nbytes + 4096)
+        try:
+            self._write(apply, needed=rows.nbytes + 4096)
+        except _Refused:
+            return 0
         return len(rows)
 
     def delete(self, symbol: str, tf: Timeframe, start: int | None = None, end: int | None = None) -> int:
@@ -968,7 +1019,7 @@ class LmdbTier:
             removed = 0
             ok = cur.first()
             while ok:
-                key = cur.key()
+                key = _cur_key(cur)
                 prefix, p = key[:-8], _KEY.unpack_from(key, len(key) - 8)[0] - _OFFSET
                 tf_name = prefix[:-1].rsplit(b"\x1f", 1)[-1].decode("ascii", "replace")
                 period = CHUNK_PERIOD_MS.get(tf_name)
@@ -993,13 +1044,13 @@ class LmdbTier:
                     cur.put(key, val)
                     h.verified[key] = crc
                 ok = cur.next()
-            hcur = txn.cursor(db=h.held)
-            updates = []
-            for key, val in hcur:
+            updates: list[tuple[bytes, list[int]]] = []
+            for key, val in _items(txn.cursor(db=h.held)):
                 try:
                     flat = _unpack_held(val)
                 except _Corrupt:
-                    flat = []
+                    updates.append((key, []))
+                    continue
                 new = _subtract(flat, -(1 << 62), cutoff)
                 for a, b in drop.get(key, ()):
                     new = _subtract(new, a, b)
@@ -1034,14 +1085,12 @@ class LmdbTier:
         def walk(h: _Env, txn: Any) -> list[str]:
             problems: list[str] = []
             helds: dict[bytes, list[int]] = {}
-            for key, val in txn.cursor(db=h.held):
-                k = bytes(key)
+            for k, val in _items(txn.cursor(db=h.held)):
                 try:
                     helds[k] = _unpack_held(val)
                 except _Corrupt as exc:
                     problems.append(f"held {k!r}: {exc}")
-            for key, val in txn.cursor(db=h.chunks):
-                k = bytes(key)
+            for k, val in _items(txn.cursor(db=h.chunks)):
                 prefix, p = k[:-8], _KEY.unpack_from(k, len(k) - 8)[0] - _OFFSET
                 name = f"chunk {prefix[:-1].decode('ascii', 'replace')}@{p}"
                 period = CHUNK_PERIOD_MS.get(prefix[:-1].rsplit(b"\x1f", 1)[-1].decode("ascii", "replace"))
@@ -1067,6 +1116,8 @@ class LmdbTier:
                 return walk(h, txn)
         except lmdb.Error as exc:
             return [f"LMDB environment unreadable: {exc}"]
+        except _Corrupt as exc:
+            return [f"LMDB environment damaged: {exc}"]
 
     def stats(self) -> dict[str, Any]:
         """JSON-serialisable figures: entries, bytes, map size, degraded flag and counters."""
@@ -1104,6 +1155,8 @@ class LmdbTier:
 
 def _held_parsed(h: _Env, prefix: bytes, hv: Any) -> list[int]:
     """``_unpack_held`` with a per-process cache keyed by the value's bytes (callers never mutate)."""
+    if len(hv) > _MAX_HELD_BYTES:
+        raise _Corrupt("held ranges value too large")
     raw = bytes(hv)
     hit = h.held_cache.get(prefix)
     if hit is not None and hit[0] == raw:
@@ -1134,8 +1187,8 @@ def _replace(h: _Env, txn: Any, prefix: bytes, period: int, start: int, end: int
     lo = start - start % period if start > -(1 << 62) else -(1 << 62)
     if cur.set_range(prefix + _KEY.pack(max(lo, -_OFFSET) + _OFFSET)):
         while True:
-            key = cur.key()
-            if bytes(key) >= stop:
+            key = _cur_key(cur)
+            if key >= stop:
                 break
             existing.append(_KEY.unpack_from(key, len(prefix))[0] - _OFFSET)
             if not cur.next():
