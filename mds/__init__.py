@@ -7,6 +7,7 @@ tickers, orderbooks and trades live in memory. See README.md and docs/ARCHITECTU
 from mds._dtypes import CANDLE_DTYPE, TRADE_DTYPE
 from mds.convert import candles_from_upbit, candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error, MdsError, StorageUnavailableError
+from mds.layer1.connector import SmartRouterConnector
 from mds.models import (
     CheckReport,
     Config,
@@ -18,7 +19,6 @@ from mds.models import (
     StorageResponse,
     WriteResult,
 )
-from mds.layer1.connector import SmartRouterConnector
 from mds.store import Store, open
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -55,6 +56,7 @@ _EMPTY.flags.writeable = False
 _SOURCE_RANK = {"storage_memory": 0, "layer1_cache": 1, "storage_disk": 2, "sqlite_db": 3, "layer1_api": 4}
 _TIER_SOURCE = {"memory": "storage_memory", "disk": "storage_disk", "sqlite": "sqlite_db"}
 _RETRY_DEGRADED_S = 5.0
+_CHANGE_SLOTS = 4096
 _PAGE = 200
 
 
@@ -156,13 +158,22 @@ class Store:
         self._batch_depth = 0
         self._deferred: list[tuple[str, Timeframe, np.ndarray]] = []
         self._disk_marked = False
+        self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
         self._tiers: dict[str, _TierState] = {}
         persistent = any(t in self.config.tiers for t in ("disk", "sqlite"))
         if persistent:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o700)
+        self._changes: np.ndarray | None = None
+        self._changes_map: Any = None
+        self._seen: dict[tuple[str, str], int] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._bypass_memory = False
+        self._slot_of: dict[tuple[str, str], int] = {}
         self._open_tiers()
+        if persistent:
+            self._open_changes()
         from mds.realtime import RealtimeCache
 
         self._realtime = RealtimeCache(
@@ -229,16 +240,112 @@ class Store:
                     self.path / "lmdb",
                     retention_ms=int(cfg.disk_days * 86_400_000),
                     ttl_ms=int(cfg.disk_ttl_s * 1000),
+                    map_size=min(64 * 1024 * 1024, cfg.disk_map_size_cap),
                     map_size_cap=cfg.disk_map_size_cap,
                     clock=self._clock,
                     loader=self._disk_loader if "sqlite" in cfg.tiers else None,
                 )
+                state.obj.version = self._stamp
         except _BACKEND_ERRORS as exc:
             self._degrade(name, exc)
             return False
         state.degraded_at = None
         state.error = None
         return True
+
+    # ------------------------------------------------------------------ cross-process change slots
+    def _open_changes(self) -> None:
+        """Map ``changes.bin``: one 8-byte stamp per hash slot of series, shared by every process.
+
+        A writer stamps a series' slot after each durable commit; a reader compares the stamp
+        with the one it saw last before trusting its memory tier (about 0.2 us, where
+        ``PRAGMA data_version`` costs about 5 us), and drops the series' memory and cached
+        coverage when it changed. Hash collisions only cause a spurious refresh.
+        """
+        import mmap
+
+        file = self.path / "changes.bin"
+        size = _CHANGE_SLOTS * 8
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                self._changes_map = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(fd)
+            self._changes = np.frombuffer(self._changes_map, dtype=np.int64, count=_CHANGE_SLOTS)
+        except (OSError, ValueError) as exc:
+            logger.warning("no cross-process change slots (%s): rewrites by other processes show late", exc)
+            self._changes = None
+
+    def _slot(self, key: tuple[str, str]) -> int:
+        slot = self._slot_of.get(key)
+        if slot is None:
+            digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=8).digest()
+            slot = self._slot_of[key] = int.from_bytes(digest, "little") % _CHANGE_SLOTS
+        return slot
+
+    def _begin_change(self, sym: str, tf: Timeframe) -> None:
+        """Stamp a series' slot *in progress* (odd) before its durable write.
+
+        Until the final stamp, readers in every process bypass their memory tier for the series
+        and ask SQLite, which shows the write exactly when it commits (a seqlock, in effect).
+        """
+        if self._changes is None:
+            return
+        key = (sym, tf.name)
+        self._changes[self._slot(key)] = (time.time_ns() ^ (os.getpid() << 40)) | 1
+        self._dirty.add(key)
+
+    def _end_changes(self) -> None:
+        """Give every series stamped in progress its final (even) stamp, after the commit."""
+        if self._changes is None or not self._dirty:
+            return
+        for key in self._dirty:
+            stamp = (time.time_ns() ^ (os.getpid() << 40)) & ~1
+            self._changes[self._slot(key)] = stamp
+            self._seen[key] = stamp
+        self._dirty.clear()
+
+    def _stamp(self, sym: str, tf: Timeframe) -> int | None:
+        """The series' current change stamp (None without change slots)."""
+        if self._changes is None:
+            return None
+        return int(self._changes[self._slot((sym, tf.name))])
+
+    def _fill_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool] | None:
+        """A guard for filling LMDB with rows this process just read from SQLite: it holds only if
+        no write to the series began since (checked inside the LMDB write transaction)."""
+        token = self._stamp(sym, tf)
+        if token is None:
+            return None
+        if token & 1:
+            return lambda: False
+        return lambda: self._stamp(sym, tf) == token
+
+    def _sync_series(self, sym: str, tf: Timeframe) -> None:
+        """Drop what this process caches of a series another process (or store) has changed.
+
+        While the series is being written elsewhere (odd stamp), this read bypasses memory.
+        """
+        self._bypass_memory = False
+        if self._changes is None:
+            return
+        key = (sym, tf.name)
+        stamp = int(self._changes[self._slot(key)])
+        if self._seen.get(key) == stamp:
+            return
+        self._coverage.pop(key, None)
+        self._frontiers.pop(key, None)
+        state = self._tiers.get("memory")
+        if state is not None:
+            state.obj.invalidate(sym, tf)
+        if stamp & 1 and key not in self._dirty:
+            self._bypass_memory = True
+            self._seen.pop(key, None)
+        else:
+            self._seen[key] = stamp
 
     @property
     def _stale_marker(self) -> Path:
@@ -281,13 +388,23 @@ class Store:
     def _tier(self, name: str) -> Any:
         """The tier object if it is configured and usable now (a degraded tier is retried later)."""
         state = self._tiers.get(name)
-        if state is None:
+        if state is None or (self._bypass_memory and name == "memory"):
             return None
         if state.degraded_at is not None:
             if time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
                 return None
             if state.obj is None and not self._try_open(name):
                 return None
+            if name == "disk":
+                # Writes may have gone to SQLite while LMDB could not follow (or could not drop a
+                # span): it is emptied before it is trusted again, and refills lazily.
+                try:
+                    state.obj.clear()
+                    if self._stale_marker.exists():
+                        self._stale_marker.unlink()
+                except _BACKEND_ERRORS as exc:
+                    self._degrade(name, exc)
+                    return None
             state.degraded_at = None
             state.error = None
             logger.info("tier %s back in service", name)
@@ -473,6 +590,7 @@ class Store:
         partial = arr[arr["ts"] >= forming]
         closed = arr[arr["ts"] < forming]
         with self._lock:
+            self._sync_series(sym, tf)
             counts: tuple[int, int, int] | None = None
             db = self._tier("sqlite")
             if "sqlite" in self._tiers:
@@ -480,6 +598,7 @@ class Store:
                     raise StorageUnavailableError(
                         f"SQLite tier is degraded ({self._tiers['sqlite'].error}); nothing was stored"
                     )
+                self._begin_change(sym, tf)
                 if self._tier("disk") is None:
                     self._mark_disk_stale()  # LMDB (now or later) cannot follow this write
                 else:
@@ -489,7 +608,11 @@ class Store:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
                 except _BACKEND_ERRORS as exc:
                     self._degrade("sqlite", exc)
+                    if not self._batch_depth:
+                        self._end_changes()
                     raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
+                if not self._batch_depth:
+                    self._end_changes()
             if len(covered):
                 self._add_coverage_cache(sym, tf, covered)
             spans = self._spans(tf, closed, covered)
@@ -507,6 +630,11 @@ class Store:
         return WriteResult(*(int(c) for c in counts))
 
     def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+        if self._batch_depth:
+            self._unheld.append((sym, tf, spans))
+        self._unhold_disk_now(sym, tf, spans)
+
+    def _unhold_disk_now(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.
 
         If the process dies between the SQLite commit and the LMDB update, LMDB then simply does not
@@ -677,6 +805,7 @@ class Store:
             raise InvalidRequestError("end must be after start")
         if count is None and s is None:
             raise InvalidRequestError("give count (latest N) or start (a range)")
+        self._sync_series(sym, tf)
         now = self._now()
         last_end = tf.floor(now)  # end of the last closed interval
         if count is not None and s is None:
@@ -800,11 +929,12 @@ class Store:
             self._metrics.misses["disk"] += 1
         db = self._tier("sqlite")
         if db is not None:
+            guard = self._fill_guard(sym, tf)  # taken before the read it protects
             got = self._guard("sqlite", db.read_latest, sym, tf, n, end)
             if got is not None:
                 self._to_memory(sym, tf, got, end)
                 if len(got):
-                    self._to_disk(sym, tf, got, end)
+                    self._to_disk(sym, tf, got, end, guard)
                 return _ro(got), "sqlite_db"
             self._metrics.misses["sqlite"] += 1
         mem = self._tier("memory")
@@ -835,15 +965,15 @@ class Store:
         if end > int(rows["ts"][-1]):
             mem.put_range(sym, tf, int(rows["ts"][0]), end, np.ascontiguousarray(rows))
 
-    def _to_disk(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
+    def _to_disk(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int, guard: Callable[[], bool] | None) -> None:
         disk = self._tier("disk")
         if disk is None:
             return
         floor = self._now() - int(self.config.disk_days * 86_400_000)
         sub = rows[rows["ts"] >= floor]
         if len(sub):
-            with self._lock:
-                self._guard("disk", disk.put_range, sym, tf, int(sub["ts"][0]), end, np.ascontiguousarray(sub))
+            start = int(sub["ts"][0])
+            self._guard("disk", disk.put_range, sym, tf, start, end, np.ascontiguousarray(sub), guard)
 
     # range ---------------------------------------------------------------------
     def _range(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> tuple[np.ndarray, str]:
@@ -871,9 +1001,10 @@ class Store:
             self._metrics.misses[name] += 1
         db = self._tier("sqlite")
         if db is not None:
+            guard = self._fill_guard(sym, tf)  # taken before the read it protects
             got = self._guard("sqlite", db.read_range, sym, tf, s, e)
             if got is not None:
-                self._to_disk_range(sym, tf, s, e, got)
+                self._to_disk_range(sym, tf, s, e, got, guard)
                 return _ro(got), _slowest(source, "sqlite_db")
             self._metrics.misses["sqlite"] += 1
         mem = self._tier("memory")
@@ -890,7 +1021,9 @@ class Store:
                     return got, "storage_memory"
         return _EMPTY, source
 
-    def _to_disk_range(self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
+    def _to_disk_range(
+        self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None
+    ) -> None:
         disk = self._tier("disk")
         if disk is None:
             return
@@ -898,8 +1031,7 @@ class Store:
         if e <= floor:
             return
         ds = max(s, tf.ceil(floor))
-        with self._lock:
-            self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(rows[rows["ts"] >= ds]))
+        self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(rows[rows["ts"] >= ds]), guard)
 
     # partial -------------------------------------------------------------------
     def _partial(self, sym: str, tf: Timeframe, now: int, allow_layer1: bool) -> tuple[np.ndarray | None, str]:
@@ -1195,11 +1327,15 @@ class Store:
             if "sqlite" in self._tiers:
                 if db is None:
                     raise StorageUnavailableError("SQLite tier is degraded; nothing was deleted")
+                self._begin_change(sym, tf)
                 try:
                     removed = int(db.delete(sym, tf, s, e))
                 except _BACKEND_ERRORS as exc:
                     self._degrade("sqlite", exc)
                     raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
+                finally:
+                    if not self._batch_depth:
+                        self._end_changes()
                 self._coverage.pop(key, None)
             else:
                 removed = len(self._all_ts(sym, tf, s, e)) if kept is None else kept[2]
@@ -1231,15 +1367,24 @@ class Store:
                     with db.transaction():
                         if outer:
                             self._deferred.clear()
+                            self._unheld.clear()
                         yield self
             except BaseException:
                 if outer:
+                    self._end_changes()
                     self._deferred.clear()
+                    # SQLite rolled back: give LMDB back what the batch's writes had un-held
+                    undo, self._unheld = self._unheld, []
+                    for sym, tf, spans in undo:
+                        self._fill_fast_tiers(sym, tf, spans, None)
                     self._coverage.clear()
                     self._frontiers.clear()
                 raise
             finally:
                 self._batch_depth -= 1
+            if outer:
+                self._end_changes()
+                self._unheld.clear()
             if outer and self._deferred:
                 work, self._deferred = self._deferred, []
                 for sym, tf, spans in work:
@@ -1495,6 +1640,10 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self._changes_map is not None:
+            self._changes = None
+            with contextlib.suppress(BufferError, ValueError):
+                self._changes_map.close()
         for state in self._tiers.values():
             if state.obj is not None and hasattr(state.obj, "close"):
                 with contextlib.suppress(*_BACKEND_ERRORS):

@@ -57,8 +57,8 @@ def marked(ts: Iterable[int] | np.ndarray, marker: float) -> np.ndarray:
 
 def store_digest(st: Any) -> str:
     """A digest of everything a store holds: every series' candles and coverage in SQLite, the raw
-    LMDB chunks and held ranges, the memory tier's windows and partial candles, and the SQLite
-    connection's change counter. Two equal digests mean the store is byte-for-byte as it was."""
+    LMDB chunks and held ranges, and the memory tier's windows and partial candles. Two equal
+    digests mean the store holds byte-for-byte what it held."""
     h = hashlib.sha256()
     db = st._tiers["sqlite"].obj if "sqlite" in st._tiers else None
     series: list[tuple[str, str]] = []
@@ -70,7 +70,8 @@ def store_digest(st: Any) -> str:
             h.update(f"S{sid}|{sym}|{tfname}|{seal}".encode())
             h.update(db.read_range(sym, tfname, -(1 << 60), 1 << 60).tobytes())
             h.update(db.coverage(sym, tfname).tobytes())
-        h.update(f"changes={conn.total_changes()}".encode())
+        # Not total_changes(): it also counts statements that a rolled-back batch ran, while the
+        # content hashed above is what a rejected call must leave exactly as it was.
     disk = st._tiers["disk"].obj if "disk" in st._tiers else None
     if disk is not None and disk._env is not None:
         env = disk._env

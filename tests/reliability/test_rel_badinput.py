@@ -99,11 +99,6 @@ def test_invalid_candles_are_rejected_and_change_nothing(store: mds.Store) -> No
     run()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py bug: in store.batch(), a valid write un-holds its spans in LMDB (_unhold_disk) at once; "
-    "when a later write of the batch is rejected the batch rolls back but LMDB keeps the holes",
-)
 def test_batch_rejected_by_a_later_invalid_write_changes_nothing(tmp_path: Path) -> None:
     with mds.open(tmp_path / "s", clock=R.Clock()) as s:
         s.write_candles(

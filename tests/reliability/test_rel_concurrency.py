@@ -3,7 +3,7 @@
 The writer commits batches that rewrite one of eight regions of two series in one transaction,
 every candle of batch ``k`` carrying ``volume == k``. Readers (range and latest-N reads) must never
 see an error, a busy/locked error, a region with some but not all candles, or candles of two
-batches in one region (a torn batch). Separately (a known bug, see the xfail): the second series
+batches in one region (a torn batch). Separately: the second series
 must never be older than the first (they commit together) and a region must never go back in time.
 At the end a fresh store holds exactly the writer's last batch in every region.
 """
@@ -86,18 +86,12 @@ def test_one_writer_four_readers_no_errors_and_no_torn_batch(conc: tuple[Path, d
     _check_final(path, res["writer"]["batches"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py bug: a reader process's memory tier keeps serving candles another process has "
-    "since rewritten (range and latest-N reads answer from memory without checking data_version)",
-)
 def test_readers_never_see_data_older_than_committed(conc: tuple[Path, dict[str, Any]]) -> None:
     _, res = conc
     stale = [p for r in res["readers"] for p in r["stale"]]
     assert not stale, f"{len(stale)} stale reads, e.g. {stale[:5]}"
 
 
-@pytest.mark.xfail(strict=True, reason="store.py bug: memory tier of a second store is not refreshed (see above)")
 def test_second_store_sees_a_rewrite_after_a_latest_read(tmp_path: Path) -> None:
     """Minimal repro: store b caches a window by a latest-N read; store a rewrites it; b must see it."""
     s, e = R.T0, R.T0 + 120 * R.MIN

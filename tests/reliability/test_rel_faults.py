@@ -206,20 +206,10 @@ def test_transient_lmdb_error_mid_write_never_leaves_the_disk_tier_disagreeing(t
     _lmdb_faults(tmp_path, monkeypatch, times=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py bug: when LMDB keeps failing, the stale held ranges cannot be dropped; the disk tier "
-    "is degraded but trusted as is when it comes back into service, and serves rows older than SQLite",
-)
 def test_persistent_lmdb_error_mid_write_never_leaves_the_disk_tier_disagreeing(tmp_path: Path, monkeypatch) -> None:
     _lmdb_faults(tmp_path, monkeypatch, times=None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py bug: a write while the disk tier is degraded skips LMDB entirely (_tier('disk') is None), "
-    "so LMDB keeps held ranges with the old rows and serves them once the tier is back in service",
-)
 def test_write_while_disk_degraded_does_not_leave_stale_lmdb(tmp_path: Path, monkeypatch) -> None:
     with mds.open(tmp_path / "s", clock=R.Clock()) as st:
         s, e = R.T0, R.T0 + 100 * R.MIN
@@ -271,11 +261,6 @@ def test_lmdb_map_full_at_cap_degrades_and_keeps_answering(tmp_path: Path, monke
         assert len(st.candles("KRW-BTC", "1m", start=R.T0, end=R.T0 + 18 * R.DAY)) == written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py bug: Config.disk_map_size_cap below 64 MiB is not honoured (LmdbTier's initial "
-    "map_size of 64 MiB is passed unchanged, and the cap becomes max(cap, map_size))",
-)
 def test_small_disk_map_size_cap_is_honoured(tmp_path: Path) -> None:
     cap = 4 << 20
     with mds.open(tmp_path / "s", config=mds.Config(disk_map_size_cap=cap), clock=R.Clock()) as st:
