@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -330,6 +332,48 @@ def test_garbage_in_data_file_is_detected(tmp_path: Path, clock: Clock, where: s
         t2.purge_expired()
         t2.clear()
         _refill_and_read(t2, a, s, e)
+
+
+def _fuzz(seed: int, path: str) -> None:
+    """Random garbage inside the committed pages of a closed environment, then every call."""
+    clock = Clock()
+    t, a, s, e = _filled(Path(path), clock)
+    used = t.stats()["bytes"]
+    t.close()
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(path, "data.mdb"), "r+b") as f:
+        for off in rng.integers(0, used - 64, int(rng.integers(1, 60))):
+            f.seek(int(off))
+            f.write(rng.bytes(int(rng.integers(1, 4096))))
+    with LmdbTier(path, clock=clock) as t2:
+        got = t2.get_range(SYM, M1, s, e)
+        assert got is None or np.array_equal(got, a)
+        t2.get_latest(SYM, M1, 100, e)
+        t2.held(SYM, M1)
+        t2.check()
+        t2.purge_expired()
+        _refill_and_read(t2, a, s, e)
+
+
+def _run_fuzz(tmp_path: Path, seeds: list[int]) -> None:
+    # In a child: a crash (SIGBUS, SIGSEGV inside LMDB) must fail the test, not end the run.
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import test_lmdb_tier as t\n"
+        f"for s in {seeds!r}: t._fuzz(s, {str(tmp_path)!r} + '/f' + str(s))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_random_damage_never_crashes_a_reader(tmp_path: Path) -> None:
+    # Seeds that once returned wrong rows (1, 2), flagged transactions (64, 73, 229) or crashed (135).
+    _run_fuzz(tmp_path, [1, 2, 64, 73, 135, 229])
+
+
+@pytest.mark.stress
+def test_random_damage_never_crashes_a_reader_300_seeds(tmp_path: Path) -> None:
+    _run_fuzz(tmp_path, list(range(1, 301)))
 
 
 def test_garbage_chunk_value_is_not_parsed(tier: LmdbTier) -> None:
