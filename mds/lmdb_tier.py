@@ -23,7 +23,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import fcntl
+
+try:  # POSIX; on Windows the recreate lock is skipped (LMDB locks the environment itself)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 import itertools
 import logging
 import os
@@ -384,7 +388,7 @@ class _Env:
             lock=True,
         )
         self.env = env
-        self.fd = os.open(os.path.join(self.path, _DATA), os.O_RDWR | os.O_CLOEXEC)
+        self.fd = os.open(os.path.join(self.path, _DATA), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(self.fd)
         self.ident = (st.st_dev, st.st_ino)
         info = env.info()
@@ -430,9 +434,10 @@ class _Env:
         """Delete data and lock file, unless another process already replaced the data file."""
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         lock_path = os.path.join(self.path, _RECREATE_LOCK)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if self._data_ident() != expected:
                 return  # somebody recreated it meanwhile: use theirs
             for name in (_DATA, _LOCK):
