@@ -380,10 +380,10 @@ class _Env:
             sync=self.durable,
             metasync=self.durable,
             readahead=False,
-            # Pages are written in place in the shared map: no dirty-page copies and no write()
-            # of every page at commit (bulk loads about 2x faster). LMDB extends the file to
-            # the map size (sparse); readers never write through the map.
-            writemap=True,
+            # Not writemap, although it makes bulk loads faster: with it LMDB ftruncates the
+            # file to each opener's map size, so a process opening with a smaller map would
+            # shrink the file under another process that grew it (SIGBUS in that writer).
+            writemap=False,
             max_spare_txns=2,
             lock=True,
         )
@@ -489,7 +489,7 @@ class _Env:
         if st.st_nlink == 0:
             raise _Gone("data file deleted")
         if st.st_size == self.checked_size:
-            return  # writers extend the file to the map size before writing pages into it
+            return  # pages are written before the file grows past them; only truncation shrinks it
         need = (self.env.info()["last_pgno"] + 1) * self.psize  # type: ignore[union-attr]
         if st.st_size < need:
             raise _Corrupt(f"data file truncated to {st.st_size} bytes, committed pages need {need}")
@@ -591,8 +591,9 @@ class LmdbTier:
         self.degraded_reason: str | None = None
         self._counts = {"hits": 0, "misses": 0, "refreshed_chunks": 0, "errors": 0}
         self._prefixes: dict[tuple[str, str], bytes] = {}
-        map_size = max(int(map_size), _MiB)
-        self._env: _Env | None = _Env.acquire(self.path, map_size, max(int(map_size_cap), map_size), durable)
+        cap = max(int(map_size_cap), _MiB)
+        map_size = min(max(int(map_size), _MiB), cap)
+        self._env: _Env | None = _Env.acquire(self.path, map_size, cap, durable)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _handle(self) -> _Env:
