@@ -339,8 +339,8 @@ class SqliteStore:
                 # Private from the start: SQLite gives the -wal and -shm files the database
                 # file's permissions, so creating it 0600 keeps all three owner-only.
                 with suppress(FileExistsError):
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-                    os.close(os.open(self.path, flags, 0o600))
+                    create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                    os.close(os.open(self.path, create, 0o600))
         try:
             conn = (
                 apsw.Connection(self.path, flags=flags, vfs=_vfs) if _vfs else apsw.Connection(self.path, flags=flags)
