@@ -9,9 +9,9 @@ can be rebuilt from SQLite, which is why it favours speed over durability and wh
 Layout (see docs/ARCHITECTURE.md, "Disk tier (LMDB)"):
 
 - ``chunks`` database: key ``series key + period start`` (so keys sort by series, then time and
-  a range is one cursor walk); value ``[H, M] + msgpack([version, rows, written_at]) + padding +
-  raw CANDLE_DTYPE rows`` (H is the header length, a multiple of 8, so rows in overflow pages are
-  8-byte aligned; M is the msgpack length).
+  a range is one cursor walk); value ``[H, M] + msgpack([version, rows, written_at, checksum]) +
+  padding + raw CANDLE_DTYPE rows`` (H is the header length, a multiple of 8, so rows in overflow
+  pages are 8-byte aligned; M is the msgpack length; checksum: 64-bit sum of the row words).
 - ``held`` database: key ``series key``; value ``msgpack([version, [s0, e0, s1, e1, ...]])``,
   the half-open ranges the tier holds in full. Chunks and held ranges change in one write
   transaction, so readers in other processes see both or neither.
