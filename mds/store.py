@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -69,21 +70,22 @@ def default_path() -> Path:
 class _Latency:
     """A ring of the latest latency samples (ms) for percentiles, plus a running count."""
 
-    __slots__ = ("buf", "n")
+    __slots__ = ("buf", "n", "size")
 
     def __init__(self, size: int = 4096) -> None:
-        self.buf = np.zeros(size, dtype=np.float64)
+        self.buf: list[float] = [0.0] * size
+        self.size = size
         self.n = 0
 
     def add(self, ms: float) -> None:
-        self.buf[self.n % len(self.buf)] = ms
+        self.buf[self.n % self.size] = ms
         self.n += 1
 
     def summary(self) -> dict[str, float | int]:
-        k = min(self.n, len(self.buf))
+        k = min(self.n, self.size)
         if k == 0:
             return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0}
-        p50, p99 = np.percentile(self.buf[:k], [50, 99])
+        p50, p99 = np.percentile(np.asarray(self.buf[:k]), [50, 99])
         return {"count": self.n, "p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4)}
 
 
@@ -152,6 +154,8 @@ class Store:
         self._metrics = _Metrics()
         self._symbols_ok: set[str] = set()
         self._coverage: dict[tuple[str, str], np.ndarray] = {}
+        #: last covered range per series as Python ints (the fast read path's freshness check)
+        self._cov_last: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._frontiers: dict[tuple[str, str], int | None] = {}
         self._data_version: int | None = None
         self._closed = False
@@ -182,6 +186,7 @@ class Store:
             clock=self._clock,
         )
         self._layer1 = None
+        self._peek_limit: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         if layer1 is not None:
@@ -241,6 +246,7 @@ class Store:
                     retention_ms=int(cfg.disk_days * 86_400_000),
                     ttl_ms=int(cfg.disk_ttl_s * 1000),
                     map_size=min(64 * 1024 * 1024, cfg.disk_map_size_cap),
+                    durable=cfg.durable,
                     map_size_cap=cfg.disk_map_size_cap,
                     clock=self._clock,
                     loader=self._disk_loader if "sqlite" in cfg.tiers else None,
@@ -336,7 +342,7 @@ class Store:
         stamp = int(self._changes[self._slot(key)])
         if self._seen.get(key) == stamp:
             return
-        self._coverage.pop(key, None)
+        self._drop_cov(key)
         self._frontiers.pop(key, None)
         state = self._tiers.get("memory")
         if state is not None:
@@ -452,8 +458,20 @@ class Store:
             cov = _EMPTY_RANGES if got is None else np.asarray(got, dtype=np.int64).reshape(-1, 2)
         else:
             cov = _EMPTY_RANGES
-        self._coverage[key] = cov
+        self._set_cov(key, cov)
         return cov
+
+    def _set_cov(self, key: tuple[str, str], cov: np.ndarray) -> None:
+        self._coverage[key] = cov
+        self._cov_last[key] = (int(cov[-1, 0]), int(cov[-1, 1])) if len(cov) else None
+
+    def _drop_cov(self, key: tuple[str, str] | None = None) -> None:
+        if key is None:
+            self._coverage.clear()
+            self._cov_last.clear()
+        else:
+            self._coverage.pop(key, None)
+            self._cov_last.pop(key, None)
 
     def _refresh_shared(self) -> bool:
         """Drop cached coverage if another connection changed SQLite since the last look."""
@@ -464,7 +482,7 @@ class Store:
         if version is None or version == self._data_version:
             return False
         self._data_version = version
-        self._coverage.clear()
+        self._drop_cov()
         self._frontiers.clear()
         return True
 
@@ -472,7 +490,7 @@ class Store:
         key = (symbol, tf.name)
         if "sqlite" in self._tiers and key not in self._coverage:
             return  # will be read from SQLite on next use
-        self._coverage[key] = K.interval_union(self._coverage.get(key, _EMPTY_RANGES), ranges)
+        self._set_cov(key, K.interval_union(self._coverage.get(key, _EMPTY_RANGES), ranges))
 
     @staticmethod
     def _covered_tail(cov: np.ndarray, end: int) -> int | None:
@@ -778,13 +796,47 @@ class Store:
         sym = self._sym(symbol)
         tf = parse_timeframe(timeframe)
         with self._lock:
-            arr, source = self._read(sym, tf, count, start, end, include_partial, allow_layer1=True)
-        self._metrics.requests += 1
-        self._metrics.hits[source] += 1
+            arr = None
+            if start is None and end is None and not include_partial and count.__class__ is int and count > 0:
+                arr = self._fast_latest(sym, tf, count)
+            if arr is not None:
+                source = "storage_memory"
+            else:
+                arr, source = self._read(sym, tf, count, start, end, include_partial, allow_layer1=True)
+        m = self._metrics
+        m.requests += 1
+        m.hits[source] += 1
         ms = (time.perf_counter() - t0) * 1000
-        self._metrics.lat("api.candles", ms)
-        self._metrics.lat(source, ms)
+        m.lat("api.candles", ms)
+        m.lat(source, ms)
         return arr
+
+    def _fast_latest(self, sym: str, tf: Timeframe, n: int) -> np.ndarray | None:
+        """The memory hit of a latest-N read, with the same checks as the general path, in few
+        steps: change stamp, coverage reaching the last closed interval, memory window inside it.
+        None means "take the general path" (which may still answer from memory)."""
+        state = self._tiers.get("memory")
+        if state is None or state.degraded_at is not None:
+            return None
+        key = (sym, tf.name)
+        changes = self._changes
+        if changes is not None:
+            slot = self._slot_of.get(key)
+            if slot is None or self._seen.get(key) != changes[slot]:
+                return None
+        end = tf.floor(self._clock())
+        mem = state.obj
+        if self._layer1 is None:
+            return mem.latest(sym, tf, n, end)
+        if self.config.lookup == "layer1_first":
+            return None
+        last = self._cov_last.get(key)
+        if last is None or not last[0] < end <= last[1]:
+            return None
+        held = mem.held(sym, tf)
+        if held is None or held[0] < last[0]:
+            return None
+        return mem.latest(sym, tf, n, end)
 
     def _read(
         self,
@@ -1084,7 +1136,7 @@ class Store:
             self._metrics.layer1_errors += 1
             raise
         finally:
-            self._metrics.lat("layer1_api", (time.perf_counter() - t0) * 1000)
+            self._metrics.lat("layer1_call", (time.perf_counter() - t0) * 1000)
         arr = np.ascontiguousarray(ans.arrays[sym])
         self._metrics.layer1_calls += int(ans.calls)
         self._metrics.layer1_candles += len(arr)
@@ -1147,7 +1199,7 @@ class Store:
     def _peek_latest(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
         """Answer a latest-N read from Layer 1's cache when it holds it fresh (never the network)."""
         assert self._layer1 is not None
-        if not callable(getattr(self._layer1.layer1, "peek_cache", None)):
+        if not self._peek_can_answer(n):
             return None
         # one more than asked: the cache's newest candle may be the forming one
         req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n + 1)
@@ -1156,6 +1208,26 @@ class Store:
         except MdsError:
             ans = None
         return self._peek_check(ans, sym, tf, n, end)
+
+    def _peek_can_answer(self, n: int) -> bool:
+        """Whether Layer 1's cache could hold a latest-n answer (it has a peek and keeps n + 1)."""
+        if self._peek_limit is None:
+            l1 = self._layer1.layer1 if self._layer1 is not None else None
+            limit = 0
+            if callable(getattr(l1, "peek_cache", None)):
+                limit = _PAGE
+                try:
+                    policy = getattr(l1, "cache_policy", None)
+                    pol = policy() if callable(policy) else None
+                    if asyncio.iscoroutine(pol):
+                        pol.close()  # an async policy is read by sync_cache_policies, not here
+                        pol = None
+                    if isinstance(pol, Mapping) and isinstance(pol.get("candle_cache_count"), int):
+                        limit = int(pol["candle_cache_count"])
+                except Exception:  # foreign code; a policy we cannot read is no policy
+                    limit = _PAGE
+            self._peek_limit = limit
+        return n + 1 <= self._peek_limit
 
     def _peek_check(self, ans: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
         if ans is None or sym not in ans.arrays:
@@ -1178,7 +1250,7 @@ class Store:
             or self.config.lookup != "layer1_first"
             or req.count is None
             or req.start_time is not None
-            or not callable(getattr(self._layer1.layer1, "peek_cache", None))
+            or not self._peek_can_answer(req.count)
         ):
             return None
         try:
@@ -1336,11 +1408,12 @@ class Store:
                 finally:
                     if not self._batch_depth:
                         self._end_changes()
-                self._coverage.pop(key, None)
+                self._drop_cov(key)
             else:
                 removed = len(self._all_ts(sym, tf, s, e)) if kept is None else kept[2]
-                self._coverage[key] = K.interval_subtract(
-                    self._coverage.get(key, _EMPTY_RANGES), np.array([[lo, hi]], dtype=np.int64)
+                self._set_cov(
+                    key,
+                    K.interval_subtract(self._coverage.get(key, _EMPTY_RANGES), np.array([[lo, hi]], dtype=np.int64)),
                 )
             if kept is not None and mem is not None:
                 (hs, he), rows, _ = kept
@@ -1377,7 +1450,7 @@ class Store:
                     undo, self._unheld = self._unheld, []
                     for sym, tf, spans in undo:
                         self._fill_fast_tiers(sym, tf, spans, None)
-                    self._coverage.clear()
+                    self._drop_cov()
                     self._frontiers.clear()
                 raise
             finally:
@@ -1440,15 +1513,28 @@ class Store:
         problems: list[str] = []
         for sym, tfname, *_ in db.series():
             tf = parse_timeframe(tfname)
-            held = self._guard("disk", disk.held, sym, tf)
-            if held is None:
-                continue
-            for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2).tolist():
-                a = self._guard("disk", disk.get_range, sym, tf, s, e)
-                b = db.read_range(sym, tf, s, e)
-                if a is not None and (len(a) != len(b) or a.tobytes() != b.tobytes()):
-                    problems.append(f"disk: {sym} {tfname} [{s}, {e}) differs from SQLite")
+            for _ in range(20):  # compare a stable state: no write to the series in between
+                token = self._stamp(sym, tf)
+                if token is not None and token & 1:
+                    time.sleep(0.005)
+                    continue
+                found = self._compare_disk(db, disk, sym, tf)
+                if self._stamp(sym, tf) == token:
+                    problems += found
+                    break
         return problems
+
+    def _compare_disk(self, db: Any, disk: Any, sym: str, tf: Timeframe) -> list[str]:
+        held = self._guard("disk", disk.held, sym, tf)
+        if held is None:
+            return []
+        out: list[str] = []
+        for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2).tolist():
+            a = self._guard("disk", disk.get_range, sym, tf, s, e)
+            b = db.read_range(sym, tf, s, e)
+            if a is not None and (len(a) != len(b) or a.tobytes() != b.tobytes()):
+                out.append(f"disk: {sym} {tf.name} [{s}, {e}) differs from SQLite")
+        return out
 
     # ------------------------------------------------------------------ realtime
     def put_ticker(self, ticker: Mapping[str, Any]) -> None:
@@ -1517,7 +1603,9 @@ class Store:
 
     async def _get_candles(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
         tf = parse_timeframe(req.timeframe or "")
-        peeked = await self._peek_async(req, tf)
+        peeked = None
+        if self._layer1 is not None and self.config.lookup == "layer1_first" and req.count is not None:
+            peeked = await self._peek_async(req, tf)
         if peeked is not None:
             self._metrics.hits["layer1_cache"] += len(peeked)
             self._metrics.requests += 1
@@ -1585,7 +1673,7 @@ class Store:
         try:
             ans = self._run(self._layer1.request_data_from_layer1(sub))
         finally:
-            self._metrics.lat("layer1_api", (time.perf_counter() - t0) * 1000)
+            self._metrics.lat("layer1_call", (time.perf_counter() - t0) * 1000)
         self._metrics.layer1_calls += int(ans.calls)
         out: dict[str, Any] = {}
         with self._lock:
@@ -1696,6 +1784,7 @@ def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return K.interval_subtract(a, K.interval_subtract(a, b))
 
 
+@functools.cache
 def _candle_factory(tfname: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
     def build(arrays: dict[str, Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

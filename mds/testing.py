@@ -670,6 +670,8 @@ class FakeUpbit:
 
     # -- dispatch ----------------------------------------------------------------------------
     def _remaining(self, group: str, left: int) -> dict[str, str]:
+        if self.rate_limit is None:
+            return {}  # unlimited: a budget header would make a fast client wait for nothing
         return {"Remaining-Req": f"group={group}; min=600; sec={max(0, left)}", "Limit-By-Ip": "Yes"}
 
     def _admit(self, group: str) -> int | None:

@@ -18,7 +18,6 @@ from mds.convert import candles_from_upbit
 from mds.testing import FakeUpbit, generate_market
 from mds.timeutil import to_ms
 
-REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 RAW_1M = DATA / "krw-btc_1m_smtm_raw200.json"
 SMTM_3M = DATA / "krw-btc_3m_smtm_200.json"
@@ -27,10 +26,11 @@ KST = 9 * 3_600_000
 
 
 def run(home: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MDS_HOME=str(home), PYTHONPATH=str(REPO))
+    # cwd and PYTHONPATH come from tests/conftest.py: the child imports the package under test
+    # (the installed wheel in CI), not the source tree
+    env = dict(os.environ, MDS_HOME=str(home))
     return subprocess.run(
         [sys.executable, "-m", "mds.cli", *args],
-        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

@@ -123,6 +123,11 @@ async def paginate_candles(
     oldest: int | None = None
     while True:
         n = page_size if remaining is None else min(page_size, remaining)
+        if start is not None and to is not None:
+            # Never ask for more slots than lie in [start, to): a new minute costs one row, not
+            # 200. Upbit still returns the n newest candles before `to` (skipping no-trade
+            # slots), so a page shorter than n still means the history ran out.
+            n = max(1, min(n, tf.count(start, to)))
         page = await fetch(n, to)
         requests += 1
         ts = page_ts(page, tf, market, to)
