@@ -791,13 +791,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Draw candles with missing and no-trade intervals shaded."""
     sym, tf = _series(args.symbol, args.timeframe)
     _check_range(args.start, args.end)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MdsError("mds plot needs matplotlib (pip install 'mds[plot]' or pip install matplotlib)") from None
     with _open_store(args) as store:
         arr = _read(store, sym, tf, args, default_count=300)
         if not len(arr):
@@ -805,6 +798,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
         lo = int(arr["ts"][0]) if args.start is None else tf.ceil(args.start)
         hi = tf.add(int(arr["ts"][-1]), 1) if args.end is None else args.end
         gaps = store.gaps(sym, tf, start=lo, end=hi)
+    try:  # after the input checks: bad input is exit 2 whether or not matplotlib is there
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MdsError("mds plot needs matplotlib (pip install 'upbit-mds[plot]' or pip install matplotlib)") from None
     day = 86_400_000.0
     x = arr["ts"] / day  # matplotlib date numbers: days since 1970-01-01
     width = (tf.interval_ms / day) * 0.7
