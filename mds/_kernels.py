@@ -15,81 +15,27 @@ from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-logger = logging.getLogger(__name__)
+# The same surface as the twin (and the compiled core): one list, kept in mds/_pycore.py.
+from mds._pycore import __all__
 
-__all__ = [
-    "IMPLEMENTATION",
-    "LRU",
-    "REASONS",
-    "SeriesBuffer",
-    "find_gaps",
-    "interval_contains",
-    "interval_normalize",
-    "interval_subtract",
-    "interval_union",
-    "merge",
-    "merge_into",
-    "sort_dedup",
-    "validate",
-]
+logger = logging.getLogger(__name__)
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-if TYPE_CHECKING:
-    # Both implementations have the same surface (tests hold them equal); type against the twin.
-    from mds._pycore import (
-        IMPLEMENTATION,
-        LRU,
-        REASONS,
-        SeriesBuffer,
-        find_gaps,
-        interval_contains,
-        interval_normalize,
-        interval_subtract,
-        interval_union,
-        merge,
-        merge_into,
-        sort_dedup,
-        validate,
-    )
-elif _flag("MDS_PUREPYTHON"):
-    from mds._pycore import (
-        IMPLEMENTATION,
-        LRU,
-        REASONS,
-        SeriesBuffer,
-        find_gaps,
-        interval_contains,
-        interval_normalize,
-        interval_subtract,
-        interval_union,
-        merge,
-        merge_into,
-        sort_dedup,
-        validate,
-    )
-else:
+def _load() -> ModuleType:
+    """The implementation module: the compiled core unless told otherwise or unavailable."""
+    from mds import _pycore
+
+    if _flag("MDS_PUREPYTHON"):
+        return _pycore
     try:
-        from mds._core import (
-            IMPLEMENTATION,
-            LRU,
-            REASONS,
-            SeriesBuffer,
-            find_gaps,
-            interval_contains,
-            interval_normalize,
-            interval_subtract,
-            interval_union,
-            merge,
-            merge_into,
-            sort_dedup,
-            validate,
-        )
+        from mds import _core
     except ImportError as exc:
         if _flag("MDS_REQUIRE_CORE"):
             raise ImportError(
@@ -97,18 +43,27 @@ else:
                 "build it with `python setup.py build_ext --inplace`"
             ) from exc
         logger.warning("compiled core mds._core unavailable (%s); using the numpy twin", exc)
-        from mds._pycore import (
-            IMPLEMENTATION,
-            LRU,
-            REASONS,
-            SeriesBuffer,
-            find_gaps,
-            interval_contains,
-            interval_normalize,
-            interval_subtract,
-            interval_union,
-            merge,
-            merge_into,
-            sort_dedup,
-            validate,
-        )
+        return _pycore
+    return _core
+
+
+if TYPE_CHECKING:
+    # Both implementations have the same surface (tests hold them equal); type against the twin.
+    from mds._pycore import (
+        IMPLEMENTATION as IMPLEMENTATION,
+        LRU as LRU,
+        REASONS as REASONS,
+        SeriesBuffer as SeriesBuffer,
+        find_gaps as find_gaps,
+        interval_contains as interval_contains,
+        interval_normalize as interval_normalize,
+        interval_subtract as interval_subtract,
+        interval_union as interval_union,
+        merge as merge,
+        merge_into as merge_into,
+        sort_dedup as sort_dedup,
+        validate as validate,
+    )
+else:
+    _impl = _load()
+    globals().update({name: getattr(_impl, name) for name in __all__})

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mds import _pycore as P
 from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW

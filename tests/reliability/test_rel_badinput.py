@@ -12,8 +12,7 @@ from typing import Any
 import _relutil as R
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mds
 from mds.convert import candles_to_upbit
