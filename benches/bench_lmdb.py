@@ -21,6 +21,7 @@ import pytest
 from mds._dtypes import CANDLE_DTYPE
 from mds.lmdb_tier import LmdbTier
 from mds.sqlite_store import SqliteStore
+from mds.testing import dense_candles
 from mds.timeframes import DAY_MS, MINUTE_MS, SECOND_MS, parse_timeframe
 
 M1 = parse_timeframe("1m")
@@ -32,24 +33,9 @@ RANGE = 1_000
 BULK = 1_000_000
 
 
-def make_candles(n: int, start: int, step: int, seed: int = 0) -> np.ndarray:
-    """A random walk of ``n`` candles every ``step`` ms from ``start`` (KRW-BTC-like numbers)."""
-    rng = np.random.default_rng(seed)
-    a = np.zeros(n, CANDLE_DTYPE)
-    a["ts"] = start + np.arange(n, dtype=np.int64) * step
-    p = np.round(5e7 * np.exp(np.cumsum(rng.normal(0, 8e-4, n))), -3)
-    a["open"] = p
-    a["close"] = np.round(p * (1 + rng.normal(0, 6e-4, n)), -3)
-    a["high"] = np.maximum(a["open"], a["close"]) + 1000 * rng.integers(0, 20, n)
-    a["low"] = np.minimum(a["open"], a["close"]) - 1000 * rng.integers(0, 20, n)
-    a["volume"] = np.round(rng.exponential(3, n), 8)
-    a["value"] = a["volume"] * p
-    return a
-
-
 @pytest.fixture(scope="module")
 def month() -> np.ndarray:
-    return make_candles(DAYS * 1440 - 10, NOW - DAYS * DAY_MS + 10 * MINUTE_MS, MINUTE_MS, seed=1)
+    return dense_candles(DAYS * 1440 - 10, NOW - DAYS * DAY_MS + 10 * MINUTE_MS, MINUTE_MS, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +124,7 @@ def test_latest_1000_sqlite_tier(benchmark, tiers, month):
 def test_bulk_load_1m_candles(benchmark, tmp_path):
     # 1,000,000 1s candles: 11.6 days, inside the retention window, 278 one-hour chunks.
     start = NOW - BULK * SECOND_MS
-    rows = make_candles(BULK, start, SECOND_MS, seed=2)
+    rows = dense_candles(BULK, start, SECOND_MS, seed=2)
     counter = itertools.count()
     opened: list[LmdbTier] = []
 
@@ -163,7 +149,7 @@ def test_bulk_load_1m_candles(benchmark, tmp_path):
 @pytest.mark.benchmark(group="lmdb-append")
 def test_append_one_closed_1m_candle(benchmark, tmp_path):
     # The live path: each minute one closed candle joins today's chunk (rewritten whole).
-    day = make_candles(1440, NOW - DAY_MS, MINUTE_MS, seed=3)
+    day = dense_candles(1440, NOW - DAY_MS, MINUTE_MS, seed=3)
     t = LmdbTier(tmp_path / "append", clock=lambda: NOW)
     t.put_range(SYM, M1, NOW - DAY_MS, NOW - DAY_MS + 60 * MINUTE_MS, day[:60])
     it = iter(range(60, 1440))

@@ -21,6 +21,7 @@ import pytest
 
 from mds._dtypes import CANDLE_DTYPE
 from mds.sqlite_store import SqliteStore
+from mds.testing import dense_candles
 from mds.timeframes import DAY_MS, MINUTE_MS, parse_timeframe
 
 M1 = parse_timeframe("1m")
@@ -38,18 +39,7 @@ NAIVE_UPSERT = "INSERT OR REPLACE INTO candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?
 
 
 def make_candles(n: int, start: int = T0, seed: int = 0) -> np.ndarray:
-    """A tick-quantised random walk of 1m candles (KRW-BTC-like numbers)."""
-    rng = np.random.default_rng(seed)
-    a = np.zeros(n, CANDLE_DTYPE)
-    a["ts"] = start + np.arange(n, dtype=np.int64) * MINUTE_MS
-    p = np.round(5e7 * np.exp(np.cumsum(rng.normal(0, 8e-4, n))), -3)
-    a["open"] = p
-    a["close"] = np.round(p * (1 + rng.normal(0, 6e-4, n)), -3)
-    a["high"] = np.maximum(a["open"], a["close"]) + 1000 * rng.integers(0, 20, n)
-    a["low"] = np.minimum(a["open"], a["close"]) - 1000 * rng.integers(0, 20, n)
-    a["volume"] = np.round(rng.exponential(3, n), 8)
-    a["value"] = a["volume"] * p
-    return a
+    return dense_candles(n, start, MINUTE_MS, seed=seed)
 
 
 def naive_connect(path: Path, wal: bool) -> sqlite3.Connection:

@@ -737,8 +737,17 @@ class LmdbTier:
         prefix = self._prefix(symbol, tf)
         period = self._period(tf)
         stale_before = now - self.ttl_ms
+        return self._read_fresh(
+            symbol, tf, lambda h, txn: self._range_in(h, txn, prefix, period, start, end, stale_before)
+        )
+
+    def _read_fresh(
+        self, symbol: str, tf: Timeframe, walk: Callable[[_Env, Any], np.ndarray | list[int] | None]
+    ) -> np.ndarray | None:
+        """Run a read walk; when it names stale periods, refresh them from the loader and walk
+        once more. Counts the hit or miss."""
         for _ in range(2):
-            res = self._read(lambda h, txn: self._range_in(h, txn, prefix, period, start, end, stale_before))
+            res = self._read(walk)
             if res is None or type(res) is np.ndarray:
                 break
             if not self._refresh(symbol, tf, res):  # a list of stale periods
@@ -805,20 +814,9 @@ class LmdbTier:
         prefix = self._prefix(symbol, tf)
         period = self._period(tf)
         stale_before = now - self.ttl_ms
-        for _ in range(2):
-            res = self._read(lambda h, txn: self._latest_in(h, txn, prefix, period, n, end, cutoff, stale_before))
-            if res is None or type(res) is np.ndarray:
-                break
-            if not self._refresh(symbol, tf, res):
-                res = None
-                break
-        else:
-            res = None
-        if res is None:
-            self._counts["misses"] += 1
-            return None
-        self._counts["hits"] += 1
-        return res
+        return self._read_fresh(
+            symbol, tf, lambda h, txn: self._latest_in(h, txn, prefix, period, n, end, cutoff, stale_before)
+        )
 
     @staticmethod
     def _latest_in(

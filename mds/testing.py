@@ -40,7 +40,9 @@ __all__ = [
     "FakeUpbit",
     "Fault",
     "RequestRecord",
+    "dense_candles",
     "generate_market",
+    "kernel_modules",
     "krw_tick_size",
 ]
 
@@ -264,6 +266,35 @@ def generate_market(
 # ---------------------------------------------------------------------------------------------
 # Faults and the request log
 # ---------------------------------------------------------------------------------------------
+
+
+def dense_candles(n: int, start: int, step: int = 60_000, seed: int = 0) -> np.ndarray:
+    """``n`` valid candles every ``step`` ms from ``start``, no gaps: a seeded random walk with
+    KRW-BTC-like prices on a 1,000-won tick (for benchmarks and bulk tests; see
+    :func:`generate_market` for markets with no-trade intervals)."""
+    rng = np.random.default_rng(seed)
+    a = np.zeros(n, CANDLE_DTYPE)
+    a["ts"] = start + np.arange(n, dtype=np.int64) * step
+    p = np.round(5e7 * np.exp(np.cumsum(rng.normal(0, 8e-4, n))), -3)
+    a["open"] = p
+    a["close"] = np.round(p * (1 + rng.normal(0, 6e-4, n)), -3)
+    a["high"] = np.maximum(a["open"], a["close"]) + 1000 * rng.integers(0, 20, n)
+    a["low"] = np.minimum(a["open"], a["close"]) - 1000 * rng.integers(0, 20, n)
+    a["volume"] = np.round(rng.exponential(3, n), 8)
+    a["value"] = a["volume"] * p
+    return a
+
+
+def kernel_modules() -> dict[str, Any]:
+    """Both kernel implementations by name, for tests and benchmarks that compare them:
+    ``"numpy"`` (the twin, always there) and ``"cython"`` (None when the core is not built)."""
+    from mds import _pycore
+
+    try:
+        from mds import _core
+    except ImportError:
+        return {"numpy": _pycore, "cython": None}
+    return {"numpy": _pycore, "cython": _core}
 
 
 @dataclass

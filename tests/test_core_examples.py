@@ -13,19 +13,14 @@ import pytest
 from mds import _pycore
 from mds._dtypes import CANDLE_DTYPE
 from mds.errors import InvalidRequestError
+from mds.testing import kernel_modules
 from mds.timeframes import TIMEFRAMES
 
-try:
-    from mds import _core
-except ImportError:  # pragma: no cover - CI always builds the core
-    _core = None  # type: ignore[assignment]
-
-IMPLS = [pytest.param(_pycore, id="numpy")]
-IMPLS.append(
-    pytest.param(_core, id="cython")
-    if _core is not None
-    else pytest.param(None, id="cython", marks=pytest.mark.skip(reason="compiled core not built"))
-)
+_core = kernel_modules()["cython"]
+IMPLS = [
+    pytest.param(mod, id=name, marks=() if mod is not None else pytest.mark.skip(reason="compiled core not built"))
+    for name, mod in kernel_modules().items()
+]
 
 MIN = 60_000
 DAY = 86_400_000
