@@ -23,15 +23,8 @@ from mds.errors import InvalidRequestError
 
 IMPLEMENTATION = "cython"
 
-REASONS = {
-    1: "nonfinite",
-    2: "low_above_body",
-    3: "high_below_body",
-    4: "negative_volume",
-    5: "negative_value",
-    6: "misaligned",
-    7: "future",
-}
+# Reason codes are defined once, by the twin; the loops below use the same numbers.
+from mds._pycore import REASONS
 
 cdef struct Candle:
     int64_t ts

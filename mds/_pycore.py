@@ -114,15 +114,8 @@ def _civil_from_days_vec(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _civil_from_days(z: int) -> tuple[int, int, int]:
-    z += 719_468
-    era = z // 146_097
-    doe = z - era * 146_097
-    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    d = doy - (153 * mp + 2) // 5 + 1
-    m = mp + 3 if mp < 10 else mp - 9
-    return yoe + era * 400 + (m <= 2), m, d
+    y, m, d = _civil_from_days_vec(np.int64(z))
+    return int(y), int(m), int(d)
 
 
 def _days_from_civil(y: int, m: int, d: int) -> int:
