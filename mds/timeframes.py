@@ -74,7 +74,7 @@ class Timeframe:
     def add(self, ts: int, n: int) -> int:
         """``ts`` (aligned) moved by ``n`` intervals (negative moves back)."""
         if self.is_month:
-            month = np.datetime64(int(ts), "ms").astype("datetime64[M]") + int(n)
+            month = np.datetime64(int(ts), "ms").astype("datetime64[M]") + np.timedelta64(int(n), "M")
             return int(month.astype("datetime64[ms]").astype(np.int64))
         return int(ts) + int(n) * self.interval_ms
 
