@@ -1117,11 +1117,21 @@ class Store:
                     th.start()
                     self._loop, self._loop_thread = loop, th
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        # Other threads may use the store while this one waits for the network (a memory hit
+        # must not queue behind a fetch), except inside a batch, whose transaction is this
+        # thread's alone. Callers re-read what they need after the wait.
+        lock: Any = self._lock
+        held = None
+        if not self._batch_depth and lock._is_owned():
+            held = lock._release_save()
         try:
             return fut.result(timeout=self.config.layer1_timeout_s)
         except TimeoutError:
             fut.cancel()
             raise Layer1Error(f"Layer 1 did not answer within {self.config.layer1_timeout_s} s") from None
+        finally:
+            if held is not None:
+                lock._acquire_restore(held)
 
     def _l1_candles(
         self, sym: str, tf: Timeframe, *, count: int | None = None, start: int | None = None, end: int | None = None

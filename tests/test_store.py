@@ -422,3 +422,28 @@ def test_delete_in_memory_only_store_keeps_the_rest(tmp_path, clock) -> None:
         st.write_candles("KRW-BTC", "1m", candles(100))
         assert st.delete("KRW-BTC", "1m", start=T0, end=T0 + 10 * MIN) == 10
         assert len(st.candles("KRW-BTC", "1m", start=T0, end=T0 + DAY)) == 90
+
+
+def test_a_memory_hit_does_not_wait_for_another_threads_fetch(tmp_path, fake, clock) -> None:
+    import threading
+    import time
+
+    st = mds.open(tmp_path / "s", layer1=router(fake, clock), config=Config(lookup="storage_first"), clock=clock)
+    try:
+        st.candles("KRW-BTC", "1m", count=100)  # cached in memory
+        fake.inject("latency", seconds=3.0, path_prefix="/v1/candles", times=1)
+        slow = threading.Thread(target=st.candles, args=("KRW-CBK", "1m"), kwargs={"count": 100})
+        slow.start()
+        time.sleep(0.3)  # the other thread is now waiting on Layer 1
+        assert slow.is_alive()
+        t0 = time.monotonic()
+        got = st.candles("KRW-BTC", "1m", count=100)
+        waited = time.monotonic() - t0
+        slow.join(10)
+        assert len(got) == 100
+        # behind the fetch it would wait ~2.7 s more; the margin keeps a loaded machine from failing it
+        assert waited < 2.0, f"the memory hit waited {waited:.2f} s behind a Layer 1 fetch"
+        assert len(st.candles("KRW-CBK", "1m", count=100)) == 100
+        assert st.check().ok
+    finally:
+        st.close()
