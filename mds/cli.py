@@ -877,7 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--markets", type=_positive_int, default=5, help="number of markets (default 5, at most 8)")
     d.add_argument("--seed", type=int, default=7, help="seed of the generated markets (default 7)")
     d.add_argument("--minutes", type=_positive_int, default=20, help="simulated minutes of reads (default 20)")
-    d.add_argument("--reads-per-minute", type=_positive_int, default=60, help="strategy ticks a minute (default 60: every simulated second)")
+    d.add_argument(
+        "--reads-per-minute", type=_positive_int, default=60, help="strategy ticks a minute (default 60: every second)"
+    )
     d.set_defaults(func=cmd_demo, demo=True)
 
     b = add("backfill", "fetch and store history from Upbit (resumable)")
