@@ -863,6 +863,9 @@ class Store:
         if count is not None and s is None:
             arr, source = self._latest(sym, tf, int(count), last_end if e is None else min(tf.ceil(e), last_end),
                                        allow_layer1)
+        elif count is not None and e is None:
+            assert s is not None
+            arr, source = self._first_n(sym, tf, tf.ceil(s), int(count), last_end, allow_layer1)
         else:
             assert s is not None
             hi = last_end if e is None else min(e, last_end)
@@ -877,6 +880,21 @@ class Store:
                 if _SOURCE_RANK[psource] > _SOURCE_RANK[source]:
                     source = psource
         return arr, source
+
+    def _first_n(
+        self, sym: str, tf: Timeframe, lo: int, n: int, last_end: int, allow_layer1: bool
+    ) -> tuple[np.ndarray, str]:
+        """The first ``n`` candles from ``lo``: a window of ``n`` intervals, doubled while no-trade
+        intervals leave it short, so that N candles from an old start never fetch all history."""
+        width = n
+        source = "storage_memory"
+        while True:
+            hi = min(last_end, tf.add(lo, width))
+            arr, src = self._range(sym, tf, lo, max(hi, lo), allow_layer1)
+            source = _slowest(source, src)
+            if len(arr) >= n or hi >= last_end:
+                return arr[:n], source
+            width *= 2
 
     # latest N ---------------------------------------------------------------
     def _latest(self, sym: str, tf: Timeframe, n: int, end: int, allow_layer1: bool) -> tuple[np.ndarray, str]:

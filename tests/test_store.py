@@ -447,3 +447,13 @@ def test_a_memory_hit_does_not_wait_for_another_threads_fetch(tmp_path, fake, cl
         assert st.check().ok
     finally:
         st.close()
+
+
+def test_n_from_an_old_start_fetches_a_window_not_all_history(store, fake, markets) -> None:
+    start = T0 + DAY // 2
+    got = store.candles("KRW-CBK", "1m", start=start, count=50)  # illiquid: the window must grow
+    want = expected(markets, "KRW-CBK", start, T0 + 3 * DAY)[:50]
+    assert np.array_equal(got, want)
+    cov = store.coverage("KRW-CBK", "1m")
+    assert cov[0][0] == start
+    assert cov[-1][1] < T0 + DAY  # far from "now" (1.5 days later): only a window was fetched
