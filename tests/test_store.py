@@ -457,3 +457,15 @@ def test_n_from_an_old_start_fetches_a_window_not_all_history(store, fake, marke
     cov = store.coverage("KRW-CBK", "1m")
     assert cov[0][0] == start
     assert cov[-1][1] < T0 + DAY  # far from "now" (1.5 days later): only a window was fetched
+
+
+def test_storage_down_range_read_is_whole_when_part_was_covered(tmp_path, fake, markets, clock) -> None:
+    cfg = Config(lookup="storage_first", tiers=("sqlite",))
+    st = mds.open(tmp_path / "s", layer1=router(fake, clock), config=cfg, clock=clock)
+    try:
+        st.candles("KRW-CBK", "1m", start=T0, end=T0 + 60 * MIN)  # [T0, T0+60m) covered
+        st._tiers["sqlite"].obj.close()  # SQLite fails from here on
+        got = st.candles("KRW-CBK", "1m", start=T0, end=T0 + 120 * MIN)
+        assert np.array_equal(got, expected(markets, "KRW-CBK", T0, T0 + 120 * MIN))
+    finally:
+        st.close()
