@@ -216,7 +216,7 @@ class StorageMetadata:
 
     ``source`` is one of ``layer1_cache``, ``storage_memory``, ``storage_disk``, ``sqlite_db``,
     ``layer1_api`` (the slowest tier that contributed); ``cache_hit`` is false exactly when
-    Layer 1's API was called.
+    Layer 1's API was called; ``layer1_calls`` counts the Layer 1 calls made while serving it.
     """
 
     source: str = "storage_memory"

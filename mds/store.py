@@ -1606,6 +1606,7 @@ class Store:
         """
         t0 = time.perf_counter()
         meta = StorageMetadata()
+        calls_before = self._metrics.layer1_calls
         try:
             if not isinstance(request, StorageRequest):
                 raise InvalidRequestError("request must be an mds.StorageRequest")
@@ -1620,6 +1621,7 @@ class Store:
                 factory = _realtime_factory(dt)
             meta.source = source
             meta.cache_hit = source != "layer1_api"
+            meta.layer1_calls = self._metrics.layer1_calls - calls_before  # other threads' too, if any
             meta.data_count = sum(len(v) if isinstance(v, np.ndarray) else (v is not None) for v in arrays.values())
             ms = (time.perf_counter() - t0) * 1000
             meta.processing_time_ms = ms

@@ -129,8 +129,14 @@ def test_sources_in_turn(tmp_path, fake, markets, clock) -> None:
     req = StorageRequest(DataType.CANDLE, ["KRW-BTC"], timeframe="1m", count=100)
     seen = []
     with mds.open(path, layer1=router(fake, clock), config=Config(lookup="storage_first"), clock=clock) as st:
-        seen.append(asyncio.run(st.get(req)).metadata.source)  # nothing stored: Layer 1's API
-        seen.append(asyncio.run(st.get(req)).metadata.source)  # memory
+        first = asyncio.run(st.get(req))  # nothing stored: Layer 1's API
+        seen.append(first.metadata.source)
+        assert first.metadata.layer1_calls >= 1
+        assert not first.metadata.cache_hit
+        second = asyncio.run(st.get(req))  # memory
+        seen.append(second.metadata.source)
+        assert second.metadata.layer1_calls == 0
+        assert second.metadata.cache_hit
     with mds.open(path, layer1=router(fake, clock), config=Config(lookup="storage_first"), clock=clock) as st:
         seen.append(asyncio.run(st.get(req)).metadata.source)  # cold memory, LMDB holds it
     cfg = Config(lookup="storage_first", tiers=("memory", "sqlite"))
