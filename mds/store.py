@@ -173,7 +173,7 @@ class Store:
         self._changes_map: Any = None
         self._seen: dict[tuple[str, str], int] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self._bypass_memory = False
+        self._reading = threading.local()  # per thread: bypass memory during this read
         self._slot_of: dict[tuple[str, str], int] = {}
         self._open_tiers()
         if persistent:
@@ -330,28 +330,28 @@ class Store:
             return lambda: False
         return lambda: self._stamp(sym, tf) == token
 
-    def _sync_series(self, sym: str, tf: Timeframe) -> None:
+    def _sync_series(self, sym: str, tf: Timeframe) -> bool:
         """Drop what this process caches of a series another process (or store) has changed.
 
-        While the series is being written elsewhere (odd stamp), this read bypasses memory.
+        Returns True while the series is being written elsewhere (odd stamp): a read should then
+        bypass memory and ask SQLite, which shows the write exactly when it commits.
         """
-        self._bypass_memory = False
         if self._changes is None:
-            return
+            return False
         key = (sym, tf.name)
         stamp = int(self._changes[self._slot(key)])
         if self._seen.get(key) == stamp:
-            return
+            return False
         self._drop_cov(key)
         self._frontiers.pop(key, None)
         state = self._tiers.get("memory")
         if state is not None:
             state.obj.invalidate(sym, tf)
         if stamp & 1 and key not in self._dirty:
-            self._bypass_memory = True
             self._seen.pop(key, None)
-        else:
-            self._seen[key] = stamp
+            return True
+        self._seen[key] = stamp
+        return False
 
     @property
     def _stale_marker(self) -> Path:
@@ -394,7 +394,7 @@ class Store:
     def _tier(self, name: str) -> Any:
         """The tier object if it is configured and usable now (a degraded tier is retried later)."""
         state = self._tiers.get(name)
-        if state is None or (self._bypass_memory and name == "memory"):
+        if state is None or (name == "memory" and getattr(self._reading, "bypass", False)):
             return None
         if state.degraded_at is not None:
             if time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
@@ -857,7 +857,22 @@ class Store:
             raise InvalidRequestError("end must be after start")
         if count is None and s is None:
             raise InvalidRequestError("give count (latest N) or start (a range)")
-        self._sync_series(sym, tf)
+        self._reading.bypass = self._sync_series(sym, tf)
+        try:
+            return self._read_synced(sym, tf, count, s, e, include_partial, allow_layer1)
+        finally:
+            self._reading.bypass = False
+
+    def _read_synced(
+        self,
+        sym: str,
+        tf: Timeframe,
+        count: Any,
+        s: int | None,
+        e: int | None,
+        include_partial: bool,
+        allow_layer1: bool,
+    ) -> tuple[np.ndarray, str]:
         now = self._now()
         last_end = tf.floor(now)  # end of the last closed interval
         if count is not None and s is None:
