@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import lmdb
+import msgpack
 import numpy as np
 import pytest
 
@@ -527,3 +528,73 @@ def test_chunk_periods_cover_every_timeframe() -> None:
 def test_lmdb_errors_are_not_exported() -> None:
     assert issubclass(StorageUnavailableError, OSError)
     assert not issubclass(lmdb.Error, StorageUnavailableError)
+
+
+@pytest.mark.parametrize("name", ["1s", "1m", "1h", "1w", "1M"])
+@pytest.mark.parametrize("skip", [0.0, 0.3, 0.9])
+def test_every_sub_range_matches_numpy_with_and_without_gaps(
+    tmp_path: Path, clock: Clock, name: str, skip: float
+) -> None:
+    # The read computes cut indices from the interval in gap-free chunks and falls back to a
+    # search elsewhere (gaps, calendar months): both must equal a plain searchsorted slice.
+    tf = parse_timeframe(name)
+    n = {"1s": 9000, "1m": 4000, "1h": 700, "1w": 4, "1M": 1}[name]
+    with LmdbTier(tmp_path / "lmdb", clock=clock) as t:
+        a = candles(tf, clock.t - 30 * DAY_MS, n, seed=7, skip=skip)
+        if not len(a):
+            return
+        s0, e0 = int(a["ts"][0]), int(a["ts"][-1]) + 1
+        t.put_range(SYM, tf, s0, e0, a)
+        rng = np.random.default_rng(5)
+        ts = a["ts"]
+        for _ in range(150):
+            s, e = sorted(int(x) for x in rng.integers(s0, e0 + 1, 2))
+            s -= int(rng.integers(0, 2))  # also one ms before a row
+            s = max(s, s0)
+            if e <= s:
+                continue
+            got = t.get_range(SYM, tf, s, e)
+            assert got is not None
+            assert got.tobytes() == a[ts.searchsorted(s) : ts.searchsorted(e)].tobytes()
+            k = int(rng.integers(1, len(a) + 1))
+            lat = t.get_latest(SYM, tf, k, e)
+            want = a[: ts.searchsorted(e)][-k:]
+            assert (lat is None and len(want) < k) or lat.tobytes() == want.tobytes()
+        assert t.check() == []
+
+
+def test_read_results_are_new_read_only_aligned_arrays(tier: LmdbTier) -> None:
+    a = minutes(NOW - DAY_MS, 1000)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    for got in (tier.get_range(SYM, M1, s + 300 * MINUTE_MS, e), tier.get_latest(SYM, M1, 10, e)):
+        assert got.dtype == CANDLE_DTYPE and got.flags.c_contiguous and got.flags.aligned
+        assert not got.flags.writeable
+        with pytest.raises(ValueError):
+            got["close"][0] = 1.0
+    first = tier.get_range(SYM, M1, s, e)
+    tier.put_range(SYM, M1, s, e, minutes(NOW - DAY_MS, 1000, seed=9))
+    assert first.tobytes() == a.tobytes()  # a copy: unchanged by later writes
+
+
+def test_changed_chunk_header_is_checked_again(tier: LmdbTier) -> None:
+    # A remembered chunk version is recognised by its header bytes; a value whose header differs
+    # (here: the same rows, another checksum) is parsed and checked in full, and refused.
+    a = minutes(NOW - DAY_MS, 100)
+    s, e = int(a["ts"][0]), int(a["ts"][-1]) + MINUTE_MS
+    tier.put_range(SYM, M1, s, e, a)
+    assert tier.get_range(SYM, M1, s, e).tobytes() == a.tobytes()
+    h = tier._handle()
+    assert len(h.verified) == 1
+    with h.env.begin(write=True) as txn:
+        key, val = (bytes(x) for x in next(iter(txn.cursor(db=h.chunks))))
+        hl, m = val[0], val[1]
+        head = msgpack.unpackb(val[2 : 2 + m])
+        head[3] = (head[3] + 1) % (1 << 64)
+        new = msgpack.packb(head)
+        assert len(new) == m
+        txn.put(key, val[:2] + new + val[2 + m :], db=h.chunks)
+    assert hl == h.verified[key][1]
+    assert tier.get_range(SYM, M1, s, e) is None  # checksum mismatch: damage, recreated
+    assert tier.stats()["recreated"] == 1
+    _refill_and_read(tier, a, s, e)
