@@ -827,6 +827,11 @@ class Store:
         end = tf.floor(self._clock())
         mem = state.obj
         if self._layer1 is None:
+            # Stored data may end before now: the frontier (cached; dropped with the change stamp)
+            # is where a complete answer ends.
+            front = self._frontiers.get(key) if changes is not None else None
+            if front is not None and front < end:
+                end = front
             return mem.latest(sym, tf, n, end)
         if self.config.lookup == "layer1_first":
             return None
