@@ -475,3 +475,25 @@ def test_storage_down_range_read_is_whole_when_part_was_covered(tmp_path, fake, 
         assert np.array_equal(got, expected(markets, "KRW-CBK", T0, T0 + 120 * MIN))
     finally:
         st.close()
+
+
+@pytest.mark.parametrize(("tf", "span_days"), [("1d", 400), ("1w", 7 * 120), ("1M", 31 * 40), ("4h", 60)])
+def test_calendar_timeframes_end_to_end(tmp_path, clock, tf: str, span_days: int) -> None:
+    """Days, Monday weeks, calendar months and 4h candles through FakeUpbit, the router and the store."""
+    tfo = mds.parse_timeframe(tf)
+    end = tfo.floor(clock())
+    start = tfo.ceil(end - span_days * DAY)
+    data = generate_market("KRW-BTC", tf, start, tfo.next(clock()), liquidity="liquid", seed=5)
+    with FakeUpbit({("KRW-BTC", tf): data}, clock=clock, rate_limit=None) as up:
+        cfg = Config(lookup="storage_first")
+        with mds.open(tmp_path / "s", layer1=router(up, clock), config=cfg, clock=clock) as st:
+            got = st.candles("KRW-BTC", tf, count=30)
+            closed = data[data["ts"] < end]
+            assert np.array_equal(got, closed[-30:])
+            assert tfo.aligned(got["ts"]).all()
+            calls = up.request_count()
+            again = st.candles("KRW-BTC", tf, start=int(got["ts"][0]), end=end)
+            assert np.array_equal(again, got)
+            assert up.request_count() == calls  # covered: no new request
+            assert all(g.kind == "no_trades" for g in st.gaps("KRW-BTC", tf, start=int(got["ts"][0]), end=end))
+            assert st.check().ok
