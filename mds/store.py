@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import threading
@@ -187,6 +188,7 @@ class Store:
         )
         self._layer1 = None
         self._peek_limit: int | None = None
+        self._peek_sync = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         if layer1 is not None:
@@ -1254,7 +1256,10 @@ class Store:
         # one more than asked: the cache's newest candle may be the forming one
         req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n + 1)
         try:
-            ans = self._run(self._layer1.get_from_layer1_cache(req))
+            if self._peek_sync:  # an ordinary function: ask it here, no hop to the Layer 1 thread
+                ans = self._layer1.peek_now(req)
+            else:
+                ans = self._run(self._layer1.get_from_layer1_cache(req))
         except MdsError:
             ans = None
         return self._peek_check(ans, sym, tf, n, end)
@@ -1277,6 +1282,7 @@ class Store:
                 except Exception:  # foreign code; a policy we cannot read is no policy
                     limit = _PAGE
             self._peek_limit = limit
+            self._peek_sync = limit > 0 and not inspect.iscoroutinefunction(getattr(l1, "peek_cache", None))
         return n + 1 <= self._peek_limit
 
     def _peek_check(self, ans: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:

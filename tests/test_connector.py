@@ -343,3 +343,45 @@ def test_a_forward_walk_past_the_newest_candle_stops_after_one_probe() -> None:
     assert np.array_equal(ans.arrays["KRW-BTC"], BTC[-10:])
     assert ans.covered["KRW-BTC"] == (NOW - 10 * 60_000, later)
     assert n_req <= 4
+
+
+def test_peek_now_answers_a_sync_peek_without_an_event_loop() -> None:
+    """peek_now is get_from_layer1_cache for an ordinary peek_cache function, called in this thread."""
+    from mds.layer1.connector import SmartRouterConnector
+    from mds.models import DataType, StorageRequest
+
+    rows = [
+        {
+            "market": "KRW-BTC",
+            "candle_date_time_utc": f"2025-01-27T00:0{i}:00",
+            "opening_price": 1.0,
+            "high_price": 2.0,
+            "low_price": 0.5,
+            "trade_price": 1.5,
+            "candle_acc_trade_volume": 1.0,
+            "candle_acc_trade_price": 1.5,
+        }
+        for i in range(5, -1, -1)
+    ]
+
+    class SyncPeek:
+        async def get_candle_data(self, *a, **k):  # pragma: no cover - not called
+            raise AssertionError
+
+        get_ticker_data = get_orderbook_data = get_trades = get_candle_data
+
+        def peek_cache(self, kind, symbols, interval=None, count=None):
+            return {"success": True, "data": rows[:count], "metadata": {"exhausted": {"KRW-BTC": True}}}
+
+    conn = SmartRouterConnector(SyncPeek())
+    ans = conn.peek_now(StorageRequest(DataType.CANDLE, ["KRW-BTC"], timeframe="1m", count=6))
+    assert ans is not None
+    assert ans.source == "layer1_cache"
+    assert len(ans.arrays["KRW-BTC"]) == 6
+    assert (ans.arrays["KRW-BTC"]["ts"][1:] > ans.arrays["KRW-BTC"]["ts"][:-1]).all()
+
+    class AsyncPeek(SyncPeek):
+        async def peek_cache(self, kind, symbols, interval=None, count=None):  # type: ignore[override]
+            return None
+
+    assert SmartRouterConnector(AsyncPeek()).peek_now(StorageRequest("candle", ["KRW-BTC"], "1m", count=6)) is None

@@ -424,58 +424,110 @@ class SmartRouterConnector:
         Layer1Error
             ``peek_cache`` raised, timed out or returned something malformed.
         """
-        peek = getattr(self.layer1, "peek_cache", None)
-        dt = request.data_type
-        kind = dt.value
-        if not callable(peek) or dt is DataType.TRADE:
+        plan = self._peek_plan(request)
+        if plan is None:
             return None
         t0 = time.perf_counter()
-        if dt is DataType.CANDLE:
-            tf = parse_timeframe(request.timeframe or "")
-            if request.start_time is not None and request.count is not None:
-                return None
-            want = request.count or self.page_size
-            if request.start_time is not None or request.end_time is not None:
-                want = self._cache_count()
-            answer = await self._peek(kind, list(request.symbols), tf.name, want)
-            if answer is None:
-                self._stats.cache_misses[kind] += 1
-                return None
-            result = self._cached_candles(request, tf, answer, want)
-            if result is None:
-                self._stats.cache_misses[kind] += 1
-                return None
-            arrays, covered, exhausted = result
-            self._stats.cache_hits[kind] += 1
-            return Layer1Answer(
-                dt,
-                "layer1_cache",
-                arrays,
-                covered=covered,
-                exhausted=exhausted,
-                calls=1,
-                latency_ms=(time.perf_counter() - t0) * 1000.0,
-            )
-        answer = await self._peek(kind, list(request.symbols), None, None)
+        answer = await self._peek(*plan)
+        return self._peek_answer(request, plan, answer, t0)
+
+    def peek_now(self, request: StorageRequest) -> Layer1Answer | None:
+        """:meth:`get_from_layer1_cache` without an event loop, for a Layer 1 whose ``peek_cache``
+        is an ordinary function (as :class:`~mds.layer1.UpbitRouter`'s is): a sync reader then
+        pays no thread hop. None also when ``peek_cache`` is a coroutine function (use the async
+        method).
+
+        Raises
+        ------
+        Layer1Error
+            ``peek_cache`` raised or returned something malformed.
+        """
+        peek = getattr(self.layer1, "peek_cache", None)
+        if inspect.iscoroutinefunction(peek):
+            return None
+        plan = self._peek_plan(request)
+        if plan is None:
+            return None
+        t0 = time.perf_counter()
+        kind, syms, interval, count = plan
+        try:
+            result = self.layer1.peek_cache(kind, syms, **self._peek_args(interval, count))
+        except MdsError as exc:
+            raise Layer1Error(f"Layer 1 peek_cache failed: {exc}") from exc
+        except Exception as exc:  # foreign code
+            raise Layer1Error(f"Layer 1 peek_cache failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._stats.latency["peek_" + kind].append((time.perf_counter() - t0) * 1000.0)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            return None
+        return self._peek_answer(request, plan, self._peek_result(result), t0)
+
+    def _peek_plan(self, request: StorageRequest) -> tuple[str, list[str], str | None, int | None] | None:
+        """What to ask ``peek_cache`` for (kind, symbols, interval, count), or None if it cannot help."""
+        peek = getattr(self.layer1, "peek_cache", None)
+        dt = request.data_type
+        if not callable(peek) or dt is DataType.TRADE:
+            return None
+        if dt is not DataType.CANDLE:
+            return (dt.value, list(request.symbols), None, None)
+        tf = parse_timeframe(request.timeframe or "")
+        if request.start_time is not None and request.count is not None:
+            return None
+        want = request.count or self.page_size
+        if request.start_time is not None or request.end_time is not None:
+            want = self._cache_count()
+        return (dt.value, list(request.symbols), tf.name, want)
+
+    def _peek_answer(
+        self,
+        request: StorageRequest,
+        plan: tuple[str, list[str], str | None, int | None],
+        answer: dict[str, Any] | None,
+        t0: float,
+    ) -> Layer1Answer | None:
+        kind, _, interval, want = plan
+        dt = request.data_type
         if answer is None:
             self._stats.cache_misses[kind] += 1
             return None
-        arrays = self._snapshots(request, answer, "peek_cache")
+        if interval is None:
+            arrays = self._snapshots(request, answer, "peek_cache")
+            self._stats.cache_hits[kind] += 1
+            return Layer1Answer(dt, "layer1_cache", arrays, calls=1, latency_ms=(time.perf_counter() - t0) * 1000.0)
+        assert want is not None
+        result = self._cached_candles(request, parse_timeframe(interval), answer, want)
+        if result is None:
+            self._stats.cache_misses[kind] += 1
+            return None
+        arrays, covered, exhausted = result
         self._stats.cache_hits[kind] += 1
-        return Layer1Answer(dt, "layer1_cache", arrays, calls=1, latency_ms=(time.perf_counter() - t0) * 1000.0)
+        return Layer1Answer(
+            dt,
+            "layer1_cache",
+            arrays,
+            covered=covered,
+            exhausted=exhausted,
+            calls=1,
+            latency_ms=(time.perf_counter() - t0) * 1000.0,
+        )
 
     def _cache_count(self) -> int:
         pol = self.policy.get("layer1") if self.policy else None
         n = pol.get("candle_cache_count") if isinstance(pol, Mapping) else None
         return int(n) if isinstance(n, int) and n > 0 else self.page_size
 
+    @staticmethod
+    def _peek_args(interval: str | None, count: int | None) -> dict[str, Any]:
+        return {} if interval is None else {"interval": interval, "count": count}
+
     async def _peek(self, kind: str, syms: list[str], interval: str | None, count: int | None) -> dict[str, Any] | None:
-        args: dict[str, Any] = {}
-        if interval is not None:
-            args = {"interval": interval, "count": count}
         t0 = time.perf_counter()
         try:
-            result = await asyncio.wait_for(_maybe_await(self.layer1.peek_cache(kind, syms, **args)), self.timeout_s)
+            result = await asyncio.wait_for(
+                _maybe_await(self.layer1.peek_cache(kind, syms, **self._peek_args(interval, count))), self.timeout_s
+            )
         except asyncio.TimeoutError:
             raise Layer1Error(f"Layer 1 peek_cache timed out after {self.timeout_s:g} s") from None
         except MdsError as exc:
@@ -484,6 +536,10 @@ class SmartRouterConnector:
             raise Layer1Error(f"Layer 1 peek_cache failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._stats.latency["peek_" + kind].append((time.perf_counter() - t0) * 1000.0)
+        return self._peek_result(result)
+
+    @staticmethod
+    def _peek_result(result: Any) -> dict[str, Any] | None:
         if result is None:
             return None
         if not isinstance(result, Mapping) or "success" not in result:
