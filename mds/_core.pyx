@@ -110,13 +110,8 @@ cdef tuple _grid(object interval_ms, object origin_ms, object is_month):
     return iv, org, month
 
 
-cdef object _ranges(object a, str name):
-    arr = np.asarray(a, dtype=np.int64)
-    if arr.size == 0:
-        return _EMPTY_RANGES
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise InvalidRequestError(f"{name} must have shape (k, 2), got {arr.shape}")
-    return arr
+# Interval-set arguments are checked by the twin's helper: not a hot path, one definition.
+from mds._pycore import _ranges
 
 
 # ---------------------------------------------------------------------------------------------
