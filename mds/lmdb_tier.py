@@ -276,6 +276,14 @@ def _pack_held(flat: list[int]) -> bytes:
     return msgpack.packb([FORMAT_VERSION, flat])
 
 
+def _set_held(h: _Env, txn: Any, prefix: bytes, flat: list[int]) -> None:
+    """Store a series' held ranges; an empty set removes the entry."""
+    if flat:
+        txn.put(prefix, _pack_held(flat), db=h.held)
+    else:
+        txn.delete(prefix, db=h.held)
+
+
 def _unpack_held(val: Any) -> list[int]:
     if len(val) > _MAX_HELD_BYTES:  # checked before touching it: a garbage size may reach past the file
         raise _Corrupt("held ranges value too large")
@@ -1098,11 +1106,7 @@ class LmdbTier:
 
         def apply(h: _Env, txn: Any) -> int:
             removed = _replace(h, txn, prefix, period, lo, hi, np.empty(0, CANDLE_DTYPE), self.clock())
-            flat = _subtract(_held_of(h, txn, prefix), lo, hi)
-            if flat:
-                txn.put(prefix, _pack_held(flat), db=h.held)
-            else:
-                txn.delete(prefix, db=h.held)
+            _set_held(h, txn, prefix, _subtract(_held_of(h, txn, prefix), lo, hi))
             return removed
 
         return int(self._write(apply))
@@ -1161,10 +1165,7 @@ class LmdbTier:
                 if new != flat:
                     updates.append((key, new))
             for key, new in updates:
-                if new:
-                    txn.put(key, _pack_held(new), db=h.held)
-                else:
-                    txn.delete(key, db=h.held)
+                _set_held(h, txn, key, new)
             return removed
 
         return int(self._write(apply))
