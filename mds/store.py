@@ -724,15 +724,7 @@ class Store:
         return merged
 
     def _put_fast(self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
-        disk = self._tier("disk")
-        if disk is not None:
-            floor = self._now() - int(self.config.disk_days * 86_400_000)
-            if e > floor:
-                ds = max(s, tf.ceil(floor)) if s < floor else s
-                sub = rows[rows["ts"] >= ds] if ds > s else rows
-                done = self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(sub))
-                if done is None and self._tiers["disk"].degraded_at is not None:
-                    self._invalidate_fast(sym, tf, s, e, only="disk")
+        self._put_disk(sym, tf, s, e, rows)
         mem = self._tier("memory")
         if mem is not None:
             cap = self.config.memory_candles
@@ -1027,7 +1019,7 @@ class Store:
             if got is not None:
                 self._to_memory(sym, tf, got, end)
                 if len(got):
-                    self._to_disk(sym, tf, got, end, guard)
+                    self._put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
                 return _ro(got), "sqlite_db"
             self._metrics.misses["sqlite"] += 1
         mem = self._tier("memory")
@@ -1058,15 +1050,18 @@ class Store:
         if end > int(rows["ts"][-1]):
             mem.put_range(sym, tf, int(rows["ts"][0]), end, np.ascontiguousarray(rows))
 
-    def _to_disk(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int, guard: Callable[[], bool] | None) -> None:
+    def _put_disk(
+        self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None = None
+    ) -> None:
+        """Make LMDB hold ``rows`` as exactly the stored candles of ``[s, e)``; the tier itself
+        keeps only the part inside its retention window. A failed write leaves LMDB not holding
+        the span, so it cannot answer older data later."""
         disk = self._tier("disk")
         if disk is None:
             return
-        floor = self._now() - int(self.config.disk_days * 86_400_000)
-        sub = rows[rows["ts"] >= floor]
-        if len(sub):
-            start = int(sub["ts"][0])
-            self._guard("disk", disk.put_range, sym, tf, start, end, np.ascontiguousarray(sub), guard)
+        done = self._guard("disk", disk.put_range, sym, tf, s, e, np.ascontiguousarray(rows), guard)
+        if done is None and self._tiers["disk"].degraded_at is not None:
+            self._invalidate_fast(sym, tf, s, e, only="disk")
 
     # range ---------------------------------------------------------------------
     def _range(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> tuple[np.ndarray, str]:
@@ -1097,7 +1092,7 @@ class Store:
             guard = self._fill_guard(sym, tf)  # taken before the read it protects
             got = self._guard("sqlite", db.read_range, sym, tf, s, e)
             if got is not None:
-                self._to_disk_range(sym, tf, s, e, got, guard)
+                self._put_disk(sym, tf, s, e, got, guard)
                 return _ro(got), _slowest(source, "sqlite_db")
             self._metrics.misses["sqlite"] += 1
         mem = self._tier("memory")
@@ -1113,18 +1108,6 @@ class Store:
                 if got is not None:
                     return got, "storage_memory"
         return _EMPTY, source
-
-    def _to_disk_range(
-        self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None
-    ) -> None:
-        disk = self._tier("disk")
-        if disk is None:
-            return
-        floor = self._now() - int(self.config.disk_days * 86_400_000)
-        if e <= floor:
-            return
-        ds = max(s, tf.ceil(floor))
-        self._guard("disk", disk.put_range, sym, tf, ds, e, np.ascontiguousarray(rows[rows["ts"] >= ds]), guard)
 
     # partial -------------------------------------------------------------------
     def _partial(self, sym: str, tf: Timeframe, now: int, allow_layer1: bool) -> tuple[np.ndarray | None, str]:
