@@ -21,14 +21,10 @@ import numpy as np
 import pytest
 
 from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
-from mds.testing import kernel_modules
+from mds.testing import kernel_params
 from mds.timeframes import TIMEFRAMES
 
-_core = kernel_modules()["cython"]
-IMPLS = [
-    pytest.param(mod, id=name, marks=() if mod is not None else pytest.mark.skip(reason="compiled core not built"))
-    for name, mod in kernel_modules().items()
-]
+IMPLS = kernel_params()
 
 N = 1_000_000
 B = 1_000

@@ -43,6 +43,7 @@ __all__ = [
     "dense_candles",
     "generate_market",
     "kernel_modules",
+    "kernel_params",
     "krw_tick_size",
 ]
 
@@ -295,6 +296,17 @@ def kernel_modules() -> dict[str, Any]:
     except ImportError:
         return {"numpy": _pycore, "cython": None}
     return {"numpy": _pycore, "cython": _core}
+
+
+def kernel_params() -> list[Any]:
+    """:func:`kernel_modules` as ``pytest.param`` values (ids ``numpy``, ``cython``), the compiled
+    one skipped when it is not built: parametrise a test or benchmark over both kernels."""
+    import pytest
+
+    return [
+        pytest.param(mod, id=name, marks=() if mod is not None else pytest.mark.skip(reason="compiled core not built"))
+        for name, mod in kernel_modules().items()
+    ]
 
 
 @dataclass

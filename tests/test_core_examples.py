@@ -13,14 +13,11 @@ import pytest
 from mds import _pycore
 from mds._dtypes import CANDLE_DTYPE
 from mds.errors import InvalidRequestError
-from mds.testing import kernel_modules
+from mds.testing import kernel_modules, kernel_params
 from mds.timeframes import TIMEFRAMES
 
 _core = kernel_modules()["cython"]
-IMPLS = [
-    pytest.param(mod, id=name, marks=() if mod is not None else pytest.mark.skip(reason="compiled core not built"))
-    for name, mod in kernel_modules().items()
-]
+IMPLS = kernel_params()
 
 MIN = 60_000
 DAY = 86_400_000
