@@ -432,26 +432,52 @@ def test_delete_in_memory_only_store_keeps_the_rest(tmp_path, clock) -> None:
 
 def test_a_memory_hit_does_not_wait_for_another_threads_fetch(tmp_path, fake, clock) -> None:
     import threading
-    import time
 
-    st = mds.open(tmp_path / "s", layer1=router(fake, clock), config=Config(lookup="storage_first"), clock=clock)
+    inner = router(fake, clock)
+
+    class GatedLayer1:
+        """Holds KRW-CBK candle fetches until the test opens the gate."""
+
+        def __init__(self) -> None:
+            self.entered = threading.Event()
+            self.gate = threading.Event()
+
+        async def get_candle_data(self, symbols, *args, **kwargs):
+            if symbols == ["KRW-CBK"]:
+                self.entered.set()
+                await asyncio.to_thread(self.gate.wait, 60)
+            return await inner.get_candle_data(symbols, *args, **kwargs)
+
+        async def get_ticker_data(self, *args, **kwargs):
+            return await inner.get_ticker_data(*args, **kwargs)
+
+        async def get_orderbook_data(self, *args, **kwargs):
+            return await inner.get_orderbook_data(*args, **kwargs)
+
+        async def get_trades(self, *args, **kwargs):
+            return await inner.get_trades(*args, **kwargs)
+
+    l1 = GatedLayer1()
+    st = mds.open(tmp_path / "s", layer1=l1, config=Config(lookup="storage_first"), clock=clock)
     try:
         st.candles("KRW-BTC", "1m", count=100)  # cached in memory
-        fake.inject("latency", seconds=3.0, path_prefix="/v1/candles", times=1)
         slow = threading.Thread(target=st.candles, args=("KRW-CBK", "1m"), kwargs={"count": 100})
         slow.start()
-        time.sleep(0.3)  # the other thread is now waiting on Layer 1
-        assert slow.is_alive()
-        t0 = time.monotonic()
-        got = st.candles("KRW-BTC", "1m", count=100)
-        waited = time.monotonic() - t0
-        slow.join(10)
-        assert len(got) == 100
-        # behind the fetch it would wait ~2.7 s more; the margin keeps a loaded machine from failing it
-        assert waited < 2.0, f"the memory hit waited {waited:.2f} s behind a Layer 1 fetch"
+        assert l1.entered.wait(30)  # the other thread is now waiting on Layer 1
+        got: list[np.ndarray] = []
+        hit = threading.Thread(target=lambda: got.append(st.candles("KRW-BTC", "1m", count=100)))
+        hit.start()
+        hit.join(30)  # a liveness bound, not a speed check: behind the fetch it would never finish
+        done_before_fetch = not hit.is_alive()
+        l1.gate.set()
+        slow.join(30)
+        hit.join(30)
+        assert done_before_fetch, "the memory hit waited behind another thread's Layer 1 fetch"
+        assert len(got[0]) == 100
         assert len(st.candles("KRW-CBK", "1m", count=100)) == 100
         assert st.check().ok
     finally:
+        l1.gate.set()
         st.close()
 
 
