@@ -1,5 +1,6 @@
 """Type stubs of the compiled kernels (mds/_core.pyx); mds/_pycore.py holds the same names."""
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -8,7 +9,25 @@ from typing_extensions import disjoint_base
 
 IMPLEMENTATION: Final[str]
 REASONS: dict[int, str]
+CHUNK_KEY_MAX: int
 
+class ChunkCorrupt(Exception): ...
+
+_Memo = dict[bytes, tuple[bytes, int, int, int]]
+
+def file_state(fd: int) -> tuple[int, int]: ...
+def walk_chunks(
+    cur: Any,
+    prefix: bytes,
+    period: int,
+    start: int,
+    end: int,
+    limit: int,
+    step: int,
+    stale_before: int,
+    memo: _Memo,
+    view: Callable[[Any, bytes, _Memo], tuple[int, int, int]],
+) -> np.ndarray | list[int] | None: ...
 def validate(
     candles: np.ndarray,
     interval_ms: int,

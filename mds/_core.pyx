@@ -11,11 +11,16 @@ on ``cdivision``.
 Import kernels through :mod:`mds._kernels`; see docs/ARCHITECTURE.md, "Kernel interface".
 """
 
-from cpython.ref cimport Py_REFCNT
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_SetFromErrno
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF, Py_REFCNT
 from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.string cimport memcpy, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
 
+cimport numpy as cnp
 import numpy as np
 
 from mds._dtypes import CANDLE_DTYPE as _CANDLE
@@ -24,7 +29,7 @@ from mds.errors import InvalidRequestError
 IMPLEMENTATION = "cython"
 
 # Reason codes are defined once, by the twin; the loops below use the same numbers.
-from mds._pycore import REASONS
+from mds._pycore import CHUNK_KEY_MAX, REASONS, ChunkCorrupt
 
 cdef struct Candle:
     int64_t ts
@@ -71,6 +76,7 @@ def _check_layout():
 
 
 _check_layout()
+cnp.import_array()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -858,6 +864,222 @@ cdef class SeriesBuffer:
     def clear(self):
         """Drop every row and the array (views already handed out stay valid)."""
         self._alloc(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk walk (the LMDB disk tier's read loop)
+# ---------------------------------------------------------------------------------------------
+cdef inline int64_t _ts_at(const char* row) noexcept nogil:
+    cdef int64_t v
+    memcpy(&v, row, 8)
+    return v
+
+
+cdef Py_ssize_t _chunk_search(const char* rows, Py_ssize_t n, int64_t first, int64_t t, int64_t step) noexcept nogil:
+    """First row with ``ts >= t``, given ``ts[0] == first < t <= ts[n - 1]`` (the twin's _search)."""
+    cdef uint64_t i
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    if step > 0:
+        i = (<uint64_t>t - <uint64_t>first - 1) // <uint64_t>step + 1  # ceil((t - first) / step)
+        if i < <uint64_t>n and _ts_at(rows + i * sizeof(Candle)) >= t and _ts_at(rows + (i - 1) * sizeof(Candle)) < t:
+            return <Py_ssize_t>i
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if _ts_at(rows + mid * sizeof(Candle)) < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef extern from "numpy/arrayobject.h":
+    # Declared here because numpy's pxd leaves it out: it steals a reference to the descr.
+    PyTypeObject PyArray_Type
+    ctypedef struct _Descr "PyArray_Descr"
+    object _array_new "PyArray_NewFromDescr"(PyTypeObject* subtype, _Descr* descr, int nd, cnp.npy_intp* dims,
+                                             cnp.npy_intp* strides, void* data, int flags, PyObject* obj)
+
+cdef Py_ssize_t _ROW_BYTES = sizeof(Candle)
+cdef cnp.dtype _CANDLE_DESCR = _CANDLE
+
+
+cdef struct _Piece:
+    Py_buffer buf
+    Py_ssize_t offset
+    Py_ssize_t nbytes
+
+
+cdef inline int _keycmp(const char* a, Py_ssize_t alen, const char* b, Py_ssize_t blen) noexcept nogil:
+    """Byte-wise comparison of two keys, like ``bytes`` ordering (-1, 0, 1)."""
+    cdef int c = memcmp(a, b, alen if alen < blen else blen)
+    if c:
+        return -1 if c < 0 else 1
+    return (alen > blen) - (alen < blen)
+
+
+cdef bytes _chunk_key(bytes prefix, int64_t period_start):
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(prefix), i
+    cdef uint64_t u = <uint64_t>period_start ^ (1ULL << 63)
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, plen + 8)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(key)
+    memcpy(p, PyBytes_AS_STRING(prefix), plen)
+    for i in range(8):
+        p[plen + i] = (u >> (56 - 8 * i)) & 0xFF
+    return key
+
+
+def walk_chunks(cur, bytes prefix not None, int64_t period, int64_t start, int64_t end, limit, int64_t step,
+                int64_t stale_before, dict memo not None, view):
+    """Read the rows with ``start <= ts < end`` of one series from its chunks.
+
+    The twin's docstring holds the contract. Here the loop runs in C: keys are built and
+    compared in place, the memo check is one ``memcmp``, the row bounds a step guess or a binary
+    search on the mapped rows, and the rows are copied once, straight from the map into the
+    result.
+    """
+    if period <= 0 or not (-(1LL << 62) <= start < end <= (1LL << 62)):
+        raise ValueError("walk_chunks: period must be positive and start < end within +-2**62")
+    cdef bint back = limit >= 0
+    cdef int64_t lim = (limit if limit < INT64_MAX else INT64_MAX) if back else -1
+    cdef Py_ssize_t klen = PyBytes_GET_SIZE(prefix) + 8
+    cdef bytes lo_key = _chunk_key(prefix, start - _fmod(start, period))
+    cdef bytes hi_key = _chunk_key(prefix, end - 1 - _fmod(end - 1, period))
+    cdef const char* lo = PyBytes_AS_STRING(lo_key)
+    cdef const char* hi = PyBytes_AS_STRING(hi_key)
+    cdef list stale = []
+    cdef _Piece* pieces = NULL
+    cdef _Piece* grown
+    cdef _Piece* piece
+    cdef Py_ssize_t npieces = 0, cap = 0, i
+    cdef int64_t got = 0, written, n, hl, i0, i1, first, last
+    cdef Py_buffer vb, kb
+    cdef bint held_vb = False, hit
+    cdef bytes key, head
+    cdef const char* kp
+    cdef const char* rows
+    cdef uint64_t u
+    cdef char* dst
+    cdef cnp.npy_intp dims[1]
+    nxt = cur.prev if back else cur.next
+    item = cur.item
+    try:
+        if not back:
+            ok = cur.set_range(lo_key)
+        elif cur.set_range(hi_key):
+            k = cur.key()
+            ok = (len(k) <= CHUNK_KEY_MAX and bytes(k) == hi_key) or cur.prev()
+        else:
+            ok = cur.last()
+        while ok:
+            k, val = item()
+            PyObject_GetBuffer(k, &kb, PyBUF_SIMPLE)
+            if kb.len > CHUNK_KEY_MAX:
+                PyBuffer_Release(&kb)
+                raise ChunkCorrupt("key longer than any key the disk tier writes")
+            key = PyBytes_FromStringAndSize(<const char*>kb.buf, kb.len)
+            PyBuffer_Release(&kb)
+            kp = PyBytes_AS_STRING(key)
+            if back:
+                if _keycmp(kp, PyBytes_GET_SIZE(key), lo, klen) < 0:
+                    break
+            elif _keycmp(kp, PyBytes_GET_SIZE(key), hi, klen) > 0:
+                break
+            if PyBytes_GET_SIZE(key) != klen:
+                raise ChunkCorrupt("key in a series' range that is not a chunk key")
+            PyObject_GetBuffer(val, &vb, PyBUF_SIMPLE)
+            held_vb = True
+            hit = False
+            seen = memo.get(key)
+            if seen is not None:
+                head, hl, n, written = seen
+                hit = (vb.len == hl + n * _ROW_BYTES and PyBytes_GET_SIZE(head) == hl
+                       and memcmp(vb.buf, PyBytes_AS_STRING(head), hl) == 0)
+            if not hit:
+                hl, n, written = view(val, key, memo)
+                if n <= 0 or hl < 0 or vb.len != hl + n * _ROW_BYTES:
+                    raise ChunkCorrupt("chunk view does not match the value's size")
+            if written < stale_before:
+                u = 0
+                for i in range(8):
+                    u = (u << 8) | <unsigned char>kp[klen - 8 + i]
+                stale.append(<int64_t>(u ^ (1ULL << 63)))
+            elif not stale:
+                rows = <const char*>vb.buf + hl
+                first = _ts_at(rows)
+                last = _ts_at(rows + (n - 1) * _ROW_BYTES)
+                i0 = 0 if start <= first else n if start > last else _chunk_search(rows, n, first, start, step)
+                i1 = 0 if end <= first else n if end > last else _chunk_search(rows, n, first, end, step)
+                if back and i0 < i1 - (lim - got):
+                    i0 = i1 - (lim - got)
+                if i1 > i0:
+                    if npieces == cap:
+                        cap = 8 if cap == 0 else 2 * cap
+                        grown = <_Piece*>realloc(pieces, cap * sizeof(_Piece))
+                        if grown == NULL:
+                            raise MemoryError()
+                        pieces = grown
+                    pieces[npieces].buf = vb
+                    pieces[npieces].offset = hl + i0 * _ROW_BYTES
+                    pieces[npieces].nbytes = (i1 - i0) * _ROW_BYTES
+                    npieces += 1
+                    held_vb = False  # the piece owns the buffer now
+                    got += i1 - i0
+            if held_vb:
+                PyBuffer_Release(&vb)
+                held_vb = False
+            if back and not stale and got >= lim:
+                break
+            ok = (back or _keycmp(kp, klen, hi, klen) != 0) and nxt()
+        if stale:
+            return stale
+        if back and got < lim:
+            return None
+        # A new array that owns its rows, read-only like the twin's view of immutable bytes.
+        dims[0] = got
+        Py_INCREF(_CANDLE_DESCR)  # PyArray_NewFromDescr steals it
+        out = _array_new(&PyArray_Type, <_Descr*>_CANDLE_DESCR, 1, dims, NULL, NULL, 0, NULL)
+        dst = <char*>cnp.PyArray_DATA(out)
+        for i in range(npieces):
+            piece = &pieces[npieces - 1 - i] if back else &pieces[i]
+            memcpy(dst, <const char*>piece.buf.buf + piece.offset, piece.nbytes)
+            dst += piece.nbytes
+        cnp.PyArray_CLEARFLAGS(out, cnp.NPY_ARRAY_WRITEABLE)
+        return out
+    finally:
+        if held_vb:
+            PyBuffer_Release(&vb)
+        for i in range(npieces):
+            PyBuffer_Release(&pieces[i].buf)
+        free(pieces)
+
+cdef extern from *:
+    """
+    #include <sys/types.h>
+    #include <sys/stat.h>
+    #ifdef _WIN32
+    static int mds_file_state(int fd, long long* links, long long* size) {
+        struct _stat64 st;
+        if (_fstat64(fd, &st) != 0) return -1;
+        *links = st.st_nlink; *size = st.st_size; return 0;
+    }
+    #else
+    static int mds_file_state(int fd, long long* links, long long* size) {
+        struct stat st;
+        if (fstat(fd, &st) != 0) return -1;
+        *links = (long long)st.st_nlink; *size = (long long)st.st_size; return 0;
+    }
+    #endif
+    """
+    int mds_file_state(int fd, long long* links, long long* size) nogil
+
+
+def file_state(int fd):
+    """``(link count, size in bytes)`` of an open file: ``fstat`` without building
+    ``os.stat_result`` (a third of the cost of ``os.fstat`` here). Raises OSError."""
+    cdef long long links = 0, size = 0
+    if mds_file_state(fd, &links, &size) != 0:
+        PyErr_SetFromErrno(OSError)
+    return links, size
 
 
 # ---------------------------------------------------------------------------------------------

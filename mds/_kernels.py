@@ -50,10 +50,13 @@ def _load() -> ModuleType:
 if TYPE_CHECKING:
     # Both implementations have the same surface (tests hold them equal); type against the twin.
     from mds._pycore import (
+        CHUNK_KEY_MAX as CHUNK_KEY_MAX,
         IMPLEMENTATION as IMPLEMENTATION,
         LRU as LRU,
         REASONS as REASONS,
+        ChunkCorrupt as ChunkCorrupt,
         SeriesBuffer as SeriesBuffer,
+        file_state as file_state,
         find_gaps as find_gaps,
         interval_contains as interval_contains,
         interval_normalize as interval_normalize,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
         merge_into as merge_into,
         sort_dedup as sort_dedup,
         validate as validate,
+        walk_chunks as walk_chunks,
     )
 else:
     _impl = _load()

@@ -18,8 +18,11 @@ Conventions shared by both implementations (docs/ARCHITECTURE.md, "Kernel interf
 
 from __future__ import annotations
 
+import os
+import struct
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,10 +31,13 @@ from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
 from mds.errors import InvalidRequestError
 
 __all__ = [
+    "CHUNK_KEY_MAX",
     "IMPLEMENTATION",
     "LRU",
+    "ChunkCorrupt",
     "REASONS",
     "SeriesBuffer",
+    "file_state",
     "find_gaps",
     "interval_contains",
     "interval_normalize",
@@ -41,6 +47,7 @@ __all__ = [
     "merge_into",
     "sort_dedup",
     "validate",
+    "walk_chunks",
 ]
 
 IMPLEMENTATION = "numpy"
@@ -674,6 +681,149 @@ class SeriesBuffer:
     def clear(self) -> None:
         """Drop every row and the array (views already handed out stay valid)."""
         self._alloc(0)
+
+
+# --------------------------------------------------------------------------------------------
+# chunk walk (the LMDB disk tier's read loop)
+# --------------------------------------------------------------------------------------------
+#: Longest key the disk tier writes (symbol, timeframe, separators, 8-byte period). A longer key
+#: is refused before its bytes are compared: a damaged node can claim a size reaching past the map.
+CHUNK_KEY_MAX = 64
+_ROW = CANDLE_DTYPE.itemsize
+_ts_at = struct.Struct("<q").unpack_from  # (buffer, offset) -> (ts,)
+_KEY = struct.Struct(">Q")
+_OFFSET = 1 << 63
+
+
+class ChunkCorrupt(Exception):
+    """A chunk key or value that the disk tier cannot have written."""
+
+
+def _search(val: Any, h: int, n: int, first: int, t: int, step: int) -> int:
+    """Index of the first row with ``ts >= t`` in a chunk whose rows start at byte ``h`` and whose
+    first row has ``ts == first < t <= ts`` of its last row (``searchsorted``, side left).
+
+    Inside a chunk without gaps the index follows from ``first`` and the interval ``step``; it
+    is proven by its two neighbours. Only a gap before ``t`` (or ``step == 0``, calendar
+    months) builds a numpy view to search.
+    """
+    if step:  # the answer lies in [1, n - 1]
+        i = -((first - t) // step)  # ceil((t - first) / step)
+        if 0 < i < n and _ts_at(val, h + i * _ROW)[0] >= t > _ts_at(val, h + (i - 1) * _ROW)[0]:
+            return i
+    ts = np.ndarray((n,), dtype="<i8", buffer=val, offset=h, strides=(_ROW,))
+    return int(ts.searchsorted(t))
+
+
+def _bounds(val: Any, h: int, n: int, start: int, end: int, step: int) -> tuple[int, int]:
+    """Rows ``[i0, i1)`` of a chunk with ``start <= ts < end``."""
+    first = _ts_at(val, h)[0]
+    last = _ts_at(val, h + (n - 1) * _ROW)[0]
+    i0 = 0 if start <= first else n if start > last else _search(val, h, n, first, start, step)
+    i1 = 0 if end <= first else n if end > last else _search(val, h, n, first, end, step)
+    return i0, i1
+
+
+def walk_chunks(
+    cur: Any,
+    prefix: bytes,
+    period: int,
+    start: int,
+    end: int,
+    limit: int,
+    step: int,
+    stale_before: int,
+    memo: dict[bytes, tuple[bytes, int, int, int]],
+    view: Callable[[Any, bytes, dict[bytes, tuple[bytes, int, int, int]]], tuple[int, int, int]],
+) -> np.ndarray | list[int] | None:
+    """Read the rows with ``start <= ts < end`` of one series from its chunks.
+
+    ``cur`` is an LMDB cursor (or anything with ``set_range key value next prev last``) over
+    keys ``prefix + period start`` (8 bytes, big-endian, offset by 2**63 so byte order is time
+    order; periods are multiples of ``period`` ms) whose values are ``header + raw CANDLE_DTYPE
+    rows``. ``limit < 0`` walks forward from the period holding ``start`` to the one holding
+    ``end - 1`` and takes every row of the range; ``limit >= 0`` walks backward from the period
+    holding ``end - 1`` and takes the latest ``limit`` rows of the range. ``view(value, key,
+    memo)`` returns ``(header length, rows, written_at)`` of a value it checked and records it
+    in ``memo`` (``key -> (header bytes, header length, rows, written_at)``); a value whose size
+    and header bytes equal its memo entry is not passed to ``view`` again. ``step`` is the
+    interval between rows (0 for calendar months): inside a chunk without gaps a row's index
+    follows from it.
+
+    Returns a new read-only CANDLE_DTYPE array; or the period starts of the chunks written
+    before ``stale_before`` when there are any (their rows are not read); or None when walking
+    backward found fewer than ``limit`` rows. Raises :class:`ChunkCorrupt` for a key in the
+    series' range that is not a chunk key, ValueError unless ``period > 0`` and
+    ``-2**62 <= start < end <= 2**62``, and whatever ``view`` raises.
+    """
+    if period <= 0 or not -(1 << 62) <= start < end <= 1 << 62:
+        raise ValueError("walk_chunks: period must be positive and start < end within +-2**62")
+    back = limit >= 0
+    klen = len(prefix) + 8
+    lo_key = prefix + _KEY.pack(start - start % period + _OFFSET)
+    hi_key = prefix + _KEY.pack(end - 1 - (end - 1) % period + _OFFSET)
+    parts: list[Any] = []
+    stale: list[int] = []
+    got = 0
+    if not back:
+        ok = cur.set_range(lo_key)
+    elif cur.set_range(hi_key):
+        k = cur.key()
+        ok = (len(k) <= CHUNK_KEY_MAX and bytes(k) == hi_key) or cur.prev()
+    else:
+        ok = cur.last()
+    while ok:
+        key = cur.key()
+        if len(key) > CHUNK_KEY_MAX:
+            raise ChunkCorrupt("key longer than any key the disk tier writes")
+        key = bytes(key)
+        if (key < lo_key) if back else (key > hi_key):
+            break
+        if len(key) != klen:
+            raise ChunkCorrupt("key in a series' range that is not a chunk key")
+        val = cur.value()
+        seen = memo.get(key)
+        if seen is not None and len(val) == seen[1] + seen[2] * _ROW and val[: seen[1]] == seen[0]:
+            _, hl, n, written = seen
+        else:
+            hl, n, written = view(val, key, memo)
+            if n <= 0 or hl < 0 or len(val) != hl + n * _ROW:
+                raise ChunkCorrupt("chunk view does not match the value's size")
+        if written < stale_before:
+            stale.append(_KEY.unpack_from(key, klen - 8)[0] - _OFFSET)
+        elif not stale:
+            i0, i1 = _bounds(val, hl, n, start, end, step)
+            if back:
+                i0 = max(i0, i1 - (limit - got))
+            if i1 > i0:
+                parts.append(val[hl + i0 * _ROW : hl + i1 * _ROW])
+                got += i1 - i0
+            if back and got >= limit:
+                break
+        if back:
+            ok = cur.prev()
+        else:
+            ok = key != hi_key and cur.next()
+    if stale:
+        return stale
+    if back:
+        if got < limit:
+            return None
+        parts.reverse()
+    if not parts:
+        out = np.empty(0, CANDLE_DTYPE)
+        out.flags.writeable = False
+        return out
+    # One copy out of the map (before the transaction ends); the array views the immutable
+    # bytes, so it is read-only (CPython places a bytes payload 16-byte aligned).
+    return np.frombuffer(b"".join(parts), dtype=CANDLE_DTYPE)
+
+
+def file_state(fd: int) -> tuple[int, int]:
+    """``(link count, size in bytes)`` of an open file: the disk tier's per-read check that its
+    mapped file was neither deleted nor truncated. Raises OSError like ``os.fstat``."""
+    st = os.fstat(fd)
+    return st.st_nlink, st.st_size
 
 
 # --------------------------------------------------------------------------------------------
