@@ -738,7 +738,7 @@ def walk_chunks(
 ) -> np.ndarray | list[int] | None:
     """Read the rows with ``start <= ts < end`` of one series from its chunks.
 
-    ``cur`` is an LMDB cursor (or anything with ``set_range key value next prev last``) over
+    ``cur`` is an LMDB cursor (or anything with ``set_range item key value next prev last``) over
     keys ``prefix + period start`` (8 bytes, big-endian, offset by 2**63 so byte order is time
     order; periods are multiples of ``period`` ms) whose values are ``header + raw CANDLE_DTYPE
     rows``. ``limit < 0`` walks forward from the period holding ``start`` to the one holding

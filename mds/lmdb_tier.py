@@ -681,7 +681,7 @@ class LmdbTier:
         """Run ``fn(handle, txn, *args)`` in a read transaction; damage is repaired and means None.
 
         The same steps as :meth:`_reading`, written out: the generator-based context manager
-        costs about 1 us, a fifth of a 1,000-candle read.
+        costs about 1 us, a quarter of a 1,000-candle read.
         """
         h = self._env
         if h is None:

@@ -879,8 +879,9 @@ class Store:
         now = self._now()
         last_end = tf.floor(now)  # end of the last closed interval
         if count is not None and s is None:
-            arr, source = self._latest(sym, tf, int(count), last_end if e is None else min(tf.ceil(e), last_end),
-                                       allow_layer1)
+            arr, source = self._latest(
+                sym, tf, int(count), last_end if e is None else min(tf.ceil(e), last_end), allow_layer1
+            )
         elif count is not None and e is None:
             assert s is not None
             arr, source = self._first_n(sym, tf, tf.ceil(s), int(count), last_end, allow_layer1)
@@ -1898,4 +1899,3 @@ def open(  # the public name fixed by DESIGN.md
         Callable returning epoch ms (for simulations and tests); default the wall clock.
     """
     return Store(path, layer1=layer1, config=config, clock=clock)
-
