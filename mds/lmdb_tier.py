@@ -803,7 +803,7 @@ class LmdbTier:
             # Anything unusual (damage, a resized map, a replaced file) raises and takes _read.
             try:
                 with h.lock:
-                    txn = h.env.begin(buffers=True)
+                    txn = h.env.begin(None, None, False, True)  # buffers=True; keywords cost a dict a call
                     try:
                         links, size = file_state(h.fd)
                         if not links or size != h.checked_size:
@@ -1158,7 +1158,7 @@ def _range_in(
     h: _Env, txn: Any, prefix: bytes, period: int, step: int, start: int, end: int, stale_before: int
 ) -> np.ndarray | list[int] | None:
     """The read walk of :meth:`LmdbTier.get_range` (see :func:`walk_chunks` for the result)."""
-    hv = txn.get(prefix, db=h.held)
+    hv = txn.get(prefix, None, h.held)  # db=h.held (positional: no keyword dict)
     if hv is None:
         return None
     # _held_parsed's memo hit and _contains, inlined (the range read's hot path). The comparison
@@ -1169,7 +1169,7 @@ def _range_in(
     if not (i & 1 and end <= flat[i]):
         return None
     return walk_chunks(
-        txn.cursor(db=h.chunks), prefix, period, start, end, -1, step, stale_before, h.verified, _chunk_view
+        txn.cursor(h.chunks), prefix, period, start, end, -1, step, stale_before, h.verified, _chunk_view
     )
 
 
