@@ -876,7 +876,11 @@ cdef inline int64_t _ts_at(const char* row) noexcept nogil:
 
 
 cdef Py_ssize_t _chunk_search(const char* rows, Py_ssize_t n, int64_t first, int64_t t, int64_t step) noexcept nogil:
-    """First row with ``ts >= t``, given ``ts[0] == first < t <= ts[n - 1]`` (the twin's _search)."""
+    """First row with ``ts >= t``, given ``ts[0] == first < t <= ts[n - 1]`` (the twin's _search).
+
+    Not ``_lower_bound``: that one reads through an aligned ``Candle*``, and a small chunk stored
+    inside an LMDB leaf page starts only 2-byte aligned, so timestamps are read with ``memcpy``.
+    """
     cdef uint64_t i
     cdef Py_ssize_t lo = 0, hi = n, mid
     if step > 0:

@@ -514,8 +514,11 @@ class _Env:
         assert self.env is not None
         return self.env
 
-    def check_file(self) -> None:
+    def check_file(self, links: int | None = None, size: int = -1) -> None:
         """Check, inside a transaction, that the mapped data file can back it.
+
+        ``links, size``: the descriptor's :func:`file_state`, when the caller read it already
+        (readers do, and call this only when the link count is 0 or the size changed).
 
         Called after the transaction began, so every page it can reach was written before the
         ``fstat`` (LMDB writes pages before the meta page that references them). A truncated
@@ -525,10 +528,11 @@ class _Env:
         A file truncated after this check, during the read itself, can still fault: LMDB
         offers no protection against that and neither does this module.
         """
-        try:
-            links, size = file_state(self.fd)
-        except OSError as exc:
-            raise _Gone(str(exc)) from None
+        if links is None:
+            try:
+                links, size = file_state(self.fd)
+            except OSError as exc:
+                raise _Gone(str(exc)) from None
         if links == 0:
             raise _Gone("data file deleted")
         if size == self.checked_size:
@@ -695,9 +699,12 @@ class LmdbTier:
                     h.adopt_resize()
                     txn = env.begin(buffers=True)
                 try:
-                    links, size = file_state(h.fd)  # check_file's common case, inlined
+                    try:  # check_file's common case, inlined
+                        links, size = file_state(h.fd)
+                    except OSError as exc:
+                        raise _Gone(str(exc)) from None
                     if not links or size != h.checked_size:
-                        h.check_file()
+                        h.check_file(links, size)
                     return fn(h, txn, *args)
                 finally:
                     txn.abort()
@@ -805,9 +812,9 @@ class LmdbTier:
                 with h.lock:
                     txn = h.env.begin(None, None, False, True)  # buffers=True; keywords cost a dict a call
                     try:
-                        links, size = file_state(h.fd)
+                        links, size = file_state(h.fd)  # an OSError takes _read, which says "gone"
                         if not links or size != h.checked_size:
-                            h.check_file()
+                            h.check_file(links, size)
                         res = _range_in(h, txn, prefix, period, step, start, end, stale_before)
                     finally:
                         txn.abort()
@@ -1159,14 +1166,7 @@ def _range_in(
 ) -> np.ndarray | list[int] | None:
     """The read walk of :meth:`LmdbTier.get_range` (see :func:`walk_chunks` for the result)."""
     hv = txn.get(prefix, None, h.held)  # db=h.held (positional: no keyword dict)
-    if hv is None:
-        return None
-    # _held_parsed's memo hit and _contains, inlined (the range read's hot path). The comparison
-    # checks the length first, so an unchanged memo entry bounds what is read of the value.
-    hit = h.held_cache.get(prefix)
-    flat = hit[1] if hit is not None and hv == hit[0] else _held_parsed(h, prefix, hv)
-    i = bisect.bisect_right(flat, start)
-    if not (i & 1 and end <= flat[i]):
+    if hv is None or not _contains(_held_parsed(h, prefix, hv), start, end):
         return None
     return walk_chunks(
         txn.cursor(h.chunks), prefix, period, start, end, -1, step, stale_before, h.verified, _chunk_view

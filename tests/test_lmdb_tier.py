@@ -286,6 +286,19 @@ def _refill_and_read(t: LmdbTier, a: np.ndarray, s: int, e: int) -> None:
     assert t.check() == []
 
 
+def test_failing_file_check_reads_none_then_reopens(tmp_path: Path, clock: Clock) -> None:
+    # fstat of the tier's descriptor fails (here: the descriptor was closed under it): the read
+    # treats the file as gone and answers None instead of raising; the tier reopens the path.
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    os.close(t._handle().fd)
+    assert t.get_range(SYM, M1, s, e) is None
+    assert np.array_equal(t.get_range(SYM, M1, s, e), a)
+    os.close(t._handle().fd)
+    assert t.get_latest(SYM, M1, 10, e) is None
+    assert np.array_equal(t.get_latest(SYM, M1, 10, e), a[-10:])
+    t.close()
+
+
 def test_truncated_data_file_while_open_reads_none_then_refills(tmp_path: Path, clock: Clock) -> None:
     t, a, s, e = _filled(tmp_path / "lmdb", clock)
     data = tmp_path / "lmdb" / "data.mdb"
