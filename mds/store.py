@@ -9,11 +9,13 @@ the fetched range is recorded as covered even where Upbit had no candles.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -58,6 +60,8 @@ _EMPTY.flags.writeable = False
 _SOURCE_RANK = {"storage_memory": 0, "layer1_cache": 1, "storage_disk": 2, "sqlite_db": 3, "layer1_api": 4}
 _TIER_SOURCE = {"memory": "storage_memory", "disk": "storage_disk", "sqlite": "sqlite_db"}
 _RETRY_DEGRADED_S = 5.0
+#: How long stats() waits for a writer before it reports the tiers' sizes as busy.
+_STATS_WAIT_S = 1.0
 _CHANGE_SLOTS = 4096
 _PAGE = 200
 
@@ -120,11 +124,13 @@ class _NeedsLayer1(Exception):
 
 
 _BACKEND_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, OSError)
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = ()
 try:  # translate backend errors that escape a tier into degradation, not crashes
     import apsw as _apsw
     import lmdb as _lmdb
 
     _BACKEND_ERRORS = (StorageUnavailableError, OSError, _apsw.Error, _lmdb.Error)
+    _TRANSIENT_ERRORS = (_apsw.BusyError, _apsw.LockedError, _apsw.FullError, _apsw.ReadOnlyError)
 except ImportError:  # pragma: no cover - both are hard dependencies
     pass
 
@@ -149,7 +155,7 @@ class Store:
         self.config = config if config is not None else Config()
         if not isinstance(self.config, Config):
             raise InvalidRequestError("config must be an mds.Config")
-        self._clock: Callable[[], int] = clock if clock is not None else now_ms
+        self._clock: Callable[[], int] = _checked_clock(clock) if clock is not None else now_ms
         self.path = Path(path).expanduser() if path is not None else default_path()
         self._lock = threading.RLock()
         self._metrics = _Metrics()
@@ -327,7 +333,12 @@ class Store:
         no write to the series began since (checked inside the LMDB write transaction)."""
         token = self._stamp(sym, tf)
         if token is None:
-            return None
+            # no change slots: SQLite's own counter of other connections' commits (coarser)
+            db = self._tier("sqlite")
+            if db is None:
+                return None
+            version = self._guard("sqlite", db.data_version)
+            return lambda: version is not None and self._guard("sqlite", db.data_version) == version
         if token & 1:
             return lambda: False
         return lambda: self._stamp(sym, tf) == token
@@ -427,6 +438,33 @@ class Store:
             self._degrade(name, exc)
             return None
 
+    def _db(self) -> Any:
+        """The durable tier for a read; None when the store has none (memory or disk only).
+
+        Raises :class:`_StorageDown` when the store has one that cannot answer now (degraded,
+        unopenable): the fast tiers hold only windows of what it holds, so no read may fall back
+        to them as if they were the whole answer (DESIGN.md section 6).
+        """
+        if "sqlite" not in self._tiers:
+            return None
+        db = self._tier("sqlite")
+        if db is None:
+            raise _StorageDown(reason=f"the SQLite tier is unavailable ({self._tiers['sqlite'].error})")
+        return db
+
+    def _ask_db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a durable-tier read; a failure raises :class:`_StorageDown`, never an empty answer.
+
+        Busy, locked, full or read-only is not broken: the tier stays in service for the next
+        call. Anything else degrades it.
+        """
+        try:
+            return fn(*args)
+        except _BACKEND_ERRORS as exc:
+            if not _transient(exc):
+                self._degrade("sqlite", exc)
+            raise _StorageDown(reason=f"the SQLite tier could not answer: {exc}") from exc
+
     def _disk_loader(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray:
         db = self._tier("sqlite")
         if db is None:
@@ -455,12 +493,9 @@ class Store:
         cov = self._coverage.get(key)
         if cov is not None:
             return cov
-        db = self._tier("sqlite")
-        if db is not None:
-            got = self._guard("sqlite", db.coverage, symbol, tf)
-            cov = _EMPTY_RANGES if got is None else np.asarray(got, dtype=np.int64).reshape(-1, 2)
-        else:
-            cov = _EMPTY_RANGES
+        db = self._db()
+        cov = _EMPTY_RANGES if db is None else np.asarray(self._ask_db(db.coverage, symbol, tf), np.int64)
+        cov = cov.reshape(-1, 2)
         self._set_cov(key, cov)
         return cov
 
@@ -631,7 +666,8 @@ class Store:
                 try:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
                 except _BACKEND_ERRORS as exc:
-                    self._degrade("sqlite", exc)
+                    if not _transient(exc):  # busy is not broken: reads go on
+                        self._degrade("sqlite", exc)
                     if not self._batch_depth:
                         self._end_changes()
                     raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
@@ -699,14 +735,19 @@ class Store:
         if disk is None and mem is None:
             return
         for s, e in spans.tolist():
+            guard = None
             if db is not None:
+                # Another store (thread or process) may commit the same series between this read
+                # and the LMDB write: the guard, checked inside LMDB's write transaction, then
+                # refuses the fill, so LMDB never keeps the earlier of two commits.
+                guard = self._fill_guard(sym, tf)
                 rows = self._guard("sqlite", db.read_range, sym, tf, s, e)
                 if rows is None:
                     self._invalidate_fast(sym, tf, s, e)
                     continue
             else:
                 rows = self._merge_with_fast(sym, tf, s, e, batch)
-            self._put_fast(sym, tf, s, e, rows)
+            self._put_fast(sym, tf, s, e, rows, guard)
 
     def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
         """Without SQLite: what the fast tiers already hold in [s, e) merged with the batch."""
@@ -723,8 +764,10 @@ class Store:
         merged, *_ = K.merge(np.ascontiguousarray(held), part)
         return merged
 
-    def _put_fast(self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
-        self._put_disk(sym, tf, s, e, rows)
+    def _put_fast(
+        self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None = None
+    ) -> None:
+        self._put_disk(sym, tf, s, e, rows, guard)
         mem = self._tier("memory")
         if mem is not None:
             cap = self.config.memory_candles
@@ -863,6 +906,13 @@ class Store:
         self._reading.bypass = self._sync_series(sym, tf)
         try:
             return self._read_synced(sym, tf, count, s, e, include_partial, allow_layer1)
+        except _StorageDown as down:
+            if self._layer1 is None:
+                raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered") from None
+            if not allow_layer1:
+                raise _NeedsLayer1() from None
+            logger.warning("%s %s: storage cannot answer (%s); passing the read through to Layer 1", sym, tf.name, down)
+            return self._read_synced(sym, tf, count, s, e, include_partial, True, passthrough=True)
         finally:
             self._reading.bypass = False
 
@@ -875,20 +925,27 @@ class Store:
         e: int | None,
         include_partial: bool,
         allow_layer1: bool,
+        passthrough: bool = False,
     ) -> tuple[np.ndarray, str]:
+        """The read of :meth:`candles`; with ``passthrough`` every part comes from Layer 1 alone
+        (storage could not answer) and nothing is stored."""
         now = self._now()
         last_end = tf.floor(now)  # end of the last closed interval
+        rng = self._range_from_layer1 if passthrough else self._range
         if count is not None and s is None:
-            arr, source = self._latest(
-                sym, tf, int(count), last_end if e is None else min(tf.ceil(e), last_end), allow_layer1
-            )
+            end = last_end if e is None else min(tf.ceil(e), last_end)
+            if passthrough:
+                arr = _ro(self._fetch_checked(sym, tf, count=int(count), end=end)[0][-int(count) :])
+                source = "layer1_api"
+            else:
+                arr, source = self._latest(sym, tf, int(count), end, allow_layer1)
         elif count is not None and e is None:
             assert s is not None
-            arr, source = self._first_n(sym, tf, tf.ceil(s), int(count), last_end, allow_layer1)
+            arr, source = self._first_n(sym, tf, tf.ceil(s), int(count), last_end, allow_layer1, rng)
         else:
             assert s is not None
             hi = last_end if e is None else min(e, last_end)
-            arr, source = self._range(sym, tf, tf.ceil(s), max(hi, tf.ceil(s)), allow_layer1)
+            arr, source = rng(sym, tf, tf.ceil(s), max(hi, tf.ceil(s)), allow_layer1)
             if count is not None and len(arr) > count:
                 arr = arr[: int(count)]
         if include_partial:
@@ -901,7 +958,14 @@ class Store:
         return arr, source
 
     def _first_n(
-        self, sym: str, tf: Timeframe, lo: int, n: int, last_end: int, allow_layer1: bool
+        self,
+        sym: str,
+        tf: Timeframe,
+        lo: int,
+        n: int,
+        last_end: int,
+        allow_layer1: bool,
+        rng: Callable[[str, Timeframe, int, int, bool], tuple[np.ndarray, str]],
     ) -> tuple[np.ndarray, str]:
         """The first ``n`` candles from ``lo``: a window of ``n`` intervals, doubled while no-trade
         intervals leave it short, so that N candles from an old start never fetch all history."""
@@ -909,7 +973,7 @@ class Store:
         source = "storage_memory"
         while True:
             hi = min(last_end, tf.add(lo, width))
-            arr, src = self._range(sym, tf, lo, max(hi, lo), allow_layer1)
+            arr, src = rng(sym, tf, lo, max(hi, lo), allow_layer1)
             source = _slowest(source, src)
             if len(arr) >= n or hi >= last_end:
                 return arr[:n], source
@@ -980,12 +1044,12 @@ class Store:
         cov = self._cov(sym, tf)
         if len(cov):
             ends.append(int(cov[-1, 1]))
-        db = self._tier("sqlite")
+        db = self._db()
         if db is not None:
-            last = self._guard("sqlite", db.last_ts, sym, tf)
+            last = self._ask_db(db.last_ts, sym, tf)
             if last is not None:
                 ends.append(tf.add(int(last), 1))
-        elif "sqlite" not in self._tiers:
+        else:
             for name in ("disk", "memory"):
                 t = self._tier(name)
                 held = None if t is None else self._guard(name, t.held, sym, tf)
@@ -1013,16 +1077,15 @@ class Store:
                 self._to_memory(sym, tf, got, end)
                 return _ro(got), "storage_disk"
             self._metrics.misses["disk"] += 1
-        db = self._tier("sqlite")
+        db = self._db()
         if db is not None:
             guard = self._fill_guard(sym, tf)  # taken before the read it protects
-            got = self._guard("sqlite", db.read_latest, sym, tf, n, end)
-            if got is not None:
-                self._to_memory(sym, tf, got, end)
-                if len(got):
-                    self._put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
-                return _ro(got), "sqlite_db"
-            self._metrics.misses["sqlite"] += 1
+            got = self._ask_db(db.read_latest, sym, tf, n, end)
+            self._to_memory(sym, tf, got, end)
+            if len(got):
+                self._put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
+            return _ro(got), "sqlite_db"
+        # no durable tier: what the fast tiers keep is all the store holds
         mem = self._tier("memory")
         if mem is not None:
             got = mem.latest(sym, tf, n, end)
@@ -1088,14 +1151,12 @@ class Store:
             if got is not None:
                 return _ro(got), _slowest(source, _TIER_SOURCE[name])
             self._metrics.misses[name] += 1
-        db = self._tier("sqlite")
+        db = self._db()
         if db is not None:
             guard = self._fill_guard(sym, tf)  # taken before the read it protects
-            got = self._guard("sqlite", db.read_range, sym, tf, s, e)
-            if got is not None:
-                self._put_disk(sym, tf, s, e, got, guard)
-                return _ro(got), _slowest(source, "sqlite_db")
-            self._metrics.misses["sqlite"] += 1
+            got = self._ask_db(db.read_range, sym, tf, s, e)
+            self._put_disk(sym, tf, s, e, got, guard)
+            return _ro(got), _slowest(source, "sqlite_db")
         mem = self._tier("memory")
         if self._layer1 is not None and (mem is None or mem.held(sym, tf) is None):
             if not allow_layer1:
@@ -1133,15 +1194,25 @@ class Store:
 
     # ------------------------------------------------------------------ Layer 1
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a Layer 1 coroutine on the store's own event loop thread and wait for it."""
-        if self._loop is None:
+        """Run a Layer 1 coroutine on the store's own event loop thread and wait for it.
+
+        Whatever the Layer 1 raises (also ``SystemExit``, ``KeyboardInterrupt`` or a
+        ``CancelledError`` of its own) ends this call as a :class:`Layer1Error` and leaves the
+        loop thread serving the next call.
+        """
+        th = self._loop_thread
+        if self._loop is None or th is None or not th.is_alive():
             with self._lock:
-                if self._loop is None:
+                th = self._loop_thread
+                if self._loop is None or th is None or not th.is_alive():
+                    if self._loop is not None:
+                        logger.warning("the Layer 1 event loop thread had stopped; starting a new one")
                     loop = asyncio.new_event_loop()
-                    th = threading.Thread(target=loop.run_forever, name="mds-layer1", daemon=True)
+                    th = threading.Thread(target=_serve_loop, args=(loop,), name="mds-layer1", daemon=True)
                     th.start()
                     self._loop, self._loop_thread = loop, th
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(_contained(coro), self._loop)
         # Other threads may use the store while this one waits for the network (a memory hit
         # must not queue behind a fetch), except inside a batch, whose transaction is this
         # thread's alone. Callers re-read what they need after the wait.
@@ -1151,9 +1222,11 @@ class Store:
             held = lock._release_save()
         try:
             return fut.result(timeout=self.config.layer1_timeout_s)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             fut.cancel()
             raise Layer1Error(f"Layer 1 did not answer within {self.config.layer1_timeout_s} s") from None
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            raise Layer1Error("the Layer 1 call was cancelled by the Layer 1") from None
         finally:
             if held is not None:
                 lock._acquire_restore(held)
@@ -1230,6 +1303,11 @@ class Store:
     def _passthrough_range(self, sym: str, tf: Timeframe, s: int, e: int) -> np.ndarray:
         arr, _ = self._fetch_checked(sym, tf, start=s, end=e)
         return arr[arr["ts"] >= s]
+
+    def _range_from_layer1(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> tuple[np.ndarray, str]:
+        if e <= s:
+            return _EMPTY, "storage_memory"
+        return _ro(self._passthrough_range(sym, tf, s, e)), "layer1_api"
 
     def _peek_latest(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
         """Answer a latest-N read from Layer 1's cache when it holds it fresh (never the network)."""
@@ -1317,7 +1395,7 @@ class Store:
         self._check_open()
         sym = self._sym(symbol)
         tf = parse_timeframe(timeframe)
-        with self._lock:
+        with self._lock, _storage_errors(sym, tf):
             self._sync_series(sym, tf)
             return [(int(a), int(b)) for a, b in self._cov(sym, tf).tolist()]
 
@@ -1335,7 +1413,7 @@ class Store:
         e = self._range_arg(end, "end")
         if s is not None and e is not None and e <= s:
             raise InvalidRequestError("end must be after start")
-        with self._lock:
+        with self._lock, _storage_errors(sym, tf):
             self._sync_series(sym, tf)
             cov = self._cov(sym, tf)
             data = self._all_ts(sym, tf, s, e)
@@ -1373,11 +1451,9 @@ class Store:
     def _all_ts(self, sym: str, tf: Timeframe, s: int | None, e: int | None) -> np.ndarray:
         lo = -(2**62) if s is None else s
         hi = 2**62 if e is None else e
-        db = self._tier("sqlite")
+        db = self._db()
         if db is not None:
-            rows = self._guard("sqlite", db.read_range, sym, tf, lo, hi)
-            if rows is not None:
-                return np.ascontiguousarray(rows["ts"])
+            return np.ascontiguousarray(self._ask_db(db.read_range, sym, tf, lo, hi)["ts"])
         for name in ("disk", "memory"):
             t = self._tier(name)
             if t is None:
@@ -1444,7 +1520,8 @@ class Store:
                 try:
                     removed = int(db.delete(sym, tf, s, e))
                 except _BACKEND_ERRORS as exc:
-                    self._degrade("sqlite", exc)
+                    if not _transient(exc):
+                        self._degrade("sqlite", exc)
                     raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
                 finally:
                     if not self._batch_depth:
@@ -1657,15 +1734,18 @@ class Store:
         source = "storage_memory"
         pending: list[str] = []
         for sym in req.symbols:
+            # Never wait for the store lock in the caller's event loop: while another thread holds
+            # it (a batch, maintain(), a fetch), the read goes to a worker thread below.
+            if not self._lock.acquire(blocking=False):
+                pending.append(sym)
+                continue
             try:
-                with self._lock:
-                    arr, src = self._read(sym, tf, req.count, req.start_time, req.end_time, False, allow_layer1=False)
-            except _NeedsLayer1:
+                arr, src = self._read(sym, tf, req.count, req.start_time, req.end_time, False, allow_layer1=False)
+            except (_NeedsLayer1, _StorageDown):
                 pending.append(sym)
                 continue
-            except _StorageDown:
-                pending.append(sym)
-                continue
+            finally:
+                self._lock.release()
             self._metrics.hits[src] += 1
             out[sym] = arr
             source = _slowest(source, src)
@@ -1740,25 +1820,37 @@ class Store:
         """JSON-serialisable figures: hits and misses per tier, hit rate, latency percentiles per
         tier and per API, Layer 1 calls and candles fetched, sizes per tier, degraded tiers."""
         m = self._metrics
-        served = sum(m.hits.values())
-        from_storage = served - m.hits["layer1_api"]
+        # Readers update the counters outside the store lock: copy each dict in one C-level step
+        # (no Python code runs while it is copied, so no other thread can change its size).
+        hits, misses, latency = dict(m.hits), dict(m.misses), list(m.latency.items())
+        served = sum(hits.values())
+        from_storage = served - hits["layer1_api"]
         out: dict[str, Any] = {
             "requests": m.requests,
-            "hits": dict(m.hits),
-            "misses": dict(m.misses),
+            "hits": hits,
+            "misses": misses,
             "hit_rate": round(from_storage / served, 6) if served else None,
-            "latency": {k: v.summary() for k, v in sorted(m.latency.items())},
+            "latency": {k: v.summary() for k, v in sorted(latency)},
             "layer1": {"calls": m.layer1_calls, "candles_fetched": m.layer1_candles, "errors": m.layer1_errors},
             "tiers": {},
             "degraded": sorted(n for n, s in self._tiers.items() if s.degraded_at is not None),
             "core": K.IMPLEMENTATION,
         }
-        for name, state in self._tiers.items():
-            info: dict[str, Any] = {"degraded": state.degraded_at is not None, "error": state.error}
-            if state.obj is not None and state.degraded_at is None:
-                with contextlib.suppress(*_BACKEND_ERRORS):
-                    info.update(_jsonable(state.obj.stats()))
-            out["tiers"][name] = info
+        # The tiers' figures come from their connections, which a writer may be using: ask them
+        # under the store lock, and say so where a long write holds it instead of waiting for it.
+        held = self._lock.acquire(timeout=_STATS_WAIT_S)
+        try:
+            for name, state in self._tiers.items():
+                info: dict[str, Any] = {"degraded": state.degraded_at is not None, "error": state.error}
+                if not held:
+                    info["busy"] = True
+                elif state.obj is not None and state.degraded_at is None:
+                    with contextlib.suppress(*_BACKEND_ERRORS):
+                        info.update(_jsonable(state.obj.stats()))
+                out["tiers"][name] = info
+        finally:
+            if held:
+                self._lock.release()
         with contextlib.suppress(Exception):
             out["realtime"] = _jsonable(self._realtime.stats())
         if self._layer1 is not None:
@@ -1801,11 +1893,91 @@ class Store:
 
 
 class _StorageDown(Exception):
-    """Storage could not keep or answer; carries fetched rows for a pass-through answer."""
+    """Storage could not keep or answer; carries fetched rows for a pass-through answer and the
+    reason, for the typed error raised when there is no Layer 1 to pass through to."""
 
-    def __init__(self, rows: np.ndarray | None = None) -> None:
-        super().__init__("storage unavailable")
+    def __init__(self, rows: np.ndarray | None = None, reason: str = "storage unavailable") -> None:
+        super().__init__(reason)
         self.rows = rows if rows is not None else _EMPTY
+        self.reason = reason
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a backend failure is a state of the moment (busy, locked, full, read-only) rather
+    than a broken tier: the call fails, the tier stays in service."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, _TRANSIENT_ERRORS):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+#: A store clock must answer epoch ms inside this range (as the SQLite tier's keys require).
+_CLOCK_MAX = 1 << 50
+
+
+def _clock_value(t: Any) -> int:
+    """Epoch ms from a clock's answer (an int, or a finite float, floored), or InvalidRequestError:
+    never a bool, None, NaN or a string."""
+    number = isinstance(t, (int, np.integer)) or (isinstance(t, (float, np.floating)) and math.isfinite(t))
+    if not number or isinstance(t, (bool, np.bool_)):
+        raise InvalidRequestError(f"the store clock returned {t!r}; it must return epoch milliseconds as an int")
+    v = int(t // 1)
+    if not 0 <= v < _CLOCK_MAX:
+        raise InvalidRequestError(f"the store clock returned {v}, outside 0 .. 2**50 epoch milliseconds")
+    return v
+
+
+def _checked_clock(fn: Any) -> Callable[[], int]:
+    """Wrap a user's clock so every answer is checked (about 0.05 us on an int); it is asked once
+    here, so a wrong clock fails at open instead of in the middle of a write."""
+    if not callable(fn):
+        raise InvalidRequestError(f"clock must be a callable returning epoch ms, not {type(fn).__name__}")
+
+    def clock() -> int:
+        t = fn()
+        if t.__class__ is int and 0 <= t < _CLOCK_MAX:
+            return t
+        return _clock_value(t)
+
+    clock()
+    return clock
+
+
+def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The Layer 1 thread: run the loop until close() stops it. A BaseException raised by foreign
+    code inside a task the loop created (``asyncio.wait_for`` wraps its awaitable in one) leaves
+    ``run_forever``; the task holds it as its result, so the loop serves on and the waiting call
+    gets the error."""
+    while True:
+        try:
+            loop.run_forever()
+            return
+        except BaseException as exc:
+            logger.warning("a Layer 1 call raised %s on the store's loop thread; serving on", type(exc).__name__)
+
+
+async def _contained(coro: Coroutine[Any, Any, T]) -> T:
+    """Await foreign code on the store's loop thread; a BaseException that would stop the loop
+    (``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``) becomes a Layer1Error instead."""
+    try:
+        return await coro
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise Layer1Error(f"the Layer 1 raised {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _storage_errors(sym: str, tf: Timeframe) -> Iterator[None]:
+    """Storage that cannot answer a storage-only question (coverage, gaps) is a typed error."""
+    try:
+        yield
+    except _StorageDown as down:
+        raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered") from None
 
 
 def _slowest(a: str, b: str) -> str:

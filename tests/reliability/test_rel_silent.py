@@ -1,0 +1,317 @@
+"""Never a silent wrong answer (issue 14, items 2, 5, 6, 7 and 10's clock and loop thread).
+
+Each scenario was answered wrongly without a word before: an empty array after a busy write, an
+empty array from a damaged SQLite file, stats() breaking writers, an event loop frozen behind a
+batch, LMDB keeping the earlier of two commits, a dead Layer 1 thread. Here every read answers
+what is stored or what Layer 1 supplied, or raises a typed error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import _relutil as R
+import numpy as np
+import pytest
+
+import mds
+from mds.layer1 import UpbitRouter
+from mds.testing import FakeUpbit
+
+SYM = "KRW-BTC"
+N = 3000  # more than the memory tier keeps (1,000 a series)
+
+
+def _seed(path: Path, tiers: tuple[str, ...] = ("memory", "disk", "sqlite")) -> np.ndarray:
+    rows = R.marked(R.T0 + R.MIN * np.arange(N), 1.0)
+    with mds.open(path, config=mds.Config(tiers=tiers), clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", rows, complete=(R.T0, R.T0 + N * R.MIN))
+    return rows
+
+
+_LOCKER = """
+import sys, apsw
+c = apsw.Connection(sys.argv[1])
+c.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+c.execute("ROLLBACK")
+"""
+
+
+def test_busy_write_leaves_reads_of_sqlite_only_data_answering(tmp_path: Path) -> None:
+    """Item 2: a write that times out on another process's write lock is a typed error for that
+    write; the durable tier is not broken, and reads of data only it holds keep answering."""
+    path = tmp_path / "s"
+    rows = _seed(path, ("memory", "sqlite"))
+    with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
+        st._tiers["sqlite"].obj._conn.set_busy_timeout(100)
+        locker = subprocess.Popen(
+            [sys.executable, "-c", _LOCKER, str(path / "candles.sqlite3")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=R.child_env(),
+        )
+        R.TALLY["processes_started"] += 1
+        try:
+            assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+            with pytest.raises(mds.StorageUnavailableError, match="locked"):
+                st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
+            # the oldest 1,000 candles: neither memory nor (absent here) LMDB hold them
+            got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + 1000 * R.MIN)
+            assert got.tobytes() == rows[:1000].tobytes()
+            assert st.gaps(SYM, "1m") == []
+            assert st.coverage(SYM, "1m") == [(R.T0, R.T0 + N * R.MIN)]
+            assert "sqlite" not in st.stats()["degraded"]
+        finally:
+            assert locker.stdin is not None
+            locker.stdin.write(b"\n")
+            locker.stdin.flush()
+            locker.wait(30)
+        st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
+        assert len(st.candles(SYM, "1m", start=R.T0, end=R.T0 + (N + 1) * R.MIN)) == N + 1
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(np.random.default_rng(3).integers(0, 256, p.stat().st_size, dtype=np.uint8).tobytes())
+
+
+def _truncated(p: Path) -> None:
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+
+
+def _replaced(p: Path) -> None:
+    import apsw
+
+    p.unlink()
+    c = apsw.Connection(str(p))
+    c.execute("CREATE TABLE other(x); INSERT INTO other VALUES (1);")
+    c.close()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _replaced], ids=["garbage", "truncated", "replaced"])
+def test_broken_sqlite_file_is_a_typed_error_never_an_empty_answer(tmp_path: Path, damage: Any) -> None:
+    """Item 2: a truncated, garbage or replaced SQLite file, no Layer 1: every read raises
+    StorageUnavailableError (the async API answers success=False); none answers empty."""
+    path = tmp_path / "s"
+    _seed(path, ("memory", "sqlite"))
+    for extra in ("-wal", "-shm"):
+        (path / f"candles.sqlite3{extra}").unlink(missing_ok=True)
+    damage(path / "candles.sqlite3")
+    with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
+        reads = [
+            lambda: st.candles(SYM, "1m", count=10),
+            lambda: st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN),
+            lambda: st.candles(SYM, "1m", start=R.T0, count=10),
+            lambda: st.gaps(SYM, "1m"),
+            lambda: st.gaps(SYM, "1m", start=R.T0, end=R.T0 + R.DAY),
+            lambda: st.coverage(SYM, "1m"),
+        ]
+        for read in reads:
+            with pytest.raises(mds.StorageUnavailableError):
+                read()
+            R.TALLY["silent_typed_errors"] += 1
+        resp = asyncio.run(st.get(mds.StorageRequest("candle", [SYM], timeframe="1m", count=10)))
+        assert not resp.success and "StorageUnavailableError" in (resp.error or "")
+        with pytest.raises(mds.StorageUnavailableError):
+            st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
+
+
+def test_broken_sqlite_file_passes_every_read_kind_through_to_layer1(tmp_path: Path) -> None:
+    """Item 2 with a Layer 1: latest N, a range and N from a start are answered by Layer 1 whole."""
+    clock = R.Clock()
+    truth = R.marked(R.T0 + R.MIN * np.arange(N), 7.0)
+    path = tmp_path / "s"
+    _seed(path, ("memory", "sqlite"))
+    _garbage(path / "candles.sqlite3")
+    with FakeUpbit({(SYM, "1m"): truth}, clock=clock, rate_limit=None) as up:
+        l1 = UpbitRouter(up.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=clock)
+        cfg = mds.Config(tiers=("memory", "sqlite"), lookup="storage_first")
+        with mds.open(path, layer1=l1, config=cfg, clock=clock) as st:
+            got = st.candles(SYM, "1m", start=R.T0 + 100 * R.MIN, end=R.T0 + 700 * R.MIN)
+            assert got.tobytes() == truth[100:700].tobytes()
+            got = st.candles(SYM, "1m", start=R.T0 + 50 * R.MIN, count=300)
+            assert got.tobytes() == truth[50:350].tobytes()
+            got = st.candles(SYM, "1m", count=250)
+            assert got.tobytes() == truth[-250:].tobytes()
+            resp = asyncio.run(st.get(mds.StorageRequest("candle", [SYM], timeframe="1m", count=20)))
+            assert resp.success and resp.metadata.source == "layer1_api"
+            assert resp.arrays[SYM].tobytes() == truth[-20:].tobytes()
+            assert "sqlite" in st.stats()["degraded"]
+
+
+def test_stats_in_a_loop_never_breaks_a_writer(tmp_path: Path) -> None:
+    """Item 5: stats() from one thread while another writes: no write fails (the SQLite connection
+    was used by both threads at once), stats never raises."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    base = 20_000
+    with mds.open(tmp_path / "s", clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", R.marked(R.T0 + R.MIN * np.arange(base), 1.0))
+
+        def poll() -> None:
+            try:
+                while not stop.is_set():
+                    st.stats()
+                    R.TALLY["silent_stats_calls"] += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        th = threading.Thread(target=poll)
+        th.start()
+        try:
+            for k in range(300):
+                ts = R.T0 + R.MIN * (base + np.arange(k * 25, k * 25 + 25))
+                st.write_candles(f"KRW-X{k % 10}", "1m", R.marked(ts, 1.0))
+        finally:
+            stop.set()
+            th.join(30)
+        assert not errors, errors
+        assert st.stats()["degraded"] == []
+        assert len(st.candles("KRW-X3", "1m", start=R.T0, end=R.NOW)) == 30 * 25
+        assert st.check().ok
+
+
+def test_async_get_does_not_block_the_event_loop_behind_a_batch(tmp_path: Path) -> None:
+    """Item 6: while another thread holds the store (a batch), the caller's event loop keeps
+    running; the read answers once the batch ends. The batch ends only after the loop has shown
+    it is alive, so a blocked loop would deadlock (caught by the bounded waits)."""
+    rows = R.marked(R.T0 + R.MIN * np.arange(100), 1.0)
+    with mds.open(tmp_path / "s", clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", rows, complete=(R.T0, R.T0 + 100 * R.MIN))
+        st.candles(SYM, "1m", count=50)  # warm the memory tier
+        in_batch = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            with st.batch():
+                in_batch.set()
+                release.wait(30)
+
+        th = threading.Thread(target=hold)
+        th.start()
+        assert in_batch.wait(30)
+
+        async def main() -> mds.StorageResponse:
+            task = asyncio.ensure_future(st.get(mds.StorageRequest("candle", [SYM], timeframe="1m", count=50)))
+            for _ in range(3):  # the loop runs other tasks while the read waits
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            release.set()
+            return await asyncio.wait_for(task, 30)
+
+        try:
+            resp = asyncio.run(main())
+        finally:
+            release.set()
+            th.join(30)
+        assert resp.success, resp.error
+        assert resp.arrays[SYM].tobytes() == rows[-50:].tobytes()
+
+
+def test_lmdb_never_keeps_the_earlier_of_two_commits(tmp_path: Path) -> None:
+    """Item 7: store A commits v1 and reads it back to fill LMDB; store B (another thread, same
+    path) commits v2 in between. LMDB must not end up holding v1."""
+    path = tmp_path / "s"
+    ts = R.T0 + R.MIN * np.arange(200)
+    v1, v2 = R.marked(ts, 1.0), R.marked(ts, 2.0)
+    with mds.open(path, clock=R.Clock()) as a, mds.open(path, clock=R.Clock()) as b:
+        disk = a._tiers["disk"].obj
+        real = disk.put_range
+        fired = []
+
+        def late_put(*args: Any) -> Any:
+            if not fired:
+                fired.append(1)
+                t = threading.Thread(target=b.write_candles, args=(SYM, "1m", v2))
+                t.start()
+                t.join(30)
+            return real(*args)
+
+        disk.put_range = late_put
+        a.write_candles(SYM, "1m", v1)
+        assert fired
+        del disk.put_range
+        assert a.check().ok, a.check().problems
+    with mds.open(path, clock=R.Clock()) as c:
+        got = c.candles(SYM, "1m", start=R.T0, end=R.T0 + 200 * R.MIN)
+        assert got.tobytes() == v2.tobytes()
+        held = c._tiers["disk"].obj.held(SYM, mds.timeframes.parse_timeframe("1m"))
+        for s, e in np.asarray(held).reshape(-1, 2).tolist():
+            part = c._tiers["disk"].obj.get_range(SYM, mds.timeframes.parse_timeframe("1m"), s, e)
+            assert part.tobytes() == v2[(ts >= s) & (ts < e)].tobytes()
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), "1737936000000", True, -5, 1 << 62, float("inf")])
+def test_a_lying_clock_is_a_typed_error_at_open(tmp_path: Path, bad: Any) -> None:
+    """Item 10: a clock answering None, NaN, a string, a bool or an impossible time fails at open
+    with InvalidRequestError, not late and untyped."""
+    with pytest.raises(mds.InvalidRequestError, match="clock"):
+        mds.open(tmp_path / "s", clock=lambda: bad)
+    with pytest.raises(mds.InvalidRequestError, match="clock"):
+        mds.open(tmp_path / "s", clock=12345)  # type: ignore[arg-type]
+
+
+def test_a_clock_that_turns_bad_later_is_a_typed_error(tmp_path: Path) -> None:
+    answers: list[Any] = [R.NOW]
+    with mds.open(tmp_path / "s", clock=lambda: answers[-1]) as st:
+        st.write_candles(SYM, "1m", R.marked([R.T0], 1.0))
+        answers.append(float("nan"))
+        with pytest.raises(mds.InvalidRequestError, match="clock"):
+            st.write_candles(SYM, "1m", R.marked([R.T0 + R.MIN], 1.0))
+        with pytest.raises(mds.InvalidRequestError, match="clock"):
+            st.candles(SYM, "1m", count=1)
+        answers.append(R.NOW)
+        assert st.candles(SYM, "1m", start=R.T0, end=R.T0 + 2 * R.MIN).tobytes() == R.marked([R.T0], 1.0).tobytes()
+
+
+class _Raising:
+    """A Layer 1 whose get_candle_data raises ``exc`` once, then answers from ``truth``."""
+
+    def __init__(self, exc: BaseException, truth: np.ndarray) -> None:
+        self.exc: BaseException | None = exc
+        self.truth = truth
+
+    async def get_candle_data(self, symbols: list[str], interval: str, count: int = 200, to: Any = None, **_: Any):
+        if self.exc is not None:
+            exc, self.exc = self.exc, None
+            raise exc
+        rows = self.truth
+        if to is not None:
+            rows = rows[rows["ts"] < mds.timeutil.to_ms(to)]
+        rows = rows[-count:]
+        return {"success": True, "data": mds.convert.candles_to_upbit(rows[::-1], symbols[0], interval), "metadata": {}}
+
+    async def get_ticker_data(self, symbols: list[str], use_cache: bool = True) -> dict[str, Any]:
+        return {"success": False, "data": None, "metadata": {}}
+
+    get_orderbook_data = get_ticker_data
+
+    async def get_trades(self, symbols: list[str], count: int = 100) -> dict[str, Any]:
+        return {"success": False, "data": None, "metadata": {}}
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [SystemExit(3), KeyboardInterrupt(), asyncio.CancelledError(), GeneratorExit()],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_layer1_raising_base_exceptions_leaves_the_store_serving(tmp_path: Path, exc: BaseException) -> None:
+    """Item 10: SystemExit, KeyboardInterrupt, CancelledError or GeneratorExit raised by the Layer 1
+    is a Layer1Error for that read; the next read is answered (the Layer 1 thread lives on)."""
+    truth = R.marked(R.T0 + R.MIN * np.arange(300), 3.0)
+    cfg = mds.Config(layer1_timeout_s=10)
+    with mds.open(tmp_path / "s", layer1=_Raising(exc, truth), config=cfg, clock=R.Clock()) as st:
+        with pytest.raises(mds.Layer1Error) as err:
+            st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
+        assert "did not answer" not in str(err.value)  # answered as an error, not timed out
+        thread = st._loop_thread
+        assert thread is not None and thread.is_alive()
+        got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
+        assert got.tobytes() == truth[:100].tobytes()
