@@ -21,9 +21,18 @@ def quick_start() -> str:
 
 @pytest.mark.skipif(not README.exists(), reason="README.md is not shipped with an installed wheel")
 def test_quick_start_runs(tmp_path: Path) -> None:
-    code = quick_start().replace('"/tmp/mds-quickstart"', repr(str(tmp_path / "store")))
+    code = quick_start()
+    assert "/tmp" not in code, "the quick start must not use a fixed name in a shared directory"
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    import tempfile
+
+    old_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path)  # mkdtemp() in the quick start lands in this test's directory
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        tempfile.tempdir = old_tempdir
+    assert Path(scope["path"]).parent == tmp_path
     assert len(scope["latest"]) == 1000
     assert not scope["latest"].flags.writeable
     assert scope["resp"].success
