@@ -322,6 +322,9 @@ cdef inline uint8_t _reason(const Candle* r, int64_t iv, int64_t om, bint month,
         ref[0] = t
     if has_now and t > now:
         return 7
+    # `not (x > 0)` would also catch NaN, but NaN already returned 1 above; -0.0 <= 0 holds
+    if r.open <= 0 or r.high <= 0 or r.low <= 0 or r.close <= 0:
+        return 8
     return 0
 
 

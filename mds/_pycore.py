@@ -61,6 +61,7 @@ REASONS: dict[int, str] = {
     5: "negative_value",
     6: "misaligned",
     7: "future",
+    8: "nonpositive_price",
 }
 
 DAY_MS = 86_400_000
@@ -206,6 +207,12 @@ def validate(
     ------
     InvalidRequestError
         For a wrong dtype or shape, or a non-positive fixed interval.
+
+    Notes
+    -----
+    Reason 8 (``nonpositive_price``): ``open``, ``high``, ``low`` or ``close`` is ``<= 0``
+    (``-0.0`` included); no market trades at a price of zero or below (DESIGN.md section 6). It is
+    checked last, so a row that fails an older rule keeps the code it had.
     """
     arr = _candles(candles)
     interval_ms, origin_ms, is_month = _grid(interval_ms, origin_ms, is_month)
@@ -224,9 +231,9 @@ def validate(
             vol < 0,
             val < 0,
             ~_month_aligned_vec(ts) if is_month else (ts % interval_ms) != (origin_ms % interval_ms),
+            ts > int(now_ms) if now_ms is not None else np.zeros(n, dtype=bool),
+            (o <= 0) | (h <= 0) | (lo <= 0) | (c <= 0),
         ]
-    if now_ms is not None:
-        bad.append(ts > int(now_ms))
     reason = np.zeros(n, np.uint8)
     for code in range(len(bad), 0, -1):
         reason[bad[code - 1]] = code

@@ -72,6 +72,7 @@ FAULT_KINDS = (
     "wrong_market",  # rows name another market (``market``, default KRW-XRP or KRW-ETH)
     "duplicate_rows",  # the first and last rows appear twice
     "unordered_rows",  # rows shuffled (seeded) instead of newest first
+    "short_page",  # only the newest half of the rows (at least one): a capped or flaky page
 )
 _TERMINAL = frozenset(FAULT_KINDS) - {"latency"}
 
@@ -800,6 +801,8 @@ class FakeUpbit:
             return [{**r, "market": other} for r in rows]
         if f.kind == "duplicate_rows":
             return [rows[0], *rows, rows[-1]] if len(rows) > 1 else [rows[0], rows[0]]
+        if f.kind == "short_page":
+            return rows[: max(1, len(rows) // 2)]
         if f.kind == "unordered_rows":
             order = self._shuffle_rng.permutation(len(rows))
             if len(rows) > 1 and (order == np.arange(len(rows))).all():

@@ -215,7 +215,16 @@ def test_minimal_layer1_is_paginated_by_the_connector() -> None:
     assert ans.covered["KRW-BTC"] == (int(BTC["ts"][-1000]), NOW)
     rng = run(c.request_data_from_layer1(candles("KRW-DOGE", start_time=T0, end_time=T0 + DAY)))
     assert np.array_equal(rng.arrays["KRW-DOGE"], DOGE[DOGE["ts"] < T0 + DAY])
-    assert rng.exhausted["KRW-DOGE"] is True and rng.covered["KRW-DOGE"] == (T0, T0 + DAY)
+    # the walk reached the range start (DOGE's first candle is at T0): nothing to prove beyond it
+    assert rng.exhausted["KRW-DOGE"] is False and rng.covered["KRW-DOGE"] == (T0, T0 + DAY)
+    # a range from before the first candle: the short page is followed by one empty page, the
+    # proof that history ran out
+    calls = len(mini.calls)
+    early = run(c.request_data_from_layer1(candles("KRW-DOGE", start_time=T0 - DAY, end_time=T0 + DAY)))
+    assert np.array_equal(early.arrays["KRW-DOGE"], DOGE[DOGE["ts"] < T0 + DAY])
+    assert early.exhausted["KRW-DOGE"] is True and early.covered["KRW-DOGE"] == (T0 - DAY, T0 + DAY)
+    assert mini.calls[-1] == ("candle", "2025-01-01T00:00:00Z")
+    assert len(mini.calls) - calls == -(-int((DOGE["ts"] < T0 + DAY).sum()) // 200) + 1
 
 
 def test_minimal_layer1_realtime_answers_and_missing_extras() -> None:
@@ -385,3 +394,145 @@ def test_peek_now_answers_a_sync_peek_without_an_event_loop() -> None:
             return None
 
     assert SmartRouterConnector(AsyncPeek()).peek_now(StorageRequest("candle", ["KRW-BTC"], "1m", count=6)) is None
+
+
+# -- issue 14: lying Layer 1s ---------------------------------------------------------------------
+
+
+def test_a_cancellation_of_the_caller_propagates_and_cancels_the_layer1_call() -> None:
+    """Our own cancellation stays a CancelledError (it is not the Layer 1's fault) and reaches the
+    Layer 1's coroutine; a CancelledError the Layer 1 raises by itself is a Layer1Error."""
+
+    async def go() -> list[str]:
+        entered, gone = asyncio.Event(), asyncio.Event()
+        seen: list[str] = []
+
+        class Slow(MiniLayer1):
+            async def get_candle_data(self, *a: Any, **k: Any) -> dict[str, Any]:
+                entered.set()
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    seen.append("cancelled")
+                    gone.set()
+                    raise
+                raise AssertionError("not cancelled")
+
+        c = SmartRouterConnector(Slow(), timeout_s=30, clock=clock)
+        task = asyncio.ensure_future(c.request_data_from_layer1(candles("KRW-BTC", count=10)))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gone.wait()
+        return seen
+
+    assert run(go()) == ["cancelled"]
+
+
+@pytest.mark.parametrize("how", ["raise_cancelled", "cancel_own_task", "system_exit", "keyboard_interrupt"])
+def test_a_layer1_aborting_its_own_call_is_a_layer1error(how: str) -> None:
+    class Aborts(MiniLayer1):
+        async def get_candle_data(self, *a: Any, **k: Any) -> dict[str, Any]:
+            good = await super().get_candle_data(*a, **k)
+            if how == "raise_cancelled":
+                raise asyncio.CancelledError
+            if how == "cancel_own_task":
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                return good
+            raise SystemExit(3) if how == "system_exit" else KeyboardInterrupt()
+
+    c = SmartRouterConnector(Aborts(), clock=clock)
+
+    async def go() -> Any:
+        with pytest.raises(Layer1Error, match="get_candle_data"):
+            await c.request_data_from_layer1(candles("KRW-BTC", count=10))
+        return await c.monitor_layer1_performance()
+
+    report = run(go())
+    assert report["failures"] == 1
+
+
+def test_policy_and_summary_raising_base_exceptions_are_typed() -> None:
+    class Exits(MiniLayer1):
+        def cache_policy(self) -> dict[str, Any]:
+            raise SystemExit(1)
+
+        async def get_performance_summary(self) -> dict[str, Any]:
+            raise asyncio.CancelledError
+
+    c = SmartRouterConnector(Exits(), clock=clock)
+    with pytest.raises(Layer1Error, match="SystemExit"):
+        run(c.sync_cache_policies())
+    assert "CancelledError" in run(c.monitor_layer1_performance())["layer1"]["error"]
+
+
+def test_peek_answers_resolve_duplicates_last_wins_and_claim_exhaustion_only_with_true() -> None:
+    rows = candles_to_upbit(BTC[-5:][::-1], "KRW-BTC", "1m")
+    dup = {**rows[2], "candle_acc_trade_volume": 777.0}
+    meta: dict[str, Any] = {}
+
+    class Peek(MiniLayer1):
+        def peek_cache(self, kind: str, symbols: list[str], interval: Any = None, count: Any = None) -> Any:
+            return {"success": True, "data": [*rows, dup], "metadata": meta}
+
+    c = SmartRouterConnector(Peek(), clock=clock)
+    ans = c.peek_now(candles("KRW-BTC", count=5))
+    assert ans is not None
+    arr = ans.arrays["KRW-BTC"]
+    assert arr["ts"].tolist() == BTC["ts"][-5:].tolist()
+    assert float(arr["volume"][2]) == 777.0  # the duplicate delivered later wins
+    # 5 rows asked 10: an undated cache answers only when it says, with True, that history ran out
+    assert c.peek_now(candles("KRW-BTC", count=10)) is None
+    meta["exhausted"] = {"KRW-BTC": "false"}
+    assert c.peek_now(candles("KRW-BTC", count=10)) is None
+    meta["exhausted"] = {"KRW-BTC": True}
+    got = c.peek_now(candles("KRW-BTC", count=10))
+    assert got is not None and got.exhausted == {"KRW-BTC": True}
+
+
+def test_trades_with_duplicate_ids_keep_the_later_row() -> None:
+    class Dups(MiniLayer1):
+        async def get_trades(self, symbols: list[str], count: int = 100) -> dict[str, Any]:
+            good = await super().get_trades(symbols, count)
+            rows = good["data"]
+            good["data"] = [*rows, {**rows[1], "trade_price": 99.0}]  # sequential_id 102 again
+            return good
+
+    c = SmartRouterConnector(Dups(), clock=clock)
+    ans = run(c.request_data_from_layer1(StorageRequest(DataType.TRADE, ["KRW-BTC"], count=4)))
+    arr = ans.arrays["KRW-BTC"]
+    assert arr["sequential_id"].tolist() == [100, 101, 102, 103]
+    assert arr["price"].tolist() == [10.0, 11.0, 99.0, 13.0]
+
+
+def test_paging_reads_a_short_page_as_no_proof_also_when_bounded_by_start() -> None:
+    """Pages asked for fewer than 200 slots (``[start, to)`` is short) that come back short go on;
+    only an empty page proves that nothing older exists."""
+    from mds.layer1._paging import paginate_candles
+    from mds.timeframes import parse_timeframe
+
+    m = 60_000
+    src = BTC[:10]  # every minute of [T0, T0 + 10 min)
+    calls: list[tuple[int, int | None]] = []
+
+    async def capped_at_2(n: int, to: int | None) -> list[dict[str, Any]]:
+        calls.append((n, to))
+        arr = src if to is None else src[src["ts"] < to]
+        return candles_to_upbit(arr[len(arr) - min(n, 2, len(arr)) :][::-1], "KRW-BTC", "1m")
+
+    tf = parse_timeframe("1m")
+    pages = run(paginate_candles(capped_at_2, tf, "KRW-BTC", start=T0 + 3 * m, end=T0 + 8 * m))
+    assert pages.ts.tolist() == [T0 + k * m for k in (7, 6, 5, 4, 3)]
+    assert pages.covered_from == T0 + 3 * m and not pages.exhausted
+    assert calls == [(5, T0 + 8 * m), (3, T0 + 6 * m), (1, T0 + 4 * m)]
+    calls.clear()
+    pages = run(paginate_candles(capped_at_2, tf, "KRW-BTC", start=T0 - 5 * m, end=T0 + 2 * m))
+    assert pages.ts.tolist() == [T0 + m, T0] and pages.exhausted and pages.covered_from == T0 - 5 * m
+    assert calls == [(7, T0 + 2 * m), (5, T0)]  # the second, empty page is the proof
+    calls.clear()
+    pages = run(paginate_candles(capped_at_2, tf, "KRW-BTC", count=5))
+    assert len(pages.ts) == 5 and pages.covered_from == T0 + 5 * m and not pages.exhausted
+    assert [n for n, _ in calls] == [5, 3, 1]

@@ -62,6 +62,31 @@ def test_validate_reports_first_failing_reason_per_row(k: ModuleType) -> None:
     ]
 
 
+def test_validate_rejects_zero_and_negative_prices(k: ModuleType) -> None:
+    """DESIGN.md section 6: open, high, low or close <= 0 is invalid (reason 8, checked last)."""
+    a = candles([i * MIN for i in range(8)])
+    a[0] = (0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # low 0
+    a[1] = (MIN, -0.0, 1.0, -0.0, 1.0, 0.0, 0.0)  # open -0.0
+    a[2] = (2 * MIN, -2.0, -1.0, -3.0, -1.5, 1.0, 1.0)  # all negative, consistent otherwise
+    a[3] = (3 * MIN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # all zero
+    a[4] = (4 * MIN, 5e-324, 5e-324, 5e-324, 5e-324, 0.0, 0.0)  # the smallest positive price is valid
+    a[5] = (5 * MIN, 1.0, 1.0, -1.0, 1.0, -1.0, 0.0)  # negative volume comes first
+    a[6] = (6 * MIN + 1, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # misaligned comes first
+    a[7] = (7 * MIN, 1.0, 2.0, 0.5, 1.5, 1.0, 1.0)
+    idx, reason = k.validate(a, *M1)
+    assert idx.tolist() == [0, 1, 2, 3, 5, 6]
+    assert [k.REASONS[r] for r in reason.tolist()] == [
+        "nonpositive_price",
+        "nonpositive_price",
+        "nonpositive_price",
+        "nonpositive_price",
+        "negative_volume",
+        "misaligned",
+    ]
+    idx, reason = k.validate(a[3:4], *M1, now_ms=0)  # future (7) is checked before price (8)
+    assert reason.tolist() == [7] and k.validate(a[3:4], *M1, now_ms=10 * MIN)[1].tolist() == [8]
+
+
 def test_validate_flags_future_only_when_now_given(k: ModuleType) -> None:
     a = candles([0, MIN, 2 * MIN])
     assert k.validate(a, *M1)[0].tolist() == []

@@ -77,7 +77,14 @@ good_row = st.tuples(timestamps, nice, nice, nice, nice, nice).map(
     lambda t: (t[0], t[1], max(t[1], t[2]) + t[3], min(t[1], t[2]) - t[4] / 2, t[2], t[4], t[5])
 )
 any_row = st.tuples(timestamps, weird, weird, weird, weird, weird, weird)
-rows = st.one_of(good_row, good_row, any_row)
+# Prices at and around zero: -0.0, the smallest subnormals, and well-formed rows whose prices were
+# shifted down to zero or below (reason 8, ``nonpositive_price``, must be found by both kernels).
+tiny = st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1e-300, -1.0, 1.0])
+tiny_row = st.tuples(timestamps, tiny, tiny, tiny, tiny, nice, nice)
+shifted_row = st.tuples(good_row, st.one_of(st.sampled_from([0.0, 0.5, 1e6]), nice)).map(
+    lambda t: (t[0][0], *(v - t[1] for v in t[0][1:5]), *t[0][5:])
+)
+rows = st.one_of(good_row, good_row, any_row, tiny_row, shifted_row)
 
 
 def _arr(lst: list[tuple[Any, ...]]) -> np.ndarray:
@@ -151,6 +158,8 @@ def test_validate_twin_matches_row_by_row_rules(arr: np.ndarray, grid: tuple[int
             want = 5
         elif not _month_start_ref(ts) if is_month else (ts - origin) % iv != 0:
             want = 6
+        elif min(o, h, lo, c) <= 0:
+            want = 8
         else:
             want = 0
         assert got.get(i, 0) == want, (i, r)

@@ -293,6 +293,8 @@ def test_each_fault_kind_misbehaves_as_announced_then_expires() -> None:
         up.inject("unordered_rows", times=1)
         shuffled = page().json()
         assert shuffled != good and sorted(shuffled, key=lambda x: x["candle_date_time_utc"], reverse=True) == good
+        up.inject("short_page", times=1)
+        assert page().json() == good[: len(good) // 2]  # the newest half, as a capped page would be
         up.inject("latency", times=1, seconds=0.2)
         r = page()
         rec = up.requests()[-1]

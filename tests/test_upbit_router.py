@@ -90,7 +90,9 @@ def test_pagination_through_an_illiquid_market_skips_no_trade_minutes_without_ex
     assert res["metadata"]["covered"] == [start, end] and res["metadata"]["exhausted"] is False
 
 
-def test_a_short_page_means_history_ran_out() -> None:
+def test_only_an_empty_page_means_history_ran_out() -> None:
+    """A short page is followed by one more request; only its empty answer proves the start of
+    history (one extra request per walk that reaches a market's first candle)."""
     short = generate_market("KRW-ETH", "1m", T0, T0 + 300 * 60_000, seed=2)
 
     async def go(up: FakeUpbit) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -101,7 +103,10 @@ def test_a_short_page_means_history_ran_out() -> None:
 
     with FakeUpbit({("KRW-ETH", "1m"): short}, rate_window_s=FAST) as up:
         a, b = run(go(up))
-        assert up.request_count() == 2 + 1
+        assert up.request_count() == 3 + 2  # pages of 200, 100 (short), 0 (empty); 100, 0
+        tos = [rec.params.get("to") for rec in up.requests()]
+    oldest = iso_utc(int(short["ts"][0])) + "Z"
+    assert tos[2] == oldest and tos[4] == oldest  # the empty pages asked before the first candle
     assert len(a["data"]) == len(short) and a["metadata"]["exhausted"] == {"KRW-ETH": True}
     assert b["metadata"]["exhausted"] is True and b["metadata"]["covered"] == [T0 - 10 * DAY, T0 + 100 * 60_000]
     assert len(b["data"]) == 100
@@ -401,3 +406,25 @@ def test_performance_summary_is_json_serialisable() -> None:
     json.dumps(perf)
     assert perf["counters"]["requests"] == 4 and perf["counters"]["server_errors"] == 1
     assert perf["groups"]["candles"]["p50_ms"] > 0
+
+
+def test_trades_with_a_repeated_sequential_id_keep_the_row_delivered_later() -> None:
+    rows = [
+        {"market": "KRW-BTC", "timestamp": T0 + 3, "trade_price": 3.0, "sequential_id": 3},
+        {"market": "KRW-BTC", "timestamp": T0 + 2, "trade_price": 2.0, "sequential_id": 2},
+        {"market": "KRW-BTC", "timestamp": T0 + 1, "trade_price": 1.0, "sequential_id": 1},
+        {"market": "KRW-BTC", "timestamp": T0 + 2, "trade_price": 22.0, "sequential_id": 2},
+    ]
+
+    async def go() -> dict[str, Any]:
+        r = UpbitRouter("http://127.0.0.1:9")
+
+        async def fake_get(path: str, params: dict[str, Any], validate: Any = None) -> tuple[Any, int]:
+            validate(rows)
+            return list(rows), 1
+
+        r._get = fake_get  # type: ignore[method-assign]
+        return await r.get_trades("KRW-BTC", count=4)
+
+    res = run(go())
+    assert [(t["sequential_id"], t["trade_price"]) for t in res["data"]] == [(3, 3.0), (2, 22.0), (1, 1.0)]

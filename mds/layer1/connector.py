@@ -16,6 +16,8 @@ import asyncio
 import collections
 import inspect
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import numpy as np
 from mds._dtypes import CANDLE_DTYPE, TRADE_DTYPE
 from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, Layer1Error, MdsError
-from mds.layer1._paging import PAGE_SIZE, BadPayload, CandlePages, page_ts, paginate_candles
+from mds.layer1._paging import PAGE_SIZE, BadPayload, CandlePages, newest_first, page_ts, paginate_candles
 from mds.models import Config, DataType, StorageRequest
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import iso_utc_z, now_ms
@@ -107,6 +109,93 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+def _bad_price(p: Any) -> bool:
+    """A number that cannot be a price (<= 0, NaN, infinite). Not a number is left to the
+    realtime cache's own checks."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+        return False
+    return not (math.isfinite(p) and p > 0)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done callback of an abandoned child task: read its outcome so asyncio logs no
+    "exception was never retrieved" for a call whose caller has gone (timeout, cancellation)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _foreign_abort(what: str, exc: BaseException) -> Layer1Error:
+    """The Layer1Error for a BaseException (not an Exception) raised by the Layer 1 itself."""
+    detail = str(exc)
+    return Layer1Error(f"Layer 1 {what} raised {type(exc).__name__}" + (f": {detail}" if detail else ""))
+
+
+async def _foreign(what: str, timeout_s: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` of the Layer 1 (awaiting its result if awaitable) in a child
+    task, and wait at most ``timeout_s`` for it.
+
+    The Layer 1 is foreign code, and what it raises must end this one call, not the thread that
+    runs Layer 1 calls: ``asyncio.CancelledError`` it raises on its own, ``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` and any other ``BaseException`` become a
+    :class:`Layer1Error` (asyncio would otherwise re-raise SystemExit and KeyboardInterrupt out of
+    the event loop, and a stray CancelledError would pass for a cancellation of the caller).
+
+    Only the cancellation of the CALLER's task propagates as ``CancelledError``. Which
+    cancellation is which is decided by construction, so it works alike on Python 3.10 (no
+    ``Task.cancelling()``) and later: the call runs in a child task that only this function
+    cancels (on a timeout, or passing on the caller's cancellation), and it marks when it does;
+    a CancelledError that the child sees unmarked was raised by the Layer 1.
+
+    Raises
+    ------
+    asyncio.TimeoutError
+        No answer within ``timeout_s`` (the child is cancelled and left to finish on its own).
+    Layer1Error
+        The Layer 1 raised a BaseException that is not an Exception, or cancelled its own call.
+    Exception
+        Whatever Exception the Layer 1 raised, unchanged (callers wrap it).
+    """
+    ours = False  # set before this function cancels the child: its CancelledError is ours then
+    me: list[asyncio.Task[Any]] = []
+
+    async def call() -> Any:
+        try:
+            return await _maybe_await(fn(*args, **kwargs))
+        except Exception:
+            raise
+        except asyncio.CancelledError as exc:
+            if ours:
+                raise
+            raise _foreign_abort(what, exc) from None
+        except GeneratorExit as exc:
+            try:
+                stepping = asyncio.current_task() is me[0]
+            except RuntimeError:  # no running loop: the coroutine is being closed
+                stepping = False
+            if not stepping:
+                raise  # this coroutine is being closed (the loop is going away): let it close
+            raise _foreign_abort(what, exc) from exc
+        except BaseException as exc:
+            raise _foreign_abort(what, exc) from exc
+
+    child = asyncio.ensure_future(call())
+    me.append(child)
+    child.add_done_callback(_retrieve)
+    try:
+        done, _ = await asyncio.wait((child,), timeout=timeout_s)
+    except BaseException:  # our own task was cancelled while waiting: pass it on to the child
+        ours = True
+        child.cancel()
+        raise
+    if not done:
+        ours = True
+        child.cancel()
+        raise asyncio.TimeoutError
+    if child.cancelled():  # the Layer 1 cancelled its own task and returned
+        raise Layer1Error(f"Layer 1 {what} cancelled its own call")
+    return child.result()
+
+
 class _Stats:
     def __init__(self) -> None:
         self.latency: dict[str, collections.deque[float]] = collections.defaultdict(
@@ -168,7 +257,7 @@ class SmartRouterConnector:
         t0 = time.perf_counter()
         self._stats.calls[kind] += 1
         try:
-            result = await asyncio.wait_for(_maybe_await(getattr(self.layer1, method)(*args, **kwargs)), self.timeout_s)
+            result = await _foreign(method, self.timeout_s, getattr(self.layer1, method), *args, **kwargs)
         except asyncio.TimeoutError:
             self._stats.timeouts += 1
             self._stats.failures[kind] += 1
@@ -176,7 +265,7 @@ class SmartRouterConnector:
         except Layer1Error:
             self._stats.failures[kind] += 1
             raise
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # only ever our caller's cancellation (see _foreign)
             raise
         except Exception as exc:  # the Layer 1 is foreign code: any failure of it is a Layer1Error
             self._stats.failures[kind] += 1
@@ -321,6 +410,10 @@ class SmartRouterConnector:
         out: dict[str, Any] = {}
         for r in rows:
             m = r.get("market")
+            if req.data_type is DataType.TICKER and _bad_price(r.get("trade_price")):
+                raise Layer1Error(
+                    f"Layer 1 {what} answered a ticker of {m!r} with trade_price {r.get('trade_price')!r}"
+                )
             if isinstance(m, str) and m in req.symbols:
                 out[m] = r
             else:
@@ -349,8 +442,12 @@ class SmartRouterConnector:
                 arr["sequential_id"] = [int(r["sequential_id"]) for r in rs]
             except (KeyError, TypeError, ValueError) as exc:
                 raise Layer1Error(f"Layer 1 returned unusable trades for {s}: {exc!r}") from None
-            _, first = np.unique(arr["sequential_id"], return_index=True)
-            arr = arr[np.sort(first)]
+            price, volume = arr["price"], arr["volume"]
+            if not (np.isfinite(price).all() and np.isfinite(volume).all()) or (price <= 0).any() or (volume < 0).any():
+                raise Layer1Error(f"Layer 1 returned trades for {s} with a price <= 0, a negative or non-finite number")
+            # duplicates of a sequential_id: the row delivered later in the answer wins
+            _, first_rev = np.unique(arr["sequential_id"][::-1], return_index=True)
+            arr = arr[np.sort(len(arr) - 1 - first_rev)]
             arrays[s] = np.ascontiguousarray(arr[np.argsort(arr["ts"], kind="stable")])
             per[s] = rs
         return arrays, per
@@ -456,6 +553,10 @@ class SmartRouterConnector:
             raise Layer1Error(f"Layer 1 peek_cache failed: {exc}") from exc
         except Exception as exc:  # foreign code
             raise Layer1Error(f"Layer 1 peek_cache failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:  # foreign code raising SystemExit, CancelledError, ...
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise  # in the main thread this may be the user's own Ctrl-C: never swallow it
+            raise _foreign_abort("peek_cache", exc) from None
         finally:
             self._stats.latency["peek_" + kind].append((time.perf_counter() - t0) * 1000.0)
         if inspect.isawaitable(result):
@@ -525,8 +626,8 @@ class SmartRouterConnector:
     async def _peek(self, kind: str, syms: list[str], interval: str | None, count: int | None) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         try:
-            result = await asyncio.wait_for(
-                _maybe_await(self.layer1.peek_cache(kind, syms, **self._peek_args(interval, count))), self.timeout_s
+            result = await _foreign(
+                "peek_cache", self.timeout_s, self.layer1.peek_cache, kind, syms, **self._peek_args(interval, count)
             )
         except asyncio.TimeoutError:
             raise Layer1Error(f"Layer 1 peek_cache timed out after {self.timeout_s:g} s") from None
@@ -566,10 +667,13 @@ class SmartRouterConnector:
         meta_exh = meta.get("exhausted") if isinstance(meta.get("exhausted"), Mapping) else {}
         for s, rs in by_sym.items():
             ts = page_ts(rs, tf, s, None)
-            order = np.argsort(-ts, kind="stable")
-            rs = [rs[i] for i in order]
+            order = newest_first(ts)  # duplicates: the row delivered later wins, as for pages
+            rs = [rs[i] for i in order.tolist()]
             ts = ts[order]
-            ex = bool((meta_exh or {}).get(s, False))
+            # Only the Layer 1's explicit True claims that its cache holds the market's whole
+            # history (UpbitRouter claims it only after an empty page proved it); anything
+            # else, a truthy string included, claims nothing.
+            ex = (meta_exh or {}).get(s) is True
             cov = (meta_cov or {}).get(s)
             if isinstance(cov, (list, tuple)) and len(cov) == 2 and all(isinstance(v, (int, np.integer)) for v in cov):
                 lo, hi = int(cov[0]), int(cov[1])
@@ -614,9 +718,11 @@ class SmartRouterConnector:
         layer1_policy: dict[str, Any] | None = None
         if callable(fn):
             try:
-                got = await asyncio.wait_for(_maybe_await(fn()), self.timeout_s)
+                got = await _foreign("cache_policy", self.timeout_s, fn)
             except asyncio.TimeoutError:
                 raise Layer1Error(f"Layer 1 cache_policy timed out after {self.timeout_s:g} s") from None
+            except Layer1Error:
+                raise
             except Exception as exc:  # foreign code
                 raise Layer1Error(f"Layer 1 cache_policy failed: {type(exc).__name__}: {exc}") from exc
             if not isinstance(got, Mapping):
@@ -674,7 +780,7 @@ class SmartRouterConnector:
         fn = getattr(self.layer1, "get_performance_summary", None)
         if callable(fn):
             try:
-                summary = await asyncio.wait_for(_maybe_await(fn()), self.timeout_s)
+                summary = await _foreign("get_performance_summary", self.timeout_s, fn)
                 report["layer1"] = dict(summary) if isinstance(summary, Mapping) else {"value": summary}
             except Exception as exc:  # monitoring of foreign code must not fail the caller
                 logger.warning("Layer 1 get_performance_summary failed: %s", exc)

@@ -10,7 +10,9 @@ Behaviour towards Upbit:
 
 - Candle pagination for any count or range: 200 a request, newest first, the next ``to`` is the
   oldest ``candle_date_time_utc`` read as UTC and sent with a ``Z`` (``to`` is exclusive), so
-  there are no duplicates and no holes; a short page means the history ran out.
+  there are no duplicates and no holes. Only an empty page means the history ran out (a short
+  page is followed by one more request: one extra, empty request where a walk reaches a
+  market's first candle).
 - Pacing: at most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 a second per
   IP for each of candles, ticker, orderbook, trades). A slot is released when its response has
   arrived, so the server can never count more than the limit in any window, whatever the network
@@ -498,9 +500,10 @@ class UpbitRouter:
     async def get_candle_range(self, symbol: str, interval: str | Timeframe, start: Any, end: Any) -> dict[str, Any]:
         """Every candle of ``symbol`` with ``start <= ts < end``, newest first.
 
-        Paginates from ``to=end`` backwards until a page reaches ``start`` or history runs out,
-        so an uncovered range costs ``ceil(candles / 200)`` requests (no-trade intervals make it
-        fewer). The cache is neither read nor written.
+        Paginates from ``to=end`` backwards until a page reaches ``start`` or an empty page
+        shows that history ran out, so an uncovered range costs ``ceil(candles / 200)`` requests
+        (no-trade intervals make it fewer), plus one empty request when the range starts before
+        the market's first candle. The cache is neither read nor written.
 
         Returns
         -------
@@ -631,7 +634,8 @@ class UpbitRouter:
 
     async def get_trades(self, symbols: str | Iterable[str], count: int = 100) -> dict[str, Any]:
         """Recent trades (``/v1/trades/ticks``) per symbol, newest first, deduplicated on
-        ``sequential_id``; ``count`` is capped at Upbit's 500. Never cached.
+        ``sequential_id`` (of duplicates, the row delivered later wins); ``count`` is capped at
+        Upbit's 500. Never cached.
 
         Raises
         ------
@@ -651,15 +655,12 @@ class UpbitRouter:
                     raise BadPayload(f"asked for {sym}, the answer holds another market")
 
             rows, _ = await self._get("/v1/trades/ticks", {"market": sym, "count": n}, check)
-            seen: set[Any] = set()
-            out = []
-            for r in sorted(rows, key=lambda r: (r.get("timestamp", 0), r.get("sequential_id", 0)), reverse=True):
-                sid = r.get("sequential_id")
-                if sid in seen:
-                    continue
-                seen.add(sid)
-                out.append(r)
-            return out
+            # Duplicates of a sequential_id: the row delivered later in the answer wins (the
+            # store's last-wins rule), then newest first.
+            last: dict[Any, dict[str, Any]] = {}
+            for r in rows:
+                last[r.get("sequential_id")] = r
+            return sorted(last.values(), key=lambda r: (r.get("timestamp", 0), r.get("sequential_id", 0)), reverse=True)
 
         fetched_at = int(self._clock())
         results = await asyncio.gather(*(one(s) for s in syms))
