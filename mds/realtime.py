@@ -24,6 +24,7 @@ rows that are never written again (new rows go to fresh slots or a fresh buffer)
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -447,6 +448,8 @@ class RealtimeCache:
         _missing(d, TICKER_REQUIRED, "ticker")
         if not (_is_number(d["trade_price"]) and _is_number(d["timestamp"])):
             raise InvalidRequestError("ticker trade_price and timestamp must be numbers")
+        if not (math.isfinite(d["trade_price"]) and d["trade_price"] > 0):
+            raise InvalidRequestError(f"ticker trade_price must be a finite price > 0, not {d['trade_price']!r}")
         sym = d["market"]
         if sym not in self._tickers:
             validate_symbol(sym)
@@ -529,6 +532,9 @@ class RealtimeCache:
             raise InvalidRequestError(f"orderbook unit is malformed: {exc!r}") from None
         if not np.isfinite(levels).all():
             raise InvalidRequestError("orderbook unit holds a non-finite number")
+        # columns: ask_price, bid_price, ask_size, bid_size (UNIT_FIELDS)
+        if len(levels) and not (bool((levels[:, :2] > 0).all()) and bool((levels[:, 2:] >= 0).all())):
+            raise InvalidRequestError("orderbook unit holds a price <= 0 or a negative size")
         levels.flags.writeable = False
         d["orderbook_units"] = levels
         sym = d["market"]

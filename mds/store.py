@@ -51,7 +51,8 @@ __all__ = ["Store", "open"]
 
 T = TypeVar("T")
 
-#: Coverage that starts here means "from the start of the market's history" (a short page).
+#: Coverage that starts here means "from the start of the market's history" (proven by an empty
+#: page asked for before the oldest candle received; a short page proves nothing).
 HISTORY_START = 0
 _EMPTY_RANGES = np.zeros((0, 2), dtype=np.int64)
 _EMPTY = np.zeros(0, dtype=CANDLE_DTYPE)
@@ -1264,8 +1265,9 @@ class Store:
             raise Layer1Error(
                 f"Layer 1 returned {len(idx)} invalid candle(s) for {sym} {tf.name} (first: {why}); nothing stored"
             )
-        # A short page means the market's history ran out, except for seconds candles, which
-        # Upbit keeps for three months only: there it says nothing about older intervals.
+        # An empty page before the oldest candle (``exhausted``) proves the market's history ran
+        # out, except for seconds candles, which Upbit keeps for three months only: there it
+        # says nothing about older intervals.
         lo = HISTORY_START if exhausted and tf.name != "1s" else lo
         hi = min(hi, end)
         covered = np.array([[lo, hi]], dtype=np.int64) if hi > lo else _EMPTY_RANGES
@@ -1341,6 +1343,10 @@ class Store:
                     if isinstance(pol, Mapping) and isinstance(pol.get("candle_cache_count"), int):
                         limit = int(pol["candle_cache_count"])
                 except Exception:  # foreign code; a policy we cannot read is no policy
+                    limit = _PAGE
+                except BaseException as exc:  # SystemExit and the like from foreign code, not the user's Ctrl-C
+                    if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                        raise
                     limit = _PAGE
             self._peek_limit = limit
             self._peek_sync = limit > 0 and not inspect.iscoroutinefunction(getattr(l1, "peek_cache", None))
@@ -1802,17 +1808,20 @@ class Store:
         with self._lock:
             for sym in symbols:
                 val = ans.arrays.get(sym)
-                if val is None:
-                    out[sym] = None
-                elif req.data_type is DataType.TICKER:
-                    self._realtime.put_ticker(val)
-                    out[sym] = self._realtime.ticker(sym)
-                elif req.data_type is DataType.ORDERBOOK:
-                    self._realtime.put_orderbook(val)
-                    out[sym] = self._realtime.orderbook(sym)
-                else:
-                    self._realtime.put_trades(sym, val)
-                    out[sym] = self._realtime.trades(sym, count=req.count, since=req.start_time)
+                try:
+                    if val is None:
+                        out[sym] = None
+                    elif req.data_type is DataType.TICKER:
+                        self._realtime.put_ticker(val)
+                        out[sym] = self._realtime.ticker(sym)
+                    elif req.data_type is DataType.ORDERBOOK:
+                        self._realtime.put_orderbook(val)
+                        out[sym] = self._realtime.orderbook(sym)
+                    else:
+                        self._realtime.put_trades(sym, val)
+                        out[sym] = self._realtime.trades(sym, count=req.count, since=req.start_time)
+                except (InvalidRequestError, InvalidCandleError) as exc:  # the Layer 1's answer, not the caller's
+                    raise Layer1Error(f"Layer 1 answered an unusable {req.data_type.value} for {sym}: {exc}") from exc
         return out
 
     # ------------------------------------------------------------------ stats and lifecycle

@@ -315,3 +315,36 @@ def test_a_layer1_raising_base_exceptions_leaves_the_store_serving(tmp_path: Pat
         assert thread is not None and thread.is_alive()
         got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
         assert got.tobytes() == truth[:100].tobytes()
+
+
+@pytest.mark.parametrize("price", [0.0, -1.0, float("nan"), float("inf")])
+def test_realtime_prices_must_be_positive_and_finite(tmp_path: Path, price: float) -> None:
+    """Item 10 (realtime): a ticker or an orderbook level with a price <= 0 or not finite is
+    refused with a typed error and leaves the cache as it was."""
+    with mds.open(tmp_path / "s", clock=R.Clock()) as st:
+        good = {
+            "market": SYM,
+            "trade_price": 100.0,
+            "timestamp": R.NOW,
+            "trade_timestamp": R.NOW,
+            "trade_volume": 1.0,
+            **dict.fromkeys(("opening_price", "high_price", "low_price", "prev_closing_price"), 100.0),
+            **dict.fromkeys(("acc_trade_price", "acc_trade_volume"), 1.0),
+            "change": "EVEN",
+        }
+        st.put_ticker(good)
+        with pytest.raises(mds.InvalidRequestError, match="price"):
+            st.put_ticker({**good, "trade_price": price, "timestamp": R.NOW + 1})
+        ticker = st.ticker(SYM)
+        assert ticker is not None and ticker["trade_price"] == 100.0
+        unit = {"ask_price": 101.0, "bid_price": 99.0, "ask_size": 1.0, "bid_size": 2.0}
+        sizes = {"total_ask_size": 1.0, "total_bid_size": 2.0}
+        st.put_orderbook({"market": SYM, "timestamp": R.NOW, "orderbook_units": [unit], **sizes})
+        for bad in ({**unit, "bid_price": price}, {**unit, "ask_price": price}):
+            with pytest.raises(mds.InvalidRequestError):
+                st.put_orderbook({"market": SYM, "timestamp": R.NOW + 1, "orderbook_units": [unit, bad], **sizes})
+        book = st.orderbook(SYM)
+        assert book is not None and book["orderbook_units"] == [unit]
+        negative = [{**unit, "ask_size": -1.0}]
+        with pytest.raises(mds.InvalidRequestError):
+            st.put_orderbook({"market": SYM, "timestamp": R.NOW + 2, "orderbook_units": negative, **sizes})
