@@ -41,6 +41,7 @@ import msgpack
 import numpy as np
 
 from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
+from mds._files import allocate, check_entries, check_private_dir, open_private, storage_error
 from mds._kernels import CHUNK_KEY_MAX as _MAX_KEY, ChunkCorrupt, file_state, walk_chunks
 from mds.errors import StorageUnavailableError
 from mds.timeframes import DAY_MS, HOUR_MS, Timeframe
@@ -91,6 +92,33 @@ _MAX_VERIFIED = 1 << 18  # chunk versions remembered as checked (about 150 bytes
 _DATA = "data.mdb"
 _LOCK = "lock.mdb"
 _RECREATE_LOCK = "recreate.lock"
+#: The entries of the environment directory (name -> is a directory), checked before each open.
+_ENTRIES = {_DATA: False, _LOCK: False, _RECREATE_LOCK: False}
+#: Reader slots of the lock file (py-lmdb's default, passed explicitly: it fixes the file size).
+_MAX_READERS = 126
+#: The lock file's size as liblmdb sizes it: ``(max_readers - 1) * sizeof(MDB_reader) +
+#: sizeof(MDB_txninfo)`` (mdb_env_setup_locks; 64 and 192 bytes with glibc on x86-64, 8 KiB in
+#: all). liblmdb maps the lock file shared and, when it creates it, extends it with ftruncate: a
+#: sparse file, whose first touched page kills the process with SIGBUS on a full disk. The file is
+#: created here with its blocks allocated first; an existing file of at least this size is used
+#: as it is by liblmdb (its size then fixes the reader slots), so every process maps the same size.
+_LOCK_SIZE = (_MAX_READERS - 1) * 64 + 192
+#: errno values of open failures that are a state of the machine (full, read-only, no
+#: permission, out of descriptors), not damage: the files are kept, not recreated. EIO counts
+#: when the disk is (nearly) full: liblmdb reports a short write as EIO.
+_ENVIRONMENTAL = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.ENOTDIR,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
 _CORRUPTION = (
     lmdb.CorruptedError,
     lmdb.PageNotFoundError,
@@ -121,6 +149,34 @@ _Corrupt = ChunkCorrupt
 
 class _Gone(Exception):
     """The mapped data file was deleted or replaced: follow the path to the new one."""
+
+
+def _space_left(path: str) -> int:
+    """Bytes this process may still write on ``path``'s file system (large when unknown)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind an ``OSError`` or an LMDB error (py-lmdb keeps only the message for
+    errno values it has no class for)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, lmdb.DiskError):
+        return errno.ENOSPC
+    if isinstance(exc, lmdb.ReadonlyError):
+        return errno.EACCES
+    if isinstance(exc, lmdb.MemoryError):
+        return errno.ENOMEM
+    if isinstance(exc, lmdb.Error):
+        text = str(exc)
+        for code in (*_ENVIRONMENTAL, errno.EIO):
+            if text.endswith(os.strerror(code)):
+                return code
+    return None
 
 
 # -- value codecs --------------------------------------------------------------------------------
@@ -333,20 +389,30 @@ class _Env:
 
     Owns the recovery logic: map growth, adopting another process's resize, and recreating a
     damaged environment. Callers hold ``lock`` around every transaction.
+
+    ``readonly``: opened with ``readonly=True`` (a read-only store directory); nothing is created,
+    allocated or recreated, and damage makes reads answer "not held".
     """
 
     _registry: ClassVar[dict[str, _Env]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, path: str, map_size: int, map_size_cap: int, durable: bool) -> None:
+    def __init__(self, path: str, map_size: int, map_size_cap: int, durable: bool, readonly: bool = False) -> None:
         self.path = path
         self.map_size_cap = map_size_cap
         self.initial_map_size = map_size
         self.durable = durable
+        self.readonly = readonly
         self.lock = threading.RLock()
         self.refs = 0
         self.env: lmdb.Environment | None = None
         self.fd = -1
+        #: Our descriptor of lock.mdb, kept open while liblmdb has the file open: closing any
+        #: descriptor of it would drop this process's fcntl locks on it (LMDB's liveness locks).
+        self.lock_fd = -1
+        #: Whether liblmdb runs without its lock file (read-only environment it cannot lock).
+        self.unlocked = False
+        self.warned_damage = False
         self.ident: tuple[int, int] | None = None
         self.psize = 4096
         self.recreated = 0
@@ -360,15 +426,20 @@ class _Env:
         self._open()
 
     @classmethod
-    def acquire(cls, path: str, map_size: int, map_size_cap: int, durable: bool) -> _Env:
+    def acquire(cls, path: str, map_size: int, map_size_cap: int, durable: bool, readonly: bool = False) -> _Env:
+        # The path as given: realpath would follow a planted link in its last component.
+        check_private_dir(path, create=not readonly)
         key = os.path.realpath(path)
         with cls._registry_lock:
             env = cls._registry.get(key)
             if env is None:
-                env = cls(key, map_size, map_size_cap, durable)
+                env = cls(key, map_size, map_size_cap, durable, readonly)
                 cls._registry[key] = env
             else:
                 env.map_size_cap = max(env.map_size_cap, map_size_cap)
+                if env.readonly and not readonly:
+                    with env.lock:
+                        env.make_writable()
             env.refs += 1
             return env
 
@@ -381,6 +452,19 @@ class _Env:
         with self.lock:
             self._close()
 
+    def make_writable(self) -> None:
+        """Reopen a read-only environment writable (a writable tier joined it in this process);
+        on failure it stays read-only and the error is raised."""
+        self._close()
+        self.readonly = False
+        try:
+            self._open()
+        except StorageUnavailableError:
+            self.readonly = True
+            with contextlib.suppress(StorageUnavailableError):
+                self._open()
+            raise
+
     # -- open / close / recreate ---------------------------------------------------------------
     def _data_ident(self) -> tuple[int, int] | None:
         try:
@@ -390,14 +474,31 @@ class _Env:
         return (st.st_dev, st.st_ino)
 
     def _open(self) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
         for attempt in range(3):
             seen = self._data_ident()
             try:
+                self._prepare()
                 self._open_once()
                 return
+            except StorageUnavailableError:
+                self._close()
+                raise
             except (lmdb.Error, _Corrupt, OSError) as exc:
                 self._close()
+                code = _errno_of(exc)
+                if code == errno.EIO and _space_left(self.path) < 2 * _SLACK:
+                    code = errno.ENOSPC
+                if code in _ENVIRONMENTAL or self.readonly:
+                    # A full disk, a read-only or foreign directory is no damage: keep the files.
+                    hint = (
+                        "free disk space, then retry"
+                        if code in (errno.ENOSPC, errno.EDQUOT)
+                        else "check the directory's permissions and device (it is a cache: removing "
+                        "it is safe, SQLite refills it)"
+                    )
+                    err = StorageUnavailableError(f"cannot open the LMDB disk tier at {self.path}: {exc}; {hint}")
+                    err.errno = code
+                    raise err from exc
                 if attempt == 2:
                     raise StorageUnavailableError(
                         f"cannot open the LMDB disk tier at {self.path}: {exc}; remove the directory "
@@ -406,13 +507,35 @@ class _Env:
                 log.warning("LMDB disk tier at %s unusable (%s); recreating it empty", self.path, exc)
                 self._remove_files(seen)
 
-    def _open_once(self) -> None:
-        env = lmdb.open(
+    def _prepare(self) -> None:
+        """Refuse planted links and foreign files, then give the lock file its blocks."""
+        writable = check_private_dir(self.path, create=not self.readonly)
+        check_entries(self.path, _ENTRIES, writable=writable)
+        path = os.path.join(self.path, _LOCK)
+        try:
+            fd = open_private(path, os.O_RDWR | os.O_CREAT)
+        except StorageUnavailableError:
+            raise
+        except OSError as exc:
+            if self.readonly and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+                return  # liblmdb cannot write it either: it runs without it (see _open_once)
+            raise storage_error("cannot create the LMDB lock file", path, exc) from exc
+        self.lock_fd = fd
+        try:
+            # Never changes the size of a lock file that has one: liblmdb sizes its reader table
+            # by it, and every process must map the same size.
+            allocate(fd, os.fstat(fd).st_size or _LOCK_SIZE)
+        except OSError as exc:
+            raise storage_error("cannot allocate the LMDB lock file", path, exc) from exc
+
+    def _lmdb_open(self, **kw: Any) -> lmdb.Environment:
+        return lmdb.open(
             self.path,
             map_size=self.initial_map_size,
             subdir=True,
             mode=0o600,
             max_dbs=4,
+            max_readers=_MAX_READERS,
             # A cache of SQLite: no fsync by default. A killed process loses nothing (the page
             # cache keeps the writes); after a power loss the Store rebuilds the tier.
             sync=self.durable,
@@ -428,21 +551,53 @@ class _Env:
             # caller). Bulk load measured 70-80 ms with writemap vs 145-160 ms without.
             writemap=False,
             max_spare_txns=2,
-            lock=True,
+            **kw,
         )
+
+    def _open_once(self) -> None:
+        if self.readonly:
+            self.unlocked = False
+            try:
+                # On a read-only file system liblmdb itself skips the lock file (EROFS).
+                env = self._lmdb_open(readonly=True, lock=True, create=False)
+            except lmdb.Error as exc:
+                if _errno_of(exc) not in (errno.EACCES, errno.EPERM):
+                    raise
+                # The lock file cannot be written (a directory we may not write in). Without it
+                # a writer in another process may reuse pages a read still walks: what such a
+                # read meets is damage, caught by the checks and answered as "not held".
+                log.info("LMDB disk tier at %s: lock file not writable, reading without it", self.path)
+                env = self._lmdb_open(readonly=True, lock=False, create=False)
+                self.unlocked = True
+        else:
+            env = self._lmdb_open(lock=True)
         self.env = env
-        self.fd = os.open(os.path.join(self.path, _DATA), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        if self.lock_fd >= 0:
+            # liblmdb extends a lock file shorter than its own size (another build's struct
+            # sizes) sparsely: allocate that tail before any reader slot in it is touched.
+            allocate(self.lock_fd, os.fstat(self.lock_fd).st_size)
+        self.fd = open_private(os.path.join(self.path, _DATA), os.O_RDONLY if self.readonly else os.O_RDWR)
         st = os.fstat(self.fd)
         self.ident = (st.st_dev, st.st_ino)
         info = env.info()
-        if info["map_size"] < self.initial_map_size:
+        if info["map_size"] < self.initial_map_size and not self.readonly:
             env.set_mapsize(self.initial_map_size)
         self.psize = psize = env.stat()["psize"]
         need = (info["last_pgno"] + 1) * psize
         if st.st_size < need:
             raise _Corrupt(f"data file truncated ({st.st_size} bytes, committed pages need {need})")
         env.reader_check()  # reader slots left behind by killed processes
-        self.ensure_slack()
+        if self.readonly:
+            self._open_dbs_readonly(env)
+        else:
+            self.ensure_slack()
+            self._open_dbs(env)
+        self.verified = {}
+        self.held_cache = {}
+        self.checked_size = -1
+        self.warned_damage = False
+
+    def _open_dbs(self, env: lmdb.Environment) -> None:
         with env.begin(write=True) as txn:
             self.meta = env.open_db(b"meta", txn=txn)
             self.chunks = env.open_db(b"chunks", txn=txn)
@@ -458,26 +613,55 @@ class _Env:
                 txn.drop(self.chunks, delete=False)
                 txn.drop(self.held, delete=False)
                 txn.put(b"format", msgpack.packb(FORMAT_VERSION), db=self.meta)
-        self.verified = {}
-        self.held_cache = {}
-        self.checked_size = -1
+
+    def _open_dbs_readonly(self, env: lmdb.Environment) -> None:
+        """Open the named databases without creating them; one that is missing, or another
+        format, cannot be cleared here: the tier is then unusable (StorageUnavailableError)."""
+        try:
+            # Without txn=: py-lmdb then commits the handles; one opened in a caller's read
+            # transaction is dropped with it.
+            self.meta = env.open_db(b"meta", create=False)
+            self.chunks = env.open_db(b"chunks", create=False)
+            self.held = env.open_db(b"held", create=False)
+        except lmdb.NotFoundError:
+            raise StorageUnavailableError(
+                f"the LMDB disk tier at {self.path} is empty and read-only; reads go to SQLite"
+            ) from None
+        with env.begin() as txn:
+            raw = txn.get(b"format", db=self.meta)
+        version = None
+        if raw is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                version = msgpack.unpackb(raw, max_array_len=0, max_map_len=0, max_str_len=0, max_bin_len=0)
+        if version != FORMAT_VERSION:
+            raise StorageUnavailableError(
+                f"the LMDB disk tier at {self.path} has format {version!r} (not {FORMAT_VERSION}) and is "
+                "read-only; reads go to SQLite"
+            )
 
     def _close(self) -> None:
         if self.env is not None:
             with contextlib.suppress(lmdb.Error):
                 self.env.close()
             self.env = None
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "lock_fd"):  # after env.close(): see lock_fd
+            fd = getattr(self, name)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
         self.ident = None
 
     def _remove_files(self, expected: tuple[int, int] | None) -> None:
         """Delete data and lock file, unless another process already replaced the data file."""
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        check_private_dir(self.path, create=True)
         lock_path = os.path.join(self.path, _RECREATE_LOCK)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fd = open_private(lock_path, os.O_RDWR | os.O_CREAT)
+        except StorageUnavailableError:
+            raise
+        except OSError as exc:
+            raise storage_error("cannot create", lock_path, exc) from exc
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -490,7 +674,16 @@ class _Env:
             os.close(fd)
 
     def recreate(self, reason: str) -> None:
-        """Replace a damaged environment by an empty one (the Store refills it lazily)."""
+        """Replace a damaged environment by an empty one (the Store refills it lazily).
+
+        Read-only: nothing can be replaced; the damage is logged once and reads of it answer
+        "not held" (the Store asks SQLite).
+        """
+        if self.readonly:
+            if not self.warned_damage:
+                log.warning("LMDB disk tier at %s is damaged (%s) and read-only: not repaired", self.path, reason)
+                self.warned_damage = True
+            return
         log.warning("LMDB disk tier at %s is damaged (%s); recreating it empty", self.path, reason)
         ident = self.ident
         self._close()
@@ -503,7 +696,7 @@ class _Env:
         self._close()
         if self._data_ident() is not None:
             log.info("LMDB disk tier at %s was replaced; reopening", self.path)
-        else:
+        elif not self.readonly:
             log.warning("LMDB disk tier at %s was deleted; recreating it empty", self.path)
             self.recreated += 1
         self._open()
@@ -544,7 +737,7 @@ class _Env:
 
     def ensure_slack(self) -> None:
         """Keep ``_SLACK`` allocated bytes past the last committed page (never shrinks the file)."""
-        if not hasattr(os, "posix_fallocate"):
+        if self.readonly or not hasattr(os, "posix_fallocate"):
             return
         assert self.env is not None
         want = (self.env.info()["last_pgno"] + 1) * self.psize + _SLACK
@@ -604,9 +797,30 @@ class LmdbTier:
     durable : bool
         ``fsync`` each commit. Off by default: the tier is a cache of SQLite; a killed process
         loses nothing, a power loss may leave a damaged file that is detected and rebuilt.
+    readonly : bool
+        Open an existing environment read-only (a read-only store directory or file system):
+        reads work, every write (``put_range``, ``delete``, ``purge_expired``, ``clear``) raises
+        :class:`~mds.errors.StorageUnavailableError` and changes nothing, stale chunks count as
+        not held, damage is not repaired (reads of it answer None). A missing or empty
+        environment raises :class:`~mds.errors.StorageUnavailableError` at open. Where LMDB's
+        lock file cannot be written either, reads run without it (see Notes).
+
+    Raises
+    ------
+    StorageUnavailableError
+        At open: the directory or one of its files is a symbolic link or belongs to another
+        user, the disk is full, the directory cannot be written (and ``readonly`` is False), or
+        the environment is unusable. Nothing was written through a link; a full disk or a
+        permission problem never deletes the files.
 
     Notes
     -----
+    Every file LMDB maps is allocated before it is mapped (the lock file is created here with
+    its blocks; the data file is written with ``pwrite``, not through the map), so a full disk
+    is an error, never a ``SIGBUS``. A read-only tier without a writable lock file registers no
+    reader slot: a writer in another process may then reuse pages a read is walking; what the
+    read meets is damage, detected and answered as None (not held), never served.
+
     Thread-safe (one lock per environment and process). Readers in other processes see only
     committed writes. A damaged environment (corrupt, truncated or deleted files) is detected
     at open and on access and recreated empty: reads then answer None (not held) until the
@@ -625,8 +839,10 @@ class LmdbTier:
         clock: Callable[[], int] | None = None,
         loader: Loader | None = None,
         durable: bool = False,
+        readonly: bool = False,
     ) -> None:
         self.path = os.fspath(path)
+        self.readonly = bool(readonly)
         self.retention_ms = int(retention_ms)
         self.ttl_ms = int(ttl_ms)
         self.clock: Callable[[], int] = clock or now_ms
@@ -640,7 +856,7 @@ class LmdbTier:
         self._specs: dict[tuple[str, str], tuple[bytes, int, int]] = {}
         cap = max(int(map_size_cap), _MiB)
         map_size = min(max(int(map_size), _MiB), cap)
-        self._env: _Env | None = _Env.acquire(self.path, map_size, cap, durable)
+        self._env: _Env | None = _Env.acquire(self.path, map_size, cap, durable, self.readonly)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _handle(self) -> _Env:
@@ -725,6 +941,8 @@ class LmdbTier:
     def _write(self, fn: Callable[[_Env, Any], Any], needed: int = 0) -> Any:
         """Run ``fn(handle, txn)`` in a write transaction, growing the map when it is full."""
         h = self._handle()
+        if self.readonly:
+            raise StorageUnavailableError(f"the LMDB disk tier at {self.path} is open read-only; nothing was written")
         with h.lock:
             for _ in range(64):
                 env = h.ensure_open()
@@ -751,14 +969,22 @@ class LmdbTier:
                     h.reopen()
                     continue
                 except lmdb.Error as exc:
+                    # A full disk is ENOSPC from pwrite() here (no writemap: nothing is written
+                    # through the map), never a SIGBUS; the failed commit changed nothing.
                     self._degrade(str(exc))
-                    hint = "free disk space" if isinstance(exc, lmdb.DiskError) else "check the store directory"
-                    raise StorageUnavailableError(f"LMDB disk tier write failed: {exc}; {hint}") from exc
+                    code = _errno_of(exc)
+                    if code == errno.EIO and _space_left(self.path) < needed + _SLACK:
+                        code = errno.ENOSPC  # liblmdb reports a short pwrite() (disk full) as EIO
+                    full = code in (errno.ENOSPC, errno.EDQUOT)
+                    hint = "free disk space; reads keep working" if full else "check the store directory"
+                    err = StorageUnavailableError(f"LMDB disk tier write failed: {exc}; {hint}")
+                    err.errno = code
+                    raise err from exc
                 except OSError as exc:
                     if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
                         raise
                     self._degrade(str(exc))
-                    raise StorageUnavailableError(f"LMDB disk tier write failed: {exc}; free disk space") from exc
+                    raise storage_error("LMDB disk tier write failed at", self.path, exc) from exc
                 h.ensure_slack()
                 self.degraded = False
                 self.degraded_reason = None

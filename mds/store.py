@@ -28,6 +28,7 @@ import numpy as np
 
 from mds import _kernels as K
 from mds._dtypes import CANDLE_DTYPE, TRADE_DTYPE
+from mds._files import check_store_dir, map_shared, open_private
 from mds.convert import candles_from_upbit, candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error, MdsError, StorageUnavailableError
 from mds.models import (
@@ -173,19 +174,25 @@ class Store:
         self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
         self._tiers: dict[str, _TierState] = {}
         persistent = any(t in self.config.tiers for t in ("disk", "sqlite"))
+        #: False on a directory this process cannot write: the store opens read-only (reads are
+        #: served, writes raise StorageUnavailableError).
+        self.writable = True
         if persistent:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o700)
+            # no planted links, ours and private (0700); raises before anything is opened
+            self.writable = check_store_dir(self.path, create=True)
         self._changes: np.ndarray | None = None
         self._changes_map: Any = None
         self._seen: dict[tuple[str, str], int] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._reading = threading.local()  # per thread: bypass memory during this read
         self._slot_of: dict[tuple[str, str], int] = {}
-        self._open_tiers()
-        if persistent:
-            self._open_changes()
+        try:
+            self._open_tiers()
+            if persistent:
+                self._open_changes()
+        except BaseException:
+            self._close_tiers()
+            raise
         from mds.realtime import RealtimeCache
 
         self._realtime = RealtimeCache(
@@ -241,6 +248,7 @@ class Store:
 
                 state.obj = SqliteStore(
                     self.path / "candles.sqlite3",
+                    readonly=not self.writable,
                     durable=cfg.durable,
                     vacuum_threshold=cfg.vacuum_threshold,
                     maintenance_interval_s=cfg.maintenance_interval_s,
@@ -259,6 +267,7 @@ class Store:
                     map_size_cap=cfg.disk_map_size_cap,
                     clock=self._clock,
                     loader=self._disk_loader if "sqlite" in cfg.tiers else None,
+                    readonly=not self.writable,
                 )
                 state.obj.version = self._stamp
         except _BACKEND_ERRORS as exc:
@@ -277,22 +286,16 @@ class Store:
         ``PRAGMA data_version`` costs about 5 us), and drops the series' memory and cached
         coverage when it changed. Hash collisions only cause a spurious refresh.
         """
-        import mmap
-
-        file = self.path / "changes.bin"
-        size = _CHANGE_SLOTS * 8
         try:
-            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-                self._changes_map = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
-            finally:
-                os.close(fd)
-            self._changes = np.frombuffer(self._changes_map, dtype=np.int64, count=_CHANGE_SLOTS)
-        except (OSError, ValueError) as exc:
+            # blocks allocated before the map: a full disk is an error here, never a SIGBUS later
+            self._changes_map = map_shared(self.path / "changes.bin", _CHANGE_SLOTS * 8, readonly=not self.writable)
+        except StorageUnavailableError as exc:
+            if self.writable:
+                raise
             logger.warning("no cross-process change slots (%s): rewrites by other processes show late", exc)
             self._changes = None
+            return
+        self._changes = np.frombuffer(self._changes_map, dtype=np.int64, count=_CHANGE_SLOTS)
 
     def _slot(self, key: tuple[str, str]) -> int:
         slot = self._slot_of.get(key)
@@ -393,8 +396,7 @@ class Store:
         if self._disk_marked or "sqlite" not in self._tiers:
             return
         try:
-            fd = os.open(self._stale_marker, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+            os.close(open_private(self._stale_marker, os.O_CREAT | os.O_WRONLY))
             self._disk_marked = True
         except OSError as exc:  # best effort: the write itself may still go on
             logger.warning("could not mark the disk tier stale: %s", exc)
@@ -412,7 +414,9 @@ class Store:
         if state is None or (name == "memory" and getattr(self._reading, "bypass", False)):
             return None
         if state.degraded_at is not None:
-            if time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
+            # A tier that could not even open (a full disk, a file being replaced) is tried again
+            # at once: an open that fails is quick, and space may have been freed since.
+            if state.obj is not None and time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
                 return None
             if state.obj is None and not self._try_open(name):
                 return None
@@ -484,6 +488,10 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageUnavailableError("the store is closed")
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise StorageUnavailableError(f"the store directory {self.path} is read-only here; nothing was stored")
 
     def _now(self) -> int:
         return int(self._clock())
@@ -628,6 +636,7 @@ class Store:
         arr = self._as_candles(candles)
         now = self._now()
         self._validate(arr, tf, now)
+        self._check_writable()
         covered = _EMPTY_RANGES
         if complete is not None:
             try:
@@ -691,15 +700,11 @@ class Store:
         return WriteResult(*(int(c) for c in counts))
 
     def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
-        if self._batch_depth:
-            self._unheld.append((sym, tf, spans))
-        self._unhold_disk_now(sym, tf, spans)
-
-    def _unhold_disk_now(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.
 
         If the process dies between the SQLite commit and the LMDB update, LMDB then simply does not
-        hold those spans (a miss), instead of holding rows older than SQLite's.
+        hold those spans (a miss), instead of holding rows older than SQLite's. Inside a batch the
+        ranges it stopped holding are remembered, so a rolled-back batch gives back exactly those.
         """
         disk = self._tier("disk")
         if disk is None or not len(spans):
@@ -708,6 +713,8 @@ class Store:
         if held is None or not len(held):
             return
         overlap = _intersect(spans, np.asarray(held, dtype=np.int64).reshape(-1, 2))
+        if self._batch_depth and len(overlap):
+            self._unheld.append((sym, tf, overlap))
         for s, e in overlap.tolist():
             if self._guard("disk", disk.delete, sym, tf, s, e) is None and self._tiers["disk"].degraded_at is not None:
                 self._invalidate_fast(sym, tf, s, e, only="disk")
@@ -749,6 +756,16 @@ class Store:
             else:
                 rows = self._merge_with_fast(sym, tf, s, e, batch)
             self._put_fast(sym, tf, s, e, rows, guard)
+
+    def _refill_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+        db = self._tier("sqlite")
+        if db is None:
+            return
+        for s, e in spans.tolist():
+            guard = self._fill_guard(sym, tf)
+            rows = self._guard("sqlite", db.read_range, sym, tf, s, e)
+            if rows is not None:
+                self._put_disk(sym, tf, s, e, rows, guard)
 
     def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
         """Without SQLite: what the fast tiers already hold in [s, e) merged with the batch."""
@@ -1122,7 +1139,7 @@ class Store:
         keeps only the part inside its retention window. A failed write leaves LMDB not holding
         the span, so it cannot answer older data later."""
         disk = self._tier("disk")
-        if disk is None:
+        if disk is None or not self.writable:
             return
         done = self._guard("disk", disk.put_range, sym, tf, s, e, np.ascontiguousarray(rows), guard)
         if done is None and self._tiers["disk"].degraded_at is not None:
@@ -1495,6 +1512,7 @@ class Store:
         lo = -(2**62) if s is None else s
         hi = 2**62 if e is None else e
         key = (sym, tf.name)
+        self._check_writable()
         with self._lock:
             # the fast tiers first: a crash after this point leaves them missing rows, never stale
             disk = self._tier("disk")
@@ -1570,10 +1588,11 @@ class Store:
                 if outer:
                     self._end_changes()
                     self._deferred.clear()
-                    # SQLite rolled back: give LMDB back what the batch's writes had un-held
+                    # SQLite rolled back: give LMDB back exactly the ranges the batch's writes had
+                    # un-held, from SQLite's (restored) rows; memory was never changed by the batch
                     undo, self._unheld = self._unheld, []
                     for sym, tf, spans in undo:
-                        self._fill_fast_tiers(sym, tf, spans, None)
+                        self._refill_disk(sym, tf, spans)
                     self._drop_cov()
                     self._frontiers.clear()
                 raise
@@ -1872,14 +1891,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        if self._changes_map is not None:
-            self._changes = None
-            with contextlib.suppress(BufferError, ValueError):
-                self._changes_map.close()
-        for state in self._tiers.values():
-            if state.obj is not None and hasattr(state.obj, "close"):
-                with contextlib.suppress(*_BACKEND_ERRORS):
-                    state.obj.close()
+        self._close_tiers()
         if self._loop is not None:
             loop = self._loop
             if self._layer1 is not None and hasattr(self._layer1.layer1, "aclose"):
@@ -1890,6 +1902,17 @@ class Store:
                 self._loop_thread.join(timeout=5)
             loop.close()
             self._loop = None
+
+    def _close_tiers(self) -> None:
+        if self._changes_map is not None:
+            self._changes = None
+            with contextlib.suppress(BufferError, ValueError):
+                self._changes_map.close()
+            self._changes_map = None
+        for state in self._tiers.values():
+            if state.obj is not None and hasattr(state.obj, "close"):
+                with contextlib.suppress(*_BACKEND_ERRORS):
+                    state.obj.close()
 
     def __enter__(self) -> Store:
         return self

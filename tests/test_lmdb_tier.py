@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
@@ -611,3 +613,192 @@ def test_changed_chunk_header_is_checked_again(tier: LmdbTier) -> None:
     assert tier.get_range(SYM, M1, s, e) is None  # checksum mismatch: damage, recreated
     assert tier.stats()["recreated"] == 1
     _refill_and_read(tier, a, s, e)
+
+
+# -- files: allocation, planted links, read-only (issue 14, items 2, 4 and 8) --------------------
+
+
+def _holes(path: Path) -> bool:
+    from mds._files import has_holes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return has_holes(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def test_lock_file_has_its_blocks_before_lmdb_maps_it(tmp_path: Path, clock: Clock) -> None:
+    # liblmdb creates lock.mdb with ftruncate (sparse) and maps it: on a full disk the first
+    # touch of a page without a block is a SIGBUS. The tier creates it allocated, and allocates
+    # an existing sparse one (left by an older version) before LMDB opens it.
+    with LmdbTier(tmp_path / "lmdb", clock=clock):
+        lock = tmp_path / "lmdb" / "lock.mdb"
+        assert lock.stat().st_size >= 8192
+        assert not _holes(lock)
+    os.truncate(lock, 0)
+    os.truncate(lock, 8192)  # sparse again, as liblmdb leaves it
+    assert _holes(lock)
+    with LmdbTier(tmp_path / "lmdb", clock=clock):
+        assert not _holes(lock)
+        assert lock.stat().st_size == 8192  # an existing size is kept: it fixes the reader slots
+
+
+@pytest.mark.parametrize("entry", ["", "data.mdb", "lock.mdb", "recreate.lock"])
+def test_planted_link_in_the_environment_is_refused(tmp_path: Path, clock: Clock, entry: str) -> None:
+    _filled(tmp_path / "real", clock)[0].close()
+    victim = tmp_path / "victim"
+    if entry:
+        env = tmp_path / "lmdb"
+        env.mkdir(mode=0o700)
+        victim.write_bytes(b"not LMDB's" * 1000)
+        os.symlink(victim, env / entry)
+    else:  # the environment directory itself: a link to another environment
+        victim = tmp_path / "real"
+        os.symlink(victim, tmp_path / "lmdb")
+    before = {p.name: p.read_bytes() for p in ([victim] if entry else sorted(victim.iterdir()))}
+    with pytest.raises(StorageUnavailableError, match="symbolic link"):
+        LmdbTier(tmp_path / "lmdb", clock=clock)
+    after = {p.name: p.read_bytes() for p in ([victim] if entry else sorted(victim.iterdir()))}
+    assert after == before  # nothing written through the link, nothing recreated
+
+
+def test_readonly_tier_reads_and_refuses_every_write(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    t.close()
+    data = (tmp_path / "lmdb" / "data.mdb").read_bytes()
+    with LmdbTier(tmp_path / "lmdb", clock=clock, readonly=True) as ro:
+        assert np.array_equal(ro.get_range(SYM, M1, s, e), a)
+        assert np.array_equal(ro.get_latest(SYM, M1, 10, e), a[-10:])
+        assert ro.held(SYM, M1).tolist() == [[s, e]]
+        assert ro.check() == []
+        for write in (
+            lambda: ro.put_range(SYM, M1, e, e + MINUTE_MS, np.empty(0, CANDLE_DTYPE)),
+            lambda: ro.delete(SYM, M1),
+            ro.purge_expired,
+            ro.clear,
+        ):
+            with pytest.raises(StorageUnavailableError, match="read-only"):
+                write()
+        assert np.array_equal(ro.get_range(SYM, M1, s, e), a)
+    assert (tmp_path / "lmdb" / "data.mdb").read_bytes() == data
+
+
+def test_readonly_tier_creates_nothing(tmp_path: Path, clock: Clock) -> None:
+    with pytest.raises(StorageUnavailableError):
+        LmdbTier(tmp_path / "lmdb", clock=clock, readonly=True)
+    assert not (tmp_path / "lmdb").exists()
+    (tmp_path / "lmdb").mkdir(mode=0o700)
+    with pytest.raises(StorageUnavailableError):
+        LmdbTier(tmp_path / "lmdb", clock=clock, readonly=True)
+    assert not (tmp_path / "lmdb" / "data.mdb").exists()
+
+
+def test_writable_tier_joins_a_readonly_one_in_the_same_process(tmp_path: Path, clock: Clock) -> None:
+    t, a, s, e = _filled(tmp_path / "lmdb", clock)
+    t.close()
+    ro = LmdbTier(tmp_path / "lmdb", clock=clock, readonly=True)
+    rw = LmdbTier(tmp_path / "lmdb", clock=clock)  # one environment per process: it is reopened writable
+    b = minutes(e, 10, seed=3)
+    rw.put_range(SYM, M1, e, e + 10 * MINUTE_MS, b)
+    assert np.array_equal(ro.get_range(SYM, M1, s, e + 10 * MINUTE_MS), np.concatenate([a, b]))
+    with pytest.raises(StorageUnavailableError):
+        ro.clear()  # the tier stays read-only although the shared environment is writable
+    rw.close()
+    ro.close()
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str = "16m") -> Iterator[Path]:
+    """A small tmpfs at ``path`` (root only; skips otherwise), unmounted on exit."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
+
+
+def test_readonly_tier_on_a_read_only_file_system(tmp_path: Path, clock: Clock) -> None:
+    with _tmpfs(tmp_path / "fs") as fs:
+        t, a, s, e = _filled(fs / "lmdb", clock)
+        t.close()
+        files = {p.name: p.read_bytes() for p in (fs / "lmdb").iterdir()}
+        _remount(fs, "ro")
+        try:
+            # liblmdb cannot open its lock file on a read-only file system: it reads without it.
+            with LmdbTier(fs / "lmdb", clock=clock, readonly=True) as ro:
+                assert np.array_equal(ro.get_range(SYM, M1, s, e), a)
+                with pytest.raises(StorageUnavailableError, match="read-only"):
+                    ro.put_range(SYM, M1, s, e, a)
+            # Writable on a read-only file system: a typed error, and no attempt to recreate.
+            with pytest.raises(StorageUnavailableError, match="Read-only file system"):
+                LmdbTier(fs / "lmdb", clock=clock)
+        finally:
+            _remount(fs, "rw")
+        assert {p.name: p.read_bytes() for p in (fs / "lmdb").iterdir()} == files
+
+
+_NO_DAC_OVERRIDE = """
+import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def drop():  # in the child before exec: root without CAP_DAC_OVERRIDE obeys file modes
+    if libc.prctl(24, 1, 0, 0, 0):  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        raise OSError(ctypes.get_errno(), "prctl")
+sys.exit(subprocess.run(sys.argv[1:], preexec_fn=drop).returncode)
+"""
+
+_READ_WITHOUT_LOCK = """
+import os, sys
+sys.path.insert(0, {here!r})
+import numpy as np, test_lmdb_tier as T
+path = sys.argv[1]
+try:
+    os.close(os.open(os.path.join(path, "probe"), os.O_RDWR | os.O_CREAT, 0o600))
+    print("dac-override")  # this environment cannot take the capability away
+    sys.exit(0)
+except PermissionError:
+    pass
+t = T.LmdbTier(path, clock=T.Clock(), readonly=True)
+a = T.minutes(T.NOW - 10 * T.DAY_MS, 10 * 1440, seed=9)
+s, e = int(a["ts"][0]), int(a["ts"][-1]) + T.MINUTE_MS
+assert np.array_equal(t.get_range(T.SYM, T.M1, s, e), a)
+assert t._handle().unlocked
+print("ok")
+"""
+
+
+def test_readonly_tier_without_a_writable_lock_file(tmp_path: Path, clock: Clock) -> None:
+    # A directory we may not write in and no lock file: liblmdb cannot create one (EACCES), so
+    # the tier reads without it. Root would bypass the mode: the child runs without
+    # CAP_DAC_OVERRIDE.
+    with _tmpfs(tmp_path / "fs") as fs:
+        t, _, _, _ = _filled(fs / "lmdb", clock)
+        t.close()
+        os.unlink(fs / "lmdb" / "lock.mdb")
+        os.chmod(fs / "lmdb", 0o500)
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = _READ_WITHOUT_LOCK.format(here=here)
+        r = subprocess.run(
+            [sys.executable, "-c", _NO_DAC_OVERRIDE, sys.executable, "-c", code, str(fs / "lmdb")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if r.returncode == 0 and r.stdout.strip() == "dac-override":
+            pytest.skip("cannot drop CAP_DAC_OVERRIDE here")
+        if r.returncode and "prctl" in r.stderr:
+            pytest.skip(f"cannot drop CAP_DAC_OVERRIDE here: {r.stderr.strip()[-200:]}")
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+        assert not (fs / "lmdb" / "lock.mdb").exists()
