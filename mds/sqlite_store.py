@@ -1,6 +1,6 @@
 """The durable tier: full candle history and coverage in one SQLite file, through apsw.
 
-Layout (schema version 2; the measurements behind it are in docs/ARCHITECTURE.md, "SQLite tier"):
+Layout (schema version 3; the measurements behind it are in docs/ARCHITECTURE.md, "SQLite tier"):
 
 - ``series``: the catalog. One row per ``(symbol, timeframe)`` with an integer ``sid`` that never
   changes (rows are kept when a series is deleted) and ``seal_ts``, the live-edge boundary.
@@ -8,13 +8,19 @@ Layout (schema version 2; the measurements behind it are in docs/ARCHITECTURE.md
   :data:`CHUNK_SLOTS` grid slots, stored as the raw CANDLE_DTYPE bytes (codec 0) or, once older
   than ``compress_after_days``, delta + byte-shuffle + zlib (codec 1). The rowid packs
   ``(sid, chunk number)`` so one B-tree probe finds a chunk and a range scan walks a series.
-- ``tail``: the live edge. Candles with ``ts >= seal_ts`` are rows of 56 raw bytes keyed by
-  ``(sid, ts)`` (WITHOUT ROWID), so upserting the newest candle touches one small row instead of
-  rewriting a chunk. When a series' tail passes :data:`TAIL_MAX` rows it is folded into chunks.
+  ``crc`` is :func:`mds._checksum.row_checksum` of the decoded rows (stored as a signed 64-bit
+  integer), so compressing a chunk does not change it.
+- ``tail``: the live edge. Candles with ``ts >= seal_ts`` are rows keyed by ``(sid, ts)``
+  (WITHOUT ROWID) whose value is 64 bytes: the 56-byte candle, then its ``row_checksum`` as a
+  little-endian uint64. Upserting the newest candle touches one small row instead of rewriting a
+  chunk. When a series' tail passes :data:`TAIL_MAX` rows it is folded into chunks.
 - ``coverage``: half-open covered ranges per series, kept merged.
+- ``meta``: ``commit_seq`` (incremented once by every committed transaction that changes data,
+  see :meth:`SqliteStore.commit_seq`) and ``last_maintenance_ms``.
 
 Every ``ts`` lives in exactly one place (chunk or tail), so a read concatenates the two without
-de-duplication.
+de-duplication. Every read of stored rows checks their checksum first: damaged rows are never
+served, they raise :class:`DamagedChunkError` (see :meth:`SqliteStore.quarantine_damaged`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from itertools import pairwise
 from math import isfinite
 from typing import Any, Literal
 
@@ -33,16 +40,19 @@ import apsw
 import numpy as np
 
 from mds import _kernels as _k
+from mds._checksum import WORDS_PER_ROW, row_checksum, row_checksums
 from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
 from mds.timeframes import Timeframe, parse_timeframe
+from mds.timeutil import iso_utc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_SLOTS", "SCHEMA_VERSION", "TAIL_MAX", "SqliteStore"]
+__all__ = ["CHUNK_SLOTS", "SCHEMA_VERSION", "TAIL_MAX", "DamagedChunkError", "SqliteStore"]
 
-#: On-disk schema version (``PRAGMA user_version``). 1 was a row-per-candle table keyed by text.
-SCHEMA_VERSION = 2
+#: On-disk schema version (``PRAGMA user_version``). 1 was a row-per-candle table keyed by text;
+#: 2 had chunks and tail rows without checksums.
+SCHEMA_VERSION = 3
 #: Grid slots per chunk: 1,024 slots are 56 KiB of raw candles (17 h of 1m candles).
 CHUNK_SLOTS = 1024
 #: A series' live-edge rows are folded into chunks once there are more than this many.
@@ -52,11 +62,16 @@ CODEC_RAW = 0
 CODEC_ZLIB_DELTA_SHUFFLE = 1
 
 _ROW = CANDLE_DTYPE.itemsize
+_TAIL_V = _ROW + 8  # a tail value: the candle, then its checksum
+_TAIL_WORDS = struct.Struct(f"<{_TAIL_V // 8}Q")
+_TAIL_RECORD = np.dtype([("row", CANDLE_RAW), ("crc", "<u8")])
+_U64 = (1 << 64) - 1
 _FIELDS: tuple[str, ...] = tuple(CANDLE_DTYPE.names or ())
 _CID_BITS = 36
 _CID_OFFSET = 1 << (_CID_BITS - 1)
 _CID_MIN = -_CID_OFFSET
 _CID_MAX = _CID_OFFSET - 1
+_CID_MASK = (1 << _CID_BITS) - 1
 _TS_LIMIT = 1 << 50  # about year 37,600: keeps chunk numbers inside their 36 bits
 _NEG_INF = -(1 << 62)
 _POS_INF = 1 << 62
@@ -76,6 +91,7 @@ CREATE TABLE coverage(
 PRAGMA user_version = 1;
 """
 
+# Version 2 (no checksums): what _migrate_v2 starts from; tests build version-2 files with it.
 _SCHEMA_V2 = """
 CREATE TABLE series(
     sid INTEGER PRIMARY KEY,
@@ -104,10 +120,51 @@ CREATE TABLE coverage(
 CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 """
 
+# Version 3: checksums. Kept in pieces so the v2 -> v3 migration rebuilds ``chunk`` with the same
+# DDL as a new file (``crc`` before ``data``: read without walking the blob's overflow pages).
+_SCHEMA_V3_CHUNK = """
+CREATE TABLE chunk(
+    key INTEGER PRIMARY KEY,      -- (sid << 36) + chunk number + 2**35
+    n INTEGER NOT NULL,
+    first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    codec INTEGER NOT NULL,
+    crc INTEGER NOT NULL,         -- row_checksum of the decoded rows, as a signed 64-bit integer
+    data BLOB NOT NULL);
+CREATE INDEX chunk_uncompressed ON chunk(last_ts) WHERE codec = 0;
+"""
+_SCHEMA_V3 = (
+    """
+CREATE TABLE series(
+    sid INTEGER PRIMARY KEY,
+    symbol TEXT NOT NULL,
+    timeframe TEXT NOT NULL,
+    seal_ts INTEGER NOT NULL,
+    UNIQUE (symbol, timeframe));
+"""
+    + _SCHEMA_V3_CHUNK
+    + """
+CREATE TABLE tail(
+    sid INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    v BLOB NOT NULL,               -- one CANDLE_DTYPE row (56 bytes), then its row_checksum (<u8)
+    PRIMARY KEY (sid, ts)) WITHOUT ROWID;
+CREATE TABLE coverage(
+    sid INTEGER NOT NULL,
+    start_ts INTEGER NOT NULL,
+    end_ts INTEGER NOT NULL,
+    PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
+CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+INSERT INTO meta(k, v) VALUES ('commit_seq', 0);
+"""
+)
+# One statement per committed data-changing transaction (see SqliteStore.commit_seq).
+_SQL_BUMP_SEQ = "INSERT INTO meta(k, v) VALUES ('commit_seq', 1) ON CONFLICT(k) DO UPDATE SET v = v + 1"
+
 _SQL_RANGE = (
-    "SELECT codec, data FROM chunk WHERE key BETWEEN ?1 AND ?2 "
+    "SELECT codec, crc, key, data FROM chunk WHERE key BETWEEN ?1 AND ?2 "
     "UNION ALL "
-    "SELECT -1, CAST(group_concat(v, x'') AS BLOB) FROM "
+    "SELECT -1, 0, 0, CAST(group_concat(v, x'') AS BLOB) FROM "
     "(SELECT v FROM tail WHERE sid = ?3 AND ts >= ?4 AND ts < ?5 ORDER BY ts)"
 )
 _SQL_TAIL_RANGE = (
@@ -166,9 +223,131 @@ def _row_ok(arr: np.ndarray, tf: Timeframe) -> bool:
         return False
     if lo > o or lo > c or h < o or h < c or v < 0.0 or q < 0.0:
         return False
+    if not (o > 0.0 and h > 0.0 and lo > 0.0 and c > 0.0):  # DESIGN.md section 6: prices are > 0
+        return False
     if tf.is_month:
         return tf.is_aligned(ts)
     return (ts - tf.origin_ms) % tf.interval_ms == 0
+
+
+class DamagedChunkError(StorageUnavailableError):
+    """Stored candles failed their checksum (or do not decode): they were not served.
+
+    Raised by every read of the damaged rows, and by writes and deletes that would have to read
+    them (nothing is changed then). :meth:`SqliteStore.quarantine_damaged` removes the damaged
+    rows and their span from the coverage, so the span becomes "missing" and is refetched from
+    Layer 1.
+
+    Attributes
+    ----------
+    symbol : str
+        Market code of the series.
+    timeframe : str
+        Timeframe name of the series.
+    span : tuple of int
+        ``(start, end)``, half-open, epoch ms: the damaged chunk's grid span or the damaged tail
+        row's interval. Also as ``start`` and ``end``.
+    """
+
+    def __init__(self, message: str, symbol: str, timeframe: str, start: int, end: int) -> None:
+        super().__init__(message)
+        self.symbol = symbol
+        self.timeframe = timeframe
+        self.start = int(start)
+        self.end = int(end)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.start, self.end)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (across processes) with its attributes
+        return (type(self), (str(self), self.symbol, self.timeframe, self.start, self.end))
+
+
+class _Damage(Exception):
+    """Stored rows that cannot be served; the caller turns it into a :class:`DamagedChunkError`."""
+
+
+def _signed(crc: int) -> int:
+    """A checksum in ``[0, 2**64)`` as the signed 64-bit integer SQLite stores."""
+    return crc - (1 << 64) if crc >> 63 else crc
+
+
+def _chunk_span(key: int, tf: Timeframe) -> tuple[int, int]:
+    """The grid span ``[start, end)`` a chunk key stands for (what :meth:`SqliteStore._key` maps in)."""
+    cid = (key & _CID_MASK) - _CID_OFFSET
+    width = tf.interval_ms * CHUNK_SLOTS
+    start = _NEG_INF if cid <= _CID_MIN else tf.origin_ms + cid * width
+    end = _POS_INF if cid >= _CID_MAX else tf.origin_ms + (cid + 1) * width
+    return start, end
+
+
+def _verified(codec: int, crc: int, data: Any) -> np.ndarray:
+    """The rows of a stored chunk, checked against its checksum (raises :class:`_Damage`)."""
+    try:
+        a = _decode(codec, data)
+    except zlib.error as exc:
+        raise _Damage(f"does not decompress ({exc})") from None
+    except ValueError:
+        raise _Damage(f"holds {len(data)} bytes, not whole rows") from None
+    if not len(a):
+        raise _Damage("holds no rows")
+    if row_checksum(a, 0, len(a)) != crc & _U64:
+        raise _Damage("rows do not match their checksum")
+    return a
+
+
+def _tail_values(rows: np.ndarray) -> list[bytes]:
+    """The stored tail values of ``rows`` (C-contiguous): each candle followed by its checksum."""
+    words = rows.view(np.uint64).reshape(len(rows), WORDS_PER_ROW)
+    raw = np.concatenate([words, row_checksums(words)[:, None]], axis=1).tobytes()
+    return [raw[i : i + _TAIL_V] for i in range(0, len(raw), _TAIL_V)]
+
+
+def _tail_value(row: np.ndarray) -> bytes:
+    """The stored tail value of a one-row array."""
+    raw = row.tobytes()
+    return raw + row_checksum(raw, 0, 1).to_bytes(8, "little")
+
+
+def _tail_rows(data: Any, lo: int, hi: int, descending: bool = False) -> np.ndarray | None:
+    """Candles of concatenated tail values (ascending, or descending if so read), sorted
+    ascending; None unless every value is whole, matches its checksum and lies in ``[lo, hi)``.
+
+    A live edge is a few rows: checked one by one in Python, which costs less here than the fixed
+    overhead of a handful of numpy calls. The check is :func:`row_checksum`'s sum: the 7 row words
+    plus the checksum word, minus twice the checksum, is 0 mod 2**64 exactly when they match.
+    """
+    if len(data) % _TAIL_V:
+        return None
+    tss = []
+    for w in _TAIL_WORDS.iter_unpack(data):
+        if (sum(w) - (w[WORDS_PER_ROW] << 1)) & _U64:
+            return None
+        t = w[0]
+        tss.append(t - (1 << 64) if t >> 63 else t)
+    a = np.frombuffer(data, dtype=_TAIL_RECORD)["row"].view(CANDLE_DTYPE)
+    if descending:
+        a = a[::-1]
+        tss.reverse()
+    if len(tss) > 1 and any(x >= y for x, y in pairwise(tss)):  # group_concat order is not promised
+        order = sorted(range(len(tss)), key=tss.__getitem__)
+        a = a[order]
+        tss = [tss[i] for i in order]
+    if not (lo <= tss[0] and tss[-1] < hi):
+        return None  # a row whose key says otherwise
+    return a
+
+
+def _tail_row_problem(ts: int, v: Any) -> str | None:
+    """Why the stored tail row ``(ts, v)`` cannot be served, or None."""
+    if not isinstance(v, bytes) or len(v) != _TAIL_V:
+        return f"malformed ({len(v) if isinstance(v, bytes) else type(v).__name__} bytes, not {_TAIL_V})"
+    if row_checksum(v, 0, 1) != int.from_bytes(v[_ROW:], "little"):
+        return "does not match its checksum"
+    if int.from_bytes(v[:8], "little", signed=True) != ts:
+        return "holds another ts than its key"
+    return None
 
 
 def _empty() -> np.ndarray:
@@ -200,7 +379,7 @@ def _decode(codec: int, data: bytes) -> np.ndarray:
         n = len(planes) // _ROW
         words = np.ascontiguousarray(planes.reshape(_ROW, n).T).view(np.int64)
         return np.cumsum(words, axis=0, dtype=np.int64).view(CANDLE_DTYPE).reshape(n)
-    raise StorageUnavailableError(f"chunk codec {codec} is unknown: the file was written by a newer mds")
+    raise _Damage(f"has an unknown codec {codec}")
 
 
 class _Txn:
@@ -245,6 +424,9 @@ class _Txn:
         assert conn is not None
         if et is None and not s._doomed:
             try:
+                if s._dirty:
+                    # once per transaction, at commit: one statement and one page, not one per write
+                    conn.execute(_SQL_BUMP_SEQ)
                 conn.execute("COMMIT")
             except apsw.Error as exc:
                 s._rollback_quietly()
@@ -295,6 +477,11 @@ class SqliteStore:
     Concurrency: WAL mode, one writer process and any number of reader processes. Every write
     call is one transaction; :meth:`transaction` groups many. Readers see whole transactions
     only. One instance must not be shared by threads without a lock held around each call.
+
+    Damage: every chunk and tail row carries a checksum of its candles, checked whenever rows
+    are read (reads, and writes or deletes that merge into stored rows). Rows that fail it are
+    never returned: the call raises :class:`DamagedChunkError` and changes nothing, until
+    :meth:`quarantine_damaged` removes them.
 
     Raises
     ------
@@ -375,7 +562,7 @@ class SqliteStore:
                 self._depth = 0
                 self._rollback_quietly()
             if not self.readonly:
-                conn.execute("PRAGMA optimize")
+                conn.execute("PRAGMA optimize").fetchall()
         except apsw.Error as exc:
             logger.warning("SQLite store %s: PRAGMA optimize on close failed: %s", self.path, exc)
         finally:
@@ -496,7 +683,7 @@ class SqliteStore:
                         self._conn_().execute("DELETE FROM chunk WHERE key = ?", (key,))
                         removed += n
                         continue
-                    arr = self._load_chunk(key)
+                    arr = self._load_chunk(key, tf)
                     ts = arr["ts"]
                     keep = arr[(ts < lo) | (ts >= hi)]
                     removed += len(arr) - len(keep)
@@ -512,9 +699,110 @@ class SqliteStore:
         except apsw.Error as exc:
             raise _translate(exc, self.path) from exc
 
+    def quarantine_damaged(
+        self, symbol: str, tf: Timeframe | str, start: int | None = None, end: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Remove the series' damaged chunks and tail rows that overlap ``[start, end)``.
+
+        In one write transaction: every chunk and tail row of the series that overlaps the range
+        and does not decode, does not match its checksum or is malformed is deleted, and its span
+        is subtracted from the coverage, so it reads as ``"missing"`` (a store with a Layer 1
+        refetches it). Undamaged rows are kept.
+
+        Parameters
+        ----------
+        symbol, tf : str, Timeframe
+            The series.
+        start, end : int, optional
+            Epoch ms, half-open; None: unbounded. A damaged chunk that overlaps the range is
+            removed whole (its rows cannot be trusted singly).
+
+        Returns
+        -------
+        list of (int, int)
+            The removed spans, ascending: a chunk's grid span (:data:`CHUNK_SLOTS` slots) or a
+            tail row's interval. Empty when nothing was damaged.
+
+        Raises
+        ------
+        StorageUnavailableError
+            Opened readonly, or SQLite failed; nothing changed.
+
+        Notes
+        -----
+        Checks every chunk in the range (decompressing compressed ones), so it costs a read of
+        that range; call it with the span of a :class:`DamagedChunkError` (or with no range once
+        :meth:`integrity_problems` named damage).
+        """
+        tf = parse_timeframe(tf)
+        lo = _NEG_INF if start is None else int(start)
+        hi = _POS_INF if end is None else int(end)
+        if hi <= lo:
+            return []
+        self._writable()
+        try:
+            with _Txn(self):
+                sid = self._sid_lookup(symbol, tf)
+                if sid is None:
+                    return []
+                conn = self._conn_()
+                bad_keys: list[int] = []
+                spans: list[tuple[int, int]] = []
+                cur = conn.execute(
+                    "SELECT key, codec, crc, data FROM chunk WHERE key BETWEEN ? AND ?",
+                    (self._key(sid, tf, lo), self._key(sid, tf, hi - 1)),
+                )
+                try:
+                    for key, codec, crc, data in cur:
+                        try:
+                            _verified(codec, crc, data)
+                        except _Damage as exc:
+                            logger.warning(
+                                "SQLite store %s: quarantining chunk %d of %s %s: %s",
+                                self.path,
+                                key,
+                                symbol,
+                                tf.name,
+                                exc,
+                            )
+                            bad_keys.append(key)
+                            spans.append(_chunk_span(key, tf))
+                finally:
+                    cur.close()
+                bad_tail: list[tuple[int, int]] = []
+                for ts, v in conn.execute(
+                    "SELECT ts, v FROM tail WHERE sid = ? AND ts >= ? AND ts < ?", (sid, lo, hi)
+                ).fetchall():
+                    why = _tail_row_problem(int(ts), v)
+                    if why is not None:
+                        logger.warning(
+                            "SQLite store %s: quarantining tail row %d of %s %s: %s",
+                            self.path,
+                            ts,
+                            symbol,
+                            tf.name,
+                            why,
+                        )
+                        bad_tail.append((sid, int(ts)))
+                        spans.append((int(ts), tf.next(int(ts))))
+                if not spans:
+                    return []
+                self._dirty = True
+                conn.executemany("DELETE FROM chunk WHERE key = ?", [(k,) for k in bad_keys])
+                conn.executemany("DELETE FROM tail WHERE sid = ? AND ts = ?", bad_tail)
+                self._change_coverage(sid, _k.interval_normalize(np.array(spans, dtype=np.int64)), add=False)
+                self._state.pop(sid, None)
+            return sorted(spans)
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from exc
+
     # ------------------------------------------------------------------ reads
     def read_range(self, symbol: str, tf: Timeframe | str, start: int, end: int) -> np.ndarray:
-        """Candles with ``start <= ts < end``, ascending (one consistent snapshot)."""
+        """Candles with ``start <= ts < end``, ascending (one consistent snapshot).
+
+        Raises :class:`DamagedChunkError` when a stored chunk or tail row the range touches fails
+        its checksum (as do :meth:`read_latest`, :meth:`read_from` and :meth:`gaps`).
+        """
         tf = parse_timeframe(tf)
         start, end = int(start), int(end)
         try:
@@ -523,18 +811,25 @@ class SqliteStore:
                 return _empty()
             parts: list[np.ndarray] = []
             args = (self._key(sid, tf, start), self._key(sid, tf, end - 1), sid, start, end)
-            for codec, data in self._conn_().execute(_SQL_RANGE, args):
-                if codec < 0:
-                    if data:
-                        parts.append(self._tail_array(data))
-                    continue
-                a = _decode(codec, data)
-                ts = a["ts"]
-                if ts[0] < start or ts[-1] >= end:
-                    i, j = np.searchsorted(ts, (start, end))
-                    a = a[i:j]
-                if len(a):
-                    parts.append(a)
+            cur = self._conn_().execute(_SQL_RANGE, args)
+            try:
+                for codec, crc, key, data in cur:
+                    if codec < 0:
+                        if data:
+                            parts.append(self._tail_checked(data, sid, tf, start, end))
+                        continue
+                    try:
+                        a = _verified(codec, crc, data)
+                    except _Damage as exc:
+                        raise self._chunk_damaged(key, tf, str(exc)) from None
+                    ts = a["ts"]
+                    if ts[0] < start or ts[-1] >= end:
+                        i, j = np.searchsorted(ts, (start, end))
+                        a = a[i:j]
+                    if len(a):
+                        parts.append(a)
+            finally:
+                cur.close()  # an error leaves the loop early: end the read now, not when collected
             return _concat(parts)
         except apsw.Error as exc:
             raise _translate(exc, self.path) from exc
@@ -554,17 +849,20 @@ class SqliteStore:
                 parts: list[np.ndarray] = []
                 have = 0
                 if data:
-                    t = np.frombuffer(data, dtype=CANDLE_DTYPE)[::-1]
+                    t = self._tail_checked(data, sid, tf, _NEG_INF, hi, descending=True)
                     parts.append(t)
                     have = len(t)
                 if have < n:
                     cur = conn.execute(
-                        "SELECT codec, data FROM chunk WHERE key BETWEEN ? AND ? ORDER BY key DESC",
+                        "SELECT codec, crc, key, data FROM chunk WHERE key BETWEEN ? AND ? ORDER BY key DESC",
                         (self._key(sid, tf, _NEG_INF), self._key(sid, tf, hi - 1)),
                     )
                     try:
-                        for codec, blob in cur:
-                            a = _decode(codec, blob)
+                        for codec, crc, key, blob in cur:
+                            try:
+                                a = _verified(codec, crc, blob)
+                            except _Damage as exc:
+                                raise self._chunk_damaged(key, tf, str(exc)) from None
                             if a["ts"][-1] >= hi:
                                 a = a[: np.searchsorted(a["ts"], hi)]
                             if len(a) > n - have:
@@ -594,12 +892,15 @@ class SqliteStore:
             with self._snapshot():
                 conn = self._conn_()
                 cur = conn.execute(
-                    "SELECT codec, data FROM chunk WHERE key BETWEEN ? AND ?",
+                    "SELECT codec, crc, key, data FROM chunk WHERE key BETWEEN ? AND ?",
                     (self._key(sid, tf, start), self._key(sid, tf, _POS_INF)),
                 )
                 try:
-                    for codec, blob in cur:
-                        a = _decode(codec, blob)
+                    for codec, crc, key, blob in cur:
+                        try:
+                            a = _verified(codec, crc, blob)
+                        except _Damage as exc:
+                            raise self._chunk_damaged(key, tf, str(exc)) from None
                         if a["ts"][0] < start:
                             a = a[np.searchsorted(a["ts"], start) :]
                         a = a[: n - have]
@@ -613,7 +914,7 @@ class SqliteStore:
                 if have < n:
                     data = conn.execute(_SQL_TAIL_FROM, (sid, start, n - have)).fetchall()[0][0]
                     if data:
-                        parts.append(self._tail_array(data))
+                        parts.append(self._tail_checked(data, sid, tf, start, _POS_INF))
             return _concat(parts)
         except apsw.Error as exc:
             raise _translate(exc, self.path) from exc
@@ -728,6 +1029,22 @@ class SqliteStore:
         """
         try:
             return self._pragma_int("data_version")
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    def commit_seq(self) -> int:
+        """How many committed transactions changed this file's data (its commit sequence).
+
+        Incremented by exactly one by every committed transaction that writes candles or
+        coverage, deletes, quarantines or migrates (once per transaction however many calls it
+        groups; never by a rollback, maintenance or compression). Kept in the file itself, so a
+        number recorded elsewhere after an acknowledged write that is higher than this one means
+        acknowledged commits were lost (for example a WAL file deleted after a crash). Cheap: one
+        row read.
+        """
+        try:
+            rows = self._conn_().execute("SELECT v FROM meta WHERE k = 'commit_seq'").fetchall()
+            return int(rows[0][0]) if rows else 0
         except apsw.Error as exc:
             raise _translate(exc, self.path) from exc
 
@@ -849,17 +1166,15 @@ class SqliteStore:
             frag = self.fragmentation()
             vacuumed = False
             if force or frag > self.vacuum_threshold:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._checkpoint()
                 conn.execute("VACUUM")
                 vacuumed = True
-            analyzed = False
             if force or vacuumed or not self._has_stats():
                 conn.execute("ANALYZE")
                 analyzed = True
             else:
-                conn.execute("PRAGMA optimize")
-                analyzed = True
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                analyzed = self._optimize()
+            self._checkpoint()
             self._set_meta("last_maintenance_ms", int(self._clock()))
             report.update(
                 fragmentation_after=self.fragmentation(),
@@ -888,10 +1203,12 @@ class SqliteStore:
         """SQLite's integrity check plus the tier's own invariants; empty when all is well.
 
         Checked: ``PRAGMA integrity_check`` (``quick_check`` when ``full`` is false); every chunk
-        decodes to ``n`` rows, sorted and unique, inside its chunk's time span and below the
-        series' ``seal_ts``, with ``first_ts``/``last_ts`` matching; tail rows are 56 bytes, match
-        their key and lie at or above ``seal_ts``; coverage ranges are non-empty, sorted and
-        disjoint; every row belongs to a catalogued series.
+        decodes and matches its checksum (else it is named "damaged" with its grid span), holds
+        ``n`` rows, sorted and unique, inside its chunk's time span and below the series'
+        ``seal_ts``, with ``first_ts``/``last_ts`` matching; tail values are 64 bytes, match their
+        checksum and their key, and lie at or above ``seal_ts``; coverage ranges are non-empty,
+        sorted and disjoint; every row belongs to a catalogued series. A full pass over the file
+        (compressed chunks are decompressed).
         """
         try:
             with self._snapshot():
@@ -926,10 +1243,14 @@ class SqliteStore:
                     raise StorageUnavailableError(
                         f"SQLite store {self.path} holds tables but no mds schema version: not an mds database"
                     )
-                conn.execute(_SCHEMA_V2)
+                conn.execute(_SCHEMA_V3)
             elif version == 1:
                 self._migrate_v1()
+            elif version == 2:
+                self._migrate_v2()
             if version < SCHEMA_VERSION:
+                if version:
+                    conn.execute(_SQL_BUMP_SEQ)  # a migration rewrites the data: one commit
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -939,11 +1260,11 @@ class SqliteStore:
             raise
 
     def _migrate_v1(self) -> None:
-        """v1 (row per candle keyed by text) -> v2 (catalog, chunks, tail), inside the open transaction."""
+        """v1 (row per candle keyed by text) -> v3 (catalog, chunks, tail), inside the open transaction."""
         conn = self._conn_()
-        logger.info("SQLite store %s: migrating schema 1 -> 2", self.path)
+        logger.info("SQLite store %s: migrating schema 1 -> %d", self.path, SCHEMA_VERSION)
         conn.execute("ALTER TABLE candles RENAME TO v1_candles; ALTER TABLE coverage RENAME TO v1_coverage;")
-        conn.execute(_SCHEMA_V2)
+        conn.execute(_SCHEMA_V3)
         pairs = conn.execute(
             "SELECT DISTINCT symbol, timeframe FROM v1_candles UNION SELECT DISTINCT symbol, timeframe FROM v1_coverage"
         ).fetchall()
@@ -968,6 +1289,49 @@ class SqliteStore:
             if cov:
                 self._change_coverage(sid, _k.interval_normalize(np.array(cov, dtype=np.int64)), add=True)
         conn.execute("DROP TABLE v1_candles; DROP TABLE v1_coverage;")
+
+    def _migrate_v2(self) -> None:
+        """v2 -> v3 (checksums), inside the open transaction.
+
+        ``chunk`` is rebuilt with a ``crc`` column (an UPDATE would rewrite every row as well) and
+        every tail value gets its checksum appended. The checksums are those of the rows as they
+        are now: damage that happened before this migration cannot be told from data. A chunk that
+        does not decode keeps a checksum of 0, so it stays refused as damaged.
+        """
+        conn = self._conn_()
+        logger.info("SQLite store %s: migrating schema 2 -> 3 (checksums)", self.path)
+        conn.execute("DROP INDEX chunk_uncompressed; ALTER TABLE chunk RENAME TO v2_chunk;")
+        conn.execute(_SCHEMA_V3_CHUNK)
+
+        def chunks() -> Iterator[tuple[Any, ...]]:
+            for key, n, first, last, codec, data in conn.execute(
+                "SELECT key, n, first_ts, last_ts, codec, data FROM v2_chunk"
+            ):
+                try:
+                    a = _decode(codec, data)
+                    crc = _signed(row_checksum(a, 0, len(a))) if len(a) else 0
+                except (_Damage, zlib.error, ValueError) as exc:
+                    logger.warning(
+                        "SQLite store %s: v2 chunk %d does not decode (%s); kept as damaged", self.path, key, exc
+                    )
+                    crc = 0
+                yield key, n, first, last, codec, crc, data
+
+        # a second connection-level cursor reads v2_chunk while executemany inserts into chunk
+        conn.executemany(
+            "INSERT INTO chunk(key, n, first_ts, last_ts, codec, crc, data) VALUES (?, ?, ?, ?, ?, ?, ?)", chunks()
+        )
+        conn.execute("DROP TABLE v2_chunk")
+        fixed = []
+        for sid, ts, v in conn.execute("SELECT sid, ts, v FROM tail").fetchall():
+            if isinstance(v, bytes) and len(v) == _ROW:
+                fixed.append((v + row_checksum(v, 0, 1).to_bytes(8, "little"), sid, ts))
+            else:  # malformed already: left as it is, refused as damaged
+                logger.warning(
+                    "SQLite store %s: v2 tail row (%d, %d) is malformed; kept as damaged", self.path, sid, ts
+                )
+        conn.executemany("UPDATE tail SET v = ? WHERE sid = ? AND ts = ?", fixed)
+        conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('commit_seq', 0)")
 
     # ------------------------------------------------------------------ internals: plumbing
     def _conn_(self) -> Any:  # apsw's row types are unions; the schema fixes them, so Any
@@ -1047,11 +1411,31 @@ class SqliteStore:
         frag = self.fragmentation()
         if frag > self.vacuum_threshold:
             if self._pragma_int("auto_vacuum") == 2:
-                conn.execute(f"PRAGMA incremental_vacuum({_INCREMENTAL_VACUUM_PAGES})")
+                # frees one page per step: the statement must be run to its end, not just started
+                conn.execute(f"PRAGMA incremental_vacuum({_INCREMENTAL_VACUUM_PAGES})").fetchall()
             else:
                 logger.info("SQLite store %s: fragmentation %.3f; call maintain() to VACUUM", self.path, frag)
-        conn.execute("PRAGMA optimize")
+        self._optimize()
         logger.debug("SQLite store %s: scheduled maintenance compressed %d chunks", self.path, n)
+
+    def _optimize(self) -> bool:
+        """``PRAGMA optimize``; returns whether it recomputed statistics (ran an ANALYZE).
+
+        SQLite does not report what optimize did, so its debug form (mask bit 0x01 added to the
+        default 0xfffe) first lists the ANALYZE statements it would run, on this connection, now.
+        """
+        conn = self._conn_()
+        planned = conn.execute("PRAGMA optimize(0xffff)").fetchall()
+        conn.execute("PRAGMA optimize").fetchall()
+        return bool(planned)
+
+    def _checkpoint(self) -> None:
+        """``PRAGMA wal_checkpoint(TRUNCATE)``, stepped to its end (it returns a row)."""
+        busy, log, done = self._conn_().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        if busy:
+            logger.info(
+                "SQLite store %s: WAL checkpoint incomplete (%s of %s frames): readers hold it", self.path, done, log
+            )
 
     def _has_stats(self) -> bool:
         return bool(
@@ -1146,7 +1530,7 @@ class SqliteStore:
         if len(hi) == 1 and tail_n < TAIL_MAX:
             a, b, c = self._upsert_tail_one(sid, hi, st)
         elif tail_n + len(hi) <= TAIL_MAX:
-            a, b, c = self._upsert_tail_many(sid, hi, st)
+            a, b, c = self._upsert_tail_many(sid, tf, hi, st)
         else:
             a, b, c = self._fold(sid, tf, hi, st)
         return ins + a, upd + b, unch + c
@@ -1154,7 +1538,7 @@ class SqliteStore:
     def _upsert_tail_one(self, sid: int, row: np.ndarray, st: list[int]) -> tuple[int, int, int]:
         conn = self._conn_()
         ts = int(row["ts"][0])
-        blob = row.tobytes()
+        blob = _tail_value(row)
         if ts > st[2]:  # newer than every tail row: certainly new (the common live-edge case)
             conn.execute("INSERT INTO tail(sid, ts, v) VALUES (?, ?, ?)", (sid, ts, blob))
             st[1] += 1
@@ -1167,16 +1551,17 @@ class SqliteStore:
             return 1, 0, 0
         if old[0][0] == blob:
             return 0, 0, 1
+        # A damaged old value is simply replaced by the new candle (nothing of it is read).
         conn.execute("UPDATE tail SET v = ? WHERE sid = ? AND ts = ?", (blob, sid, ts))
         return 0, 1, 0
 
-    def _upsert_tail_many(self, sid: int, hi: np.ndarray, st: list[int]) -> tuple[int, int, int]:
+    def _upsert_tail_many(self, sid: int, tf: Timeframe, hi: np.ndarray, st: list[int]) -> tuple[int, int, int]:
         conn = self._conn_()
         ts = hi["ts"]
         data = conn.execute(_SQL_TAIL_RANGE, (sid, int(ts[0]), int(ts[-1]) + 1)).fetchall()[0][0]
         n = len(hi)
         if data:
-            old = self._tail_array(data)
+            old = np.ascontiguousarray(self._tail_checked(data, sid, tf, int(ts[0]), int(ts[-1]) + 1))
             pos = np.searchsorted(old["ts"], ts)
             pos_c = np.minimum(pos, len(old) - 1)
             found = old["ts"][pos_c] == ts
@@ -1189,11 +1574,11 @@ class SqliteStore:
             write = np.arange(n)
             ins, upd, unch = n, 0, 0
         if len(write):
-            raw = hi.tobytes()
+            values = _tail_values(hi)
             tss = ts.tolist()
             conn.executemany(
                 "INSERT OR REPLACE INTO tail(sid, ts, v) VALUES (?, ?, ?)",
-                [(sid, tss[i], raw[i * _ROW : (i + 1) * _ROW]) for i in write.tolist()],
+                [(sid, tss[i], values[i]) for i in write.tolist()],
             )
         st[1] += ins
         st[2] = max(st[2], int(ts[-1]))
@@ -1203,8 +1588,9 @@ class SqliteStore:
         """Move the whole live edge plus ``hi`` into chunks, keeping only the newest candle as a row."""
         conn = self._conn_()
         if st[1]:
+            # checked: a damaged row folded into a chunk would get a fresh, matching checksum
             data = conn.execute(_SQL_TAIL_RANGE, (sid, _NEG_INF, _POS_INF)).fetchall()[0][0]
-            old = self._tail_array(data) if data else _empty()
+            old = np.ascontiguousarray(self._tail_checked(data, sid, tf, _NEG_INF, _POS_INF)) if data else _empty()
         else:
             old = _empty()
         if len(old):
@@ -1216,7 +1602,7 @@ class SqliteStore:
         if len(merged) > 1:
             self._write_chunks(sid, tf, merged[:-1])
         conn.execute("DELETE FROM tail WHERE sid = ?", (sid,))
-        conn.execute("INSERT INTO tail(sid, ts, v) VALUES (?, ?, ?)", (sid, new_seal, newest.tobytes()))
+        conn.execute("INSERT INTO tail(sid, ts, v) VALUES (?, ?, ?)", (sid, new_seal, _tail_value(newest)))
         conn.execute("UPDATE series SET seal_ts = ? WHERE sid = ?", (new_seal, sid))
         st[0], st[1], st[2] = new_seal, 1, new_seal
         return ins, upd, unch
@@ -1242,22 +1628,31 @@ class SqliteStore:
             key = self._key(sid, tf, int(ts[s]))
             part = lo[s:e]
             if key in existing:
-                merged, a, b, c = _k.merge(self._load_chunk(key), part)
+                merged, a, b, c = _k.merge(self._load_chunk(key, tf), part)
                 ins, upd, unch = ins + a, upd + b, unch + c
                 if a or b:
                     self._put_chunk(key, merged, exists=True)
             else:
-                new_rows.append((key, e - s, int(ts[s]), int(ts[e - 1]), raw[s * _ROW : e * _ROW]))
+                crc = _signed(row_checksum(raw, s * _ROW, e - s))
+                new_rows.append((key, e - s, int(ts[s]), int(ts[e - 1]), crc, raw[s * _ROW : e * _ROW]))
                 ins += e - s
         if new_rows:
             conn.executemany(
-                "INSERT INTO chunk(key, n, first_ts, last_ts, codec, data) VALUES (?, ?, ?, ?, 0, ?)", new_rows
+                "INSERT INTO chunk(key, n, first_ts, last_ts, codec, crc, data) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                new_rows,
             )
         return ins, upd, unch
 
-    def _load_chunk(self, key: int) -> np.ndarray:
-        codec, data = self._conn_().execute("SELECT codec, data FROM chunk WHERE key = ?", (key,)).fetchall()[0]
-        return _decode(codec, data)
+    def _load_chunk(self, key: int, tf: Timeframe) -> np.ndarray:
+        """A chunk's rows for a read-modify-write, checked: merging damaged rows would store them
+        again under a fresh, matching checksum."""
+        codec, crc, data = (
+            self._conn_().execute("SELECT codec, crc, data FROM chunk WHERE key = ?", (key,)).fetchall()[0]
+        )
+        try:
+            return _verified(codec, crc, data)
+        except _Damage as exc:
+            raise self._chunk_damaged(key, tf, str(exc)) from None
 
     def _put_chunk(self, key: int, arr: np.ndarray, *, exists: bool) -> None:
         conn = self._conn_()
@@ -1265,19 +1660,63 @@ class SqliteStore:
             conn.execute("DELETE FROM chunk WHERE key = ?", (key,))
             return
         arr = np.ascontiguousarray(arr)
-        args = (len(arr), int(arr["ts"][0]), int(arr["ts"][-1]), arr.view(np.uint8), key)
+        crc = _signed(row_checksum(arr, 0, len(arr)))
+        args = (len(arr), int(arr["ts"][0]), int(arr["ts"][-1]), crc, arr.view(np.uint8), key)
         if exists:
-            conn.execute("UPDATE chunk SET n = ?, first_ts = ?, last_ts = ?, codec = 0, data = ? WHERE key = ?", args)
+            conn.execute(
+                "UPDATE chunk SET n = ?, first_ts = ?, last_ts = ?, codec = 0, crc = ?, data = ? WHERE key = ?", args
+            )
         else:
-            conn.execute("INSERT INTO chunk(n, first_ts, last_ts, codec, data, key) VALUES (?, ?, ?, 0, ?, ?)", args)
+            conn.execute(
+                "INSERT INTO chunk(n, first_ts, last_ts, codec, crc, data, key) VALUES (?, ?, ?, 0, ?, ?, ?)", args
+            )
 
-    @staticmethod
-    def _tail_array(data: bytes) -> np.ndarray:
-        a = np.frombuffer(data, dtype=CANDLE_DTYPE)
-        ts = a["ts"]
-        if len(a) > 1 and not bool(np.all(ts[1:] > ts[:-1])):  # group_concat order is not promised
-            a = a[np.argsort(ts, kind="stable")]
+    def _tail_checked(
+        self, data: Any, sid: int, tf: Timeframe, lo: int, hi: int, *, descending: bool = False
+    ) -> np.ndarray:
+        """The candles of tail values read for ``lo <= ts < hi``, ascending, checked (read-only,
+        possibly strided: callers copy)."""
+        a = _tail_rows(data, lo, hi, descending)
+        if a is None:
+            raise self._tail_damaged(sid, tf, lo, hi)
         return a
+
+    def _damaged(self, sid: int, tf: Timeframe, start: int, end: int, what: str) -> DamagedChunkError:
+        rows = self._conn_().execute("SELECT symbol FROM series WHERE sid = ?", (sid,)).fetchall()
+        symbol = str(rows[0][0]) if rows else f"<series {sid}>"
+        when = ""
+        if start > -_TS_LIMIT and end < _TS_LIMIT:
+            when = f" ({iso_utc(start)} to {iso_utc(end)} UTC)"
+        logger.warning("SQLite store %s: %s %s [%d, %d) is damaged: %s", self.path, symbol, tf.name, start, end, what)
+        return DamagedChunkError(
+            f"SQLite store {self.path}: stored candles of {symbol} {tf.name} in [{start}, {end}){when} are "
+            f"damaged ({what}); they were not served. Drop them with quarantine_damaged() so they are "
+            "refetched from Layer 1 (Store.check() names every damaged span), or restore a backup",
+            symbol,
+            tf.name,
+            start,
+            end,
+        )
+
+    def _chunk_damaged(self, key: int, tf: Timeframe, why: str) -> DamagedChunkError:
+        start, end = _chunk_span(key, tf)
+        return self._damaged(key >> _CID_BITS, tf, start, end, f"chunk {key} {why}")
+
+    def _tail_damaged(self, sid: int, tf: Timeframe, lo: int, hi: int) -> DamagedChunkError:
+        """The error for tail values that failed a check: finds the first damaged row by its key."""
+        rows = (
+            self._conn_()
+            .execute("SELECT ts, v FROM tail WHERE sid = ? AND ts >= ? AND ts < ? ORDER BY ts", (sid, lo, hi))
+            .fetchall()
+        )
+        for ts, v in rows:
+            why = _tail_row_problem(int(ts), v)
+            if why is not None:
+                return self._damaged(sid, tf, int(ts), tf.next(int(ts)), f"tail row {why}")
+        # not one row alone: name the whole live edge that was read
+        start = int(rows[0][0]) if rows else lo
+        end = tf.next(int(rows[-1][0])) if rows else hi
+        return self._damaged(sid, tf, start, end, "tail rows do not read back as stored")
 
     @staticmethod
     def _sorted_tail_guard(a: np.ndarray) -> np.ndarray:
@@ -1294,16 +1733,27 @@ class SqliteStore:
         conn = self._conn_()
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         done = 0
+        after = (-(1 << 63), -1)  # (last_ts, key) seen last: a damaged chunk left raw is not selected again
         while True:
             with _Txn(self):
-                rows = conn.execute(
-                    "SELECT key, data FROM chunk WHERE codec = 0 AND last_ts < ? LIMIT 64", (cutoff,)
+                rows = conn.execute(  # walks the partial index chunk_uncompressed (last_ts, rowid) in order
+                    "SELECT key, last_ts, crc, data FROM chunk "
+                    "WHERE codec = 0 AND last_ts < ?1 AND (last_ts, key) > (?2, ?3) ORDER BY last_ts, key LIMIT 64",
+                    (cutoff, *after),
                 ).fetchall()
-                for key, data in rows:
-                    # stored compressed even in the rare case it does not shrink, so it is not retried
-                    blob = _encode(np.frombuffer(data, dtype=CANDLE_DTYPE))
+                for key, last_ts, crc, data in rows:
+                    after = (last_ts, key)
+                    try:
+                        a = _verified(CODEC_RAW, crc, data)
+                    except _Damage as exc:
+                        # left as it is: reads keep refusing it until quarantine_damaged() drops it
+                        logger.warning("SQLite store %s: not compressing chunk %d: %s", self.path, key, exc)
+                        continue
+                    # stored compressed even in the rare case it does not shrink, so it is not retried;
+                    # crc stays: it is the checksum of the decoded rows
                     conn.execute(
-                        "UPDATE chunk SET codec = ?, data = ? WHERE key = ?", (CODEC_ZLIB_DELTA_SHUFFLE, blob, key)
+                        "UPDATE chunk SET codec = ?, data = ? WHERE key = ?",
+                        (CODEC_ZLIB_DELTA_SHUFFLE, _encode(a), key),
                     )
                     done += 1
             if len(rows) < 64 or (deadline is not None and time.perf_counter() > deadline):
@@ -1338,8 +1788,8 @@ class SqliteStore:
             sid: (sym, tfn, seal)
             for sid, sym, tfn, seal in conn.execute("SELECT sid, symbol, timeframe, seal_ts FROM series")
         }
-        for key, n, first, last, codec, data in conn.execute(
-            "SELECT key, n, first_ts, last_ts, codec, data FROM chunk"
+        for key, n, first, last, codec, crc, data in conn.execute(
+            "SELECT key, n, first_ts, last_ts, codec, crc, data FROM chunk"
         ):
             sid = key >> _CID_BITS
             where = f"chunk {key}"
@@ -1347,12 +1797,17 @@ class SqliteStore:
                 problems.append(f"{where}: belongs to no catalogued series (sid {sid})")
                 continue
             sym, tfn, seal = seals[sid]
-            where = f"chunk {key} of {sym} {tfn}"
             try:
                 tf = parse_timeframe(tfn)
-                a = _decode(codec, data)
-            except (MdsError, zlib.error, ValueError) as exc:
-                problems.append(f"{where}: cannot decode ({exc})")
+            except MdsError as exc:
+                problems.append(f"{where} of {sym} {tfn}: unknown timeframe ({exc})")
+                continue
+            span = _chunk_span(key, tf)
+            where = f"chunk {key} of {sym} {tfn} [{span[0]}, {span[1]})"
+            try:
+                a = _verified(codec, crc, data)
+            except _Damage as exc:
+                problems.append(f"{where}: damaged, {exc} (quarantine_damaged() drops it for a refetch)")
                 continue
             ts = a["ts"]
             if len(a) != n or not len(a):
@@ -1373,8 +1828,9 @@ class SqliteStore:
                 problems.append(f"tail row ({sid}, {ts}): belongs to no catalogued series")
                 continue
             sym, tfn, seal = seals[sid]
-            if not isinstance(v, bytes) or len(v) != _ROW or int(np.frombuffer(v, dtype=CANDLE_DTYPE)["ts"][0]) != ts:
-                problems.append(f"tail row {sym} {tfn} {ts}: malformed")
+            why = _tail_row_problem(ts, v)
+            if why is not None:
+                problems.append(f"tail row {sym} {tfn} {ts}: damaged, {why} (quarantine_damaged() drops it)")
             elif ts < seal:
                 problems.append(f"tail row {sym} {tfn} {ts}: below the live-edge boundary {seal}")
         for sid in seals:

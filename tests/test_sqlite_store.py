@@ -18,7 +18,7 @@ from mds import _kernels as K
 from mds._dtypes import CANDLE_DTYPE
 from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
-from mds.sqlite_store import _SCHEMA_V1, CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, SqliteStore
+from mds.sqlite_store import _SCHEMA_V1, CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, SqliteStore, _row_ok
 from mds.timeframes import DAY_MS, MINUTE_MS, parse_timeframe
 
 M1 = parse_timeframe("1m")
@@ -186,6 +186,29 @@ def test_invalid_batch_changes_nothing(db):
     with pytest.raises(InvalidCandleError):
         db.write(SYM, M1, a[::-1].copy())  # unsorted
     assert same(db.read_range(SYM, M1, -(2**62), 2**62), a[:50])
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [
+        (1.0, 2.0, 0.0, 1.0),
+        (1.0, 2.0, -0.0, 1.0),
+        (1.0, 2.0, -1.0, 1.0),
+        (0.0, 0.0, 0.0, 0.0),
+        (-3.0, -1.0, -4.0, -2.0),
+    ],
+    ids=["low_zero", "low_minus_zero", "low_negative", "all_zero", "all_negative"],
+)
+def test_nonpositive_prices_are_refused_on_the_one_row_path(db, prices):
+    # DESIGN.md section 6: a price <= 0 is invalid. Each row is otherwise consistent (low <= open,
+    # close <= high), so only the price check can refuse it; _row_ok is the one-row twin of validate.
+    one = candles(M1, T0, 1, seed=15)
+    one["open"], one["high"], one["low"], one["close"] = prices
+    assert _row_ok(one, M1) is False
+    with pytest.raises(InvalidCandleError):
+        db.write(SYM, M1, one)
+    assert len(db.read_range(SYM, M1, -(2**62), 2**62)) == 0
+    assert _row_ok(candles(M1, T0, 1, seed=15), M1) is True
 
 
 def test_failing_write_rolls_back_the_whole_transaction(db):
@@ -374,6 +397,7 @@ def test_migrates_a_version_1_file(tmp_path):
     conn.close()
     s = SqliteStore(path, maintenance_interval_s=None)
     assert s._pragma_int("user_version") == SCHEMA_VERSION
+    assert s.commit_seq() == 1  # the migration is one commit
     assert same(s.read_range("KRW-BTC", M1, -(2**62), 2**62), a)
     assert same(s.read_range("KRW-ETH", D1, -(2**62), 2**62), d)
     assert s.coverage("KRW-BTC", M1).tolist() == [[T0, T0 + 100 * MINUTE_MS]]
@@ -405,7 +429,8 @@ def test_maintain_lowers_fragmentation_after_heavy_deletes(tmp_path):
     assert report["problems"] == []
     assert len(s.read_latest("KRW-BTC", M1, 10**6)) == 10 * CHUNK_SLOTS
     again = s.maintain()
-    assert again["vacuumed"] is False and again["analyzed"] is True
+    # nothing changed since the ANALYZE after VACUUM: PRAGMA optimize has nothing to recompute
+    assert again["vacuumed"] is False and again["analyzed"] is False
     with pytest.raises(InvalidRequestError), s.transaction():
         s.maintain()
     s.close()
