@@ -1302,6 +1302,28 @@ class LmdbTier:
         self._write(apply)
 
     # -- inspection -------------------------------------------------------------------------------
+    def series(self) -> list[tuple[str, str]]:
+        """Every ``(symbol, timeframe name)`` the tier holds a range of, sorted.
+
+        Raises
+        ------
+        StorageUnavailableError
+            The environment cannot be read.
+        """
+
+        def walk(h: _Env, txn: Any) -> list[tuple[str, str]]:
+            out = []
+            for k, _ in _items(txn.cursor(db=h.held)):
+                sym, _, tfname = k[:-1].decode("ascii", "replace").partition("\x1f")
+                out.append((sym, tfname))
+            return sorted(out)
+
+        try:
+            with self._reading() as (h, txn):
+                return walk(h, txn)
+        except (lmdb.Error, _Corrupt) as exc:
+            raise StorageUnavailableError(f"LMDB tier {self.path}: cannot list its series: {exc}") from exc
+
     def check(self) -> list[str]:
         """Walk every chunk and held set; a list of problems (empty when consistent).
 

@@ -159,7 +159,9 @@ INSERT INTO meta(k, v) VALUES ('commit_seq', 0);
 """
 )
 # One statement per committed data-changing transaction (see SqliteStore.commit_seq).
-_SQL_BUMP_SEQ = "INSERT INTO meta(k, v) VALUES ('commit_seq', 1) ON CONFLICT(k) DO UPDATE SET v = v + 1"
+_SQL_BUMP_SEQ = (
+    "INSERT INTO meta(k, v) VALUES ('commit_seq', 1) ON CONFLICT(k) DO UPDATE SET v = v + 1 RETURNING v"
+)
 
 _SQL_RANGE = (
     "SELECT codec, crc, key, data FROM chunk WHERE key BETWEEN ?1 AND ?2 "
@@ -423,15 +425,17 @@ class _Txn:
         conn = s._conn
         assert conn is not None
         if et is None and not s._doomed:
+            seq: Any = None
             try:
                 if s._dirty:
                     # once per transaction, at commit: one statement and one page, not one per write
-                    conn.execute(_SQL_BUMP_SEQ)
+                    seq = conn.execute(_SQL_BUMP_SEQ).fetchall()[0][0]
                 conn.execute("COMMIT")
             except apsw.Error as exc:
                 s._rollback_quietly()
                 raise _translate(exc, s.path) from exc
             if s._dirty:
+                s.last_commit_seq = int(seq)
                 s._dirty = False
                 s._after_commit()
             return
@@ -517,6 +521,9 @@ class SqliteStore:
         self._sids: dict[tuple[str, str], int] = {}
         self._state: dict[int, list[int]] = {}  # sid -> [seal_ts, tail rows, newest tail ts]; writer only
         self._data_version = -1
+        #: :meth:`commit_seq` as of this connection's latest committed data change (None before
+        #: one): the number a store records outside the file as acknowledged, at no extra query.
+        self.last_commit_seq: int | None = None
         self._next_maintenance = 0.0
         flags = apsw.SQLITE_OPEN_READONLY if self.readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         if not self.readonly:
@@ -1250,7 +1257,7 @@ class SqliteStore:
                 self._migrate_v2()
             if version < SCHEMA_VERSION:
                 if version:
-                    conn.execute(_SQL_BUMP_SEQ)  # a migration rewrites the data: one commit
+                    conn.execute(_SQL_BUMP_SEQ).fetchall()  # a migration rewrites the data: one commit
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:

@@ -42,6 +42,7 @@ from mds.models import (
     StorageResponse,
     WriteResult,
 )
+from mds.sqlite_store import DamagedChunkError
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import now_ms, to_ms
@@ -181,6 +182,7 @@ class Store:
             # no planted links, ours and private (0700); raises before anything is opened
             self.writable = check_store_dir(self.path, create=True)
         self._changes: np.ndarray | None = None
+        self._acked: np.ndarray | None = None
         self._changes_map: Any = None
         self._seen: dict[tuple[str, str], int] = {}
         self._dirty: set[tuple[str, str]] = set()
@@ -288,7 +290,8 @@ class Store:
         """
         try:
             # blocks allocated before the map: a full disk is an error here, never a SIGBUS later
-            self._changes_map = map_shared(self.path / "changes.bin", _CHANGE_SLOTS * 8, readonly=not self.writable)
+            size = (_CHANGE_SLOTS + 1) * 8
+            self._changes_map = map_shared(self.path / "changes.bin", size, readonly=not self.writable)
         except StorageUnavailableError as exc:
             if self.writable:
                 raise
@@ -296,6 +299,15 @@ class Store:
             self._changes = None
             return
         self._changes = np.frombuffer(self._changes_map, dtype=np.int64, count=_CHANGE_SLOTS)
+        # after the hash slots: the highest SQLite commit_seq any store acknowledged on this path
+        self._acked = np.frombuffer(self._changes_map, dtype=np.int64, count=1, offset=_CHANGE_SLOTS * 8)
+        try:
+            lost = self._lost_commits()
+        except _BACKEND_ERRORS as exc:  # the tier's own reads will report it
+            lost = None
+            logger.debug("commit sequence unreadable at open: %s", exc)
+        if lost:
+            logger.warning("%s", lost)
 
     def _slot(self, key: tuple[str, str]) -> int:
         slot = self._slot_of.get(key)
@@ -317,7 +329,8 @@ class Store:
         self._dirty.add(key)
 
     def _end_changes(self) -> None:
-        """Give every series stamped in progress its final (even) stamp, after the commit."""
+        """Give every series stamped in progress its final (even) stamp, after the commit, and
+        record the commit as acknowledged (see :meth:`_lost_commits`)."""
         if self._changes is None or not self._dirty:
             return
         for key in self._dirty:
@@ -325,6 +338,31 @@ class Store:
             self._changes[self._slot(key)] = stamp
             self._seen[key] = stamp
         self._dirty.clear()
+        state = self._tiers.get("sqlite")
+        seq = None if state is None or state.obj is None else state.obj.last_commit_seq
+        if seq is not None and self._acked is not None and seq > self._acked[0]:
+            self._acked[0] = seq
+
+    def _lost_commits(self) -> str | None:
+        """A message when SQLite holds fewer commits than stores on this path acknowledged.
+
+        Every acknowledged durable commit leaves its ``commit_seq`` in ``changes.bin``, outside
+        the database; a file whose own sequence is lower lost acknowledged writes (a WAL deleted
+        after a crash, a file replaced by an older copy). None when nothing was lost.
+        """
+        db = self._tiers.get("sqlite")
+        if db is None or db.obj is None or self._acked is None:
+            return None
+        acked = int(self._acked[0])
+        have = int(db.obj.commit_seq())
+        if have >= acked:
+            return None
+        return (
+            f"sqlite: the file holds {have} committed transactions but {acked} were acknowledged: "
+            f"the last {acked - have} acknowledged write(s) are lost (a deleted -wal file or an older "
+            "copy of the database?); the data of that window cannot be vouched for. Restore it or "
+            "refetch, then delete changes.bin to accept the file as it is"
+        )
 
     def _stamp(self, sym: str, tf: Timeframe) -> int | None:
         """The series' current change stamp (None without change slots)."""
@@ -440,7 +478,8 @@ class Store:
         try:
             return fn(*args)
         except _BACKEND_ERRORS as exc:
-            self._degrade(name, exc)
+            if not _transient(exc):
+                self._degrade(name, exc)
             return None
 
     def _db(self) -> Any:
@@ -465,10 +504,37 @@ class Store:
         """
         try:
             return fn(*args)
+        except DamagedChunkError as exc:  # damaged rows, not a broken tier: never served
+            raise _StorageDown(reason=str(exc), damaged=exc) from exc
         except _BACKEND_ERRORS as exc:
             if not _transient(exc):
                 self._degrade("sqlite", exc)
             raise _StorageDown(reason=f"the SQLite tier could not answer: {exc}") from exc
+
+    def _quarantine(self, damage: DamagedChunkError) -> bool:
+        """Remove damaged rows and their span from the durable tier (the span becomes missing, to
+        be refetched) and from the fast tiers. Whether anything was removed."""
+        db = self._tier("sqlite")
+        if db is None or not self.writable:
+            return False
+        tf = parse_timeframe(damage.timeframe)
+        sym = damage.symbol
+        self._begin_change(sym, tf)
+        try:
+            spans = db.quarantine_damaged(sym, tf, *damage.span)
+        except _BACKEND_ERRORS as exc:
+            logger.warning("%s %s: could not quarantine damaged rows: %s", sym, tf.name, exc)
+            return False
+        finally:
+            if not self._batch_depth:
+                self._end_changes()
+        key = (sym, tf.name)
+        self._drop_cov(key)
+        self._frontiers.pop(key, None)
+        for s, e in spans:
+            self._invalidate_fast(sym, tf, int(s), int(e))
+            logger.warning("%s %s: damaged rows in [%d, %d) quarantined; they will be refetched", sym, tf.name, s, e)
+        return bool(spans)
 
     def _disk_loader(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray:
         db = self._tier("sqlite")
@@ -924,11 +990,17 @@ class Store:
         self._reading.bypass = self._sync_series(sym, tf)
         try:
             return self._read_synced(sym, tf, count, s, e, include_partial, allow_layer1)
-        except _StorageDown as down:
+        except _StorageDown as first:
+            down = first
             if self._layer1 is None:
                 raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered") from None
             if not allow_layer1:
                 raise _NeedsLayer1() from None
+            if down.damaged is not None and self._quarantine(down.damaged):
+                try:  # the damaged span is missing now: the read refetches and stores it
+                    return self._read_synced(sym, tf, count, s, e, include_partial, True)
+                except _StorageDown as again:
+                    down = again
             logger.warning("%s %s: storage cannot answer (%s); passing the read through to Layer 1", sym, tf.name, down)
             return self._read_synced(sym, tf, count, s, e, include_partial, True, passthrough=True)
         finally:
@@ -1645,6 +1717,17 @@ class Store:
             db = self._tier("sqlite")
             if db is not None:
                 problems += [f"sqlite: {p}" for p in db.integrity_problems()]
+                try:
+                    lost = self._lost_commits()
+                except _BACKEND_ERRORS as exc:
+                    lost = f"sqlite: cannot read its commit sequence: {exc}"
+                if lost:
+                    problems.append(lost)
+                elif self._acked is None:
+                    problems.append(
+                        "sqlite: no record of acknowledged commits (changes.bin unavailable): "
+                        "cannot tell whether acknowledged writes were lost"
+                    )
             disk = self._tier("disk")
             if disk is not None:
                 problems += [f"disk: {p}" for p in disk.check()]
@@ -1654,8 +1737,19 @@ class Store:
 
     def _check_disk_vs_sqlite(self, db: Any, disk: Any) -> list[str]:
         problems: list[str] = []
-        for sym, tfname, *_ in db.series():
-            tf = parse_timeframe(tfname)
+        # every series either tier knows: a series only LMDB holds is compared too (SQLite then
+        # answers nothing there, so any row LMDB would serve is reported)
+        names = {(sym, tfname) for sym, tfname, *_ in db.series()}
+        try:
+            names |= set(disk.series())
+        except _BACKEND_ERRORS as exc:
+            problems.append(f"disk: cannot list its series: {exc}")
+        for sym, tfname in sorted(names):
+            try:
+                tf = parse_timeframe(tfname)
+            except InvalidRequestError:
+                problems.append(f"disk: holds a series of an unknown timeframe {sym!r} {tfname!r}")
+                continue
             for _ in range(20):  # compare a stable state: no write to the series in between
                 token = self._stamp(sym, tf)
                 if token is not None and token & 1:
@@ -1928,10 +2022,13 @@ class _StorageDown(Exception):
     """Storage could not keep or answer; carries fetched rows for a pass-through answer and the
     reason, for the typed error raised when there is no Layer 1 to pass through to."""
 
-    def __init__(self, rows: np.ndarray | None = None, reason: str = "storage unavailable") -> None:
+    def __init__(
+        self, rows: np.ndarray | None = None, reason: str = "storage unavailable", damaged: Any = None
+    ) -> None:
         super().__init__(reason)
         self.rows = rows if rows is not None else _EMPTY
         self.reason = reason
+        self.damaged = damaged  # a DamagedChunkError: rows failed their checksum
 
 
 def _transient(exc: BaseException) -> bool:
@@ -1941,7 +2038,7 @@ def _transient(exc: BaseException) -> bool:
     for _ in range(4):
         if seen is None:
             return False
-        if isinstance(seen, _TRANSIENT_ERRORS):
+        if isinstance(seen, (*_TRANSIENT_ERRORS, DamagedChunkError)):  # damaged rows: that span only
             return True
         seen = seen.__cause__
     return False

@@ -348,3 +348,107 @@ def test_realtime_prices_must_be_positive_and_finite(tmp_path: Path, price: floa
         negative = [{**unit, "ask_size": -1.0}]
         with pytest.raises(mds.InvalidRequestError):
             st.put_orderbook({"market": SYM, "timestamp": R.NOW + 2, "orderbook_units": negative, **sizes})
+
+
+def test_check_compares_series_only_lmdb_holds(tmp_path: Path) -> None:
+    """Item 12: check() walked only the series SQLite knows; rows LMDB holds for a series SQLite
+    has never seen (written by a store without its SQLite tier) went unreported."""
+    path = tmp_path / "s"
+    rows = R.marked(R.T0 + R.MIN * np.arange(100), 1.0)
+    with mds.open(path, config=mds.Config(tiers=("memory", "disk")), clock=R.Clock()) as st:
+        st.write_candles("KRW-ETH", "1m", rows, complete=(R.T0, R.T0 + 100 * R.MIN))
+    with mds.open(path, clock=R.Clock()) as st:
+        assert st._tiers["disk"].obj.series() == [("KRW-ETH", "1m")]
+        rep = st.check()
+        assert not rep.ok
+        assert any("KRW-ETH 1m" in p and "differs from SQLite" in p for p in rep.problems), rep.problems
+
+
+def _flip_first_chunk(db_file: Path) -> None:
+    """Flip one byte inside the close price of a row of the series' first stored chunk."""
+    import apsw
+
+    conn = apsw.Connection(str(db_file))
+    key, data = conn.execute("SELECT key, data FROM chunk ORDER BY key LIMIT 1").fetchall()[0]
+    b = bytearray(data)
+    b[56 * 10 + 32 + 5] ^= 0x40  # row 10, field close
+    conn.execute("UPDATE chunk SET data = ? WHERE key = ?", (bytes(b), key))
+    conn.close()
+
+
+def test_a_damaged_chunk_is_a_typed_error_without_layer1(tmp_path: Path) -> None:
+    """Item 3 through the store: the damaged rows are never served; other ranges still are."""
+    path = tmp_path / "s"
+    rows = _seed(path, ("memory", "sqlite"))
+    _flip_first_chunk(path / "candles.sqlite3")
+    with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
+        with pytest.raises(mds.StorageUnavailableError, match=r"checksum|damaged"):
+            st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
+        got = st.candles(SYM, "1m", start=R.T0 + 2048 * R.MIN, end=R.T0 + 2100 * R.MIN)
+        assert got.tobytes() == rows[2048:2100].tobytes()
+        assert "sqlite" not in st.stats()["degraded"]  # damaged rows are not a broken tier
+        rep = st.check()
+        assert not rep.ok and any("chunk" in p for p in rep.problems), rep.problems
+
+
+def test_a_damaged_chunk_is_quarantined_and_refetched_with_layer1(tmp_path: Path) -> None:
+    """Item 3 with a Layer 1: the read answers the market's candles, the damaged span is
+    replaced by a refetch, and check() is clean afterwards."""
+    clock = R.Clock()
+    truth = R.marked(R.T0 + R.MIN * np.arange(N), 5.0)
+    path = tmp_path / "s"
+    cfg = mds.Config(tiers=("memory", "sqlite"), lookup="storage_first")
+    with FakeUpbit({(SYM, "1m"): truth}, clock=clock, rate_limit=None) as up:
+        l1 = UpbitRouter(up.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=clock)
+        with mds.open(path, layer1=l1, config=cfg, clock=clock) as st:
+            assert st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN).tobytes() == truth.tobytes()
+        _flip_first_chunk(path / "candles.sqlite3")
+        l1 = UpbitRouter(up.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=clock)
+        with mds.open(path, layer1=l1, config=cfg, clock=clock) as st:
+            got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
+            assert got.tobytes() == truth.tobytes()
+            rep = st.check()
+            assert rep.ok, rep.problems
+            db = st._tiers["sqlite"].obj
+            assert db.read_range(SYM, "1m", R.T0, R.T0 + N * R.MIN).tobytes() == truth.tobytes()
+
+
+_ACK_THEN_WAIT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np, mds, _relutil as R
+st = mds.open(sys.argv[1], clock=R.Clock())
+st.write_candles("KRW-BTC", "1m", R.marked(R.T0 + R.MIN * np.arange(50), 1.0))
+st.write_candles("KRW-BTC", "1m", R.marked(R.T0 + R.MIN * np.arange(50, 100), 1.0))
+print("acked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_check_reports_acknowledged_commits_lost_with_a_deleted_wal(tmp_path: Path) -> None:
+    """Item 12: a process is killed after acknowledged writes and its -wal file is deleted; the
+    file alone looks healthy, check() must say the acknowledged writes are gone."""
+    path = tmp_path / "s"
+    _seed(path)  # a checkpointed history the WAL loss leaves intact
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ACK_THEN_WAIT, str(path), str(Path(R.__file__).parent)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=R.child_env(),
+    )
+    R.TALLY["processes_started"] += 1
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"acked"
+    finally:
+        child.kill()
+        child.wait(30)
+    (path / "candles.sqlite3-wal").unlink()
+    (path / "candles.sqlite3-shm").unlink(missing_ok=True)
+    with mds.open(path, clock=R.Clock()) as st:
+        rep = st.check()
+        assert not rep.ok
+        assert any("acknowledged" in p and "lost" in p for p in rep.problems), rep.problems
+    # once the loss is accepted (changes.bin deleted, as the message says), check() is clean
+    (path / "changes.bin").unlink()
+    with mds.open(path, clock=R.Clock()) as st:
+        assert st.check().ok, st.check().problems
