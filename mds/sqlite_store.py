@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import time
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -352,6 +353,13 @@ def _tail_row_problem(ts: int, v: Any) -> str | None:
     return None
 
 
+def _on_readonly_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): not known to be read-only
+        return False
+
+
 def _empty() -> np.ndarray:
     return np.zeros(0, dtype=CANDLE_DTYPE)
 
@@ -536,9 +544,7 @@ class SqliteStore:
                     create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
                     os.close(os.open(self.path, create, 0o600))
         try:
-            conn = (
-                apsw.Connection(self.path, flags=flags, vfs=_vfs) if _vfs else apsw.Connection(self.path, flags=flags)
-            )
+            conn = self._connect(flags, _vfs)
             self._conn = conn
             conn.set_busy_timeout(int(busy_timeout_ms))
             if not self.readonly:
@@ -557,6 +563,25 @@ class SqliteStore:
             self._close_quietly()
             raise
         self._next_maintenance = self._now_s() + (maintenance_interval_s or 0.0)
+
+    def _connect(self, flags: int, vfs: str | None) -> Any:
+        """Open the connection. A WAL database on a read-only file system cannot be opened in
+        the usual way when its ``-shm`` file is gone (SQLite would have to create it): there,
+        and only there, it is opened ``immutable`` - nobody can change a read-only mount."""
+        conn = apsw.Connection(self.path, flags=flags, vfs=vfs) if vfs else apsw.Connection(self.path, flags=flags)
+        if not self.readonly:
+            return conn
+        try:
+            conn.execute("PRAGMA user_version").fetchall()  # SQLite opens the file lazily
+            return conn
+        except apsw.CantOpenError:
+            conn.close()
+            if not (_on_readonly_fs(self.path) and os.path.exists(self.path)):
+                raise
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?immutable=1"
+        logger.info("SQLite store %s: on a read-only file system, opened immutable", self.path)
+        flags |= apsw.SQLITE_OPEN_URI
+        return apsw.Connection(uri, flags=flags, vfs=vfs) if vfs else apsw.Connection(uri, flags=flags)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
