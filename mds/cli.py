@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime as _dt
-import io
+import itertools
 import json
 import logging
 import math
@@ -26,9 +25,10 @@ from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
-from mds import _kernels as K
+from mds import _importers, _kernels as K
 from mds._dtypes import CANDLE_DTYPE
-from mds.convert import candles_from_upbit, candles_to_upbit
+from mds._importers import IMPORT_FORMATS, BadInput, CandleFile
+from mds.convert import candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError
 from mds.symbols import validate_symbol
 from mds.timeframes import DAY_MS, MINUTE_MS, Timeframe, parse_timeframe
@@ -38,10 +38,9 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-_KST_MS = 9 * 3_600_000
 _PAGE = 200
 _PRICE_FIELDS = ("open", "high", "low", "close", "volume", "value")
-IMPORT_FORMATS = ("auto", "upbit-json", "upbit-csv", "pyupbit-csv", "ccxt-csv")
+_NO_CANDLES = np.empty(0, dtype=CANDLE_DTYPE)
 
 #: Demo markets, liquid and illiquid interleaved so that any ``--markets N`` mixes both.
 _DEMO_MARKETS = (
@@ -57,10 +56,6 @@ _DEMO_MARKETS = (
 #: The demo's simulated "now" at the end of the backfill (2025-01-27 00:00 UTC): fixed, so the
 #: output is the same on every machine for the same seed.
 _DEMO_ANCHOR_MS = 1_737_936_000_000
-
-
-class BadInput(MdsError, ValueError):
-    """Bad command-line input or an unreadable/invalid file: exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -504,205 +499,65 @@ def cmd_gaps(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_text(path: str) -> str:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise BadInput(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not raw.strip():
-        raise BadInput(f"{path} is empty")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise BadInput(f"{path} is not UTF-8 text (binary or another encoding?)") from None
-
-
-def _detect_format(path: str, text: str) -> str:
-    head = text.lstrip()[:1]
-    if head in ("[", "{") or path.lower().endswith(".json"):
-        return "upbit-json"
-    first = next(csv.reader(io.StringIO(text)), [])
-    header = [h.strip().lower() for h in first]
-    if "candle_date_time_utc" in header:
-        return "upbit-csv"
-    if "timestamp" in header or (header and header[0].lstrip("-").isdigit()):
-        return "ccxt-csv"
-    if {"open", "high", "low", "close", "volume"} <= set(header):
-        return "pyupbit-csv"
-    raise BadInput(
-        f"cannot tell the format of {path}: expected Upbit JSON, or a CSV header with candle_date_time_utc "
-        "(upbit-csv), timestamp (ccxt-csv) or an index plus open,high,low,close,volume,value (pyupbit-csv)"
-    )
-
-
-def _parse_upbit_json(text: str, sym: str, tf: Timeframe) -> np.ndarray:
-    try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise BadInput(f"not valid JSON: {exc}") from None
-    if isinstance(obj, dict):
-        obj = [obj]
-    if not isinstance(obj, list):
-        raise BadInput("Upbit JSON must be a list of candles or a list of pages (lists of candles)")
-    rows: list[Any] = []
-    for item in obj:
-        if isinstance(item, list):
-            rows.extend(item)
-        else:
-            rows.append(item)
-    if not all(isinstance(r, dict) for r in rows):
-        raise BadInput("Upbit JSON must hold candle objects (dicts with candle_date_time_utc, opening_price, ...)")
-    _check_units(rows, tf)
-    return candles_from_upbit(rows, market=sym)
-
-
-def _check_units(rows: list[dict[str, Any]], tf: Timeframe) -> None:
-    units = {r.get("unit") for r in rows if "unit" in r}
-    if not units:
-        return
-    if tf.minutes_unit is None or units != {tf.minutes_unit}:
-        shown = ", ".join(sorted(str(u) for u in units))
-        raise BadInput(f"the file holds {shown}-minute candles, not {tf.name}")
-
-
-def _csv_rows(text: str) -> tuple[list[str], list[list[str]]]:
-    reader = csv.reader(io.StringIO(text))
-    try:
-        rows = [r for r in reader if r and any(c.strip() for c in r)]
-    except csv.Error as exc:
-        raise BadInput(f"not valid CSV: {exc}") from None
-    if not rows:
-        raise BadInput("the CSV file holds no rows")
-    return [h.strip() for h in rows[0]], rows[1:]
-
-
-def _column(header: list[str], name: str, fmt: str) -> int:
-    low = [h.lower() for h in header]
-    if name not in low:
-        raise BadInput(f"{fmt}: the CSV header lacks the column {name!r} (header: {','.join(header)})")
-    return low.index(name)
-
-
-def _floats(rows: list[list[str]], idx: int, name: str, line0: int) -> np.ndarray:
-    try:
-        return np.asarray([r[idx] for r in rows], dtype=np.float64)
-    except IndexError:
-        bad = next(i for i, r in enumerate(rows) if len(r) <= idx)
-        raise BadInput(f"line {line0 + bad}: too few columns") from None
-    except ValueError:
-        for i, r in enumerate(rows):
-            try:
-                float(r[idx])
-            except ValueError:
-                raise BadInput(f"line {line0 + i}: {name} {r[idx]!r} is not a number") from None
-        raise  # pragma: no cover
-
-
-def _times(values: list[str], naive_offset_ms: int, line0: int, allow_epoch: bool) -> np.ndarray:
-    """Parse time cells: epoch ms (when allowed) or ISO date-times; naive ones are shifted by
-    ``-naive_offset_ms`` (KST index: 9 h)."""
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        t = v.strip()
-        try:
-            if allow_epoch and t.lstrip("-").replace(".", "", 1).isdigit():
-                out[i] = int(float(t))
-                continue
-            dt = _dt.datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
-        except ValueError:
-            raise BadInput(f"line {line0 + i}: {v!r} is not a time") from None
-        if dt.tzinfo is None:
-            out[i] = to_ms(dt) - naive_offset_ms
-        else:
-            out[i] = to_ms(dt)
-    return out
-
-
-def _parse_csv(text: str, fmt: str, sym: str, tf: Timeframe) -> tuple[np.ndarray, bool]:
-    """Parse one of the CSV formats; returns (candles, value_estimated)."""
-    header, rows = _csv_rows(text)
-    line0 = 2
-    if fmt == "upbit-csv":
-        for need in ("candle_date_time_utc", "opening_price", "high_price", "low_price", "trade_price"):
-            _column(header, need, fmt)
-        width = len(header)
-        short = [i for i, r in enumerate(rows) if len(r) < width]
-        if short:
-            raise BadInput(f"line {line0 + short[0]}: too few columns")
-        dicts = [dict(zip(header, r)) for r in rows]
-        if dicts and "market" in dicts[0]:
-            other = {d["market"] for d in dicts} - {sym}
-            if other:
-                raise BadInput(f"the file holds candles of {', '.join(sorted(other))}, not {sym}")
-        units = [d for d in dicts if d.get("unit", "").strip()]
-        if units:
-            try:
-                _check_units([{"unit": int(d["unit"])} for d in units], tf)
-            except ValueError:
-                raise BadInput("the unit column holds a value that is not an integer") from None
-        return candles_from_upbit(dicts), False
-    if fmt == "ccxt-csv" and header and header[0].lstrip("-").isdigit():
-        rows = [header, *rows]  # no header: timestamp,open,high,low,close,volume
-        header = ["timestamp", "open", "high", "low", "close", "volume"]
-        line0 = 1
-    if fmt == "ccxt-csv":
-        ti = _column(header, "timestamp", fmt)
-        naive_offset = 0
-    else:  # pyupbit: first column is the KST index, whatever its name
-        ti = 0
-        naive_offset = _KST_MS
-    cols = {f: _column(header, f, fmt) for f in ("open", "high", "low", "close", "volume")}
-    has_value = "value" in [h.lower() for h in header]
-    if fmt == "pyupbit-csv" and not has_value:
-        raise BadInput("pyupbit-csv: the CSV header lacks the column 'value'")
-    try:
-        tcol = [r[ti] for r in rows]
-    except IndexError:
-        raise BadInput("a row has too few columns") from None
-    arr = np.empty(len(rows), dtype=CANDLE_DTYPE)
-    arr["ts"] = _times(tcol, naive_offset, line0, allow_epoch=fmt == "ccxt-csv")
-    for f, i in cols.items():
-        arr[f] = _floats(rows, i, f, line0)
-    if has_value:
-        arr["value"] = _floats(rows, _column(header, "value", fmt), "value", line0)
-    else:
-        arr["value"] = arr["close"] * arr["volume"]
-    return arr, not has_value
-
-
 def cmd_import(args: argparse.Namespace) -> int:
-    """Validate, deduplicate and store candles from a file."""
+    """Validate, deduplicate and store candles from a file, streamed in batches.
+
+    The file is read in batches of at most ``_importers.BATCH_ROWS`` rows, so memory does not
+    grow with the file. Every batch is written inside one ``store.batch()`` (one SQLite
+    transaction): a bad row anywhere leaves every tier as it was. The first batch is read before
+    the store is opened, so a file refused at once creates no store.
+    """
     sym, tf = _series(args.symbol, args.timeframe)
-    text = _read_text(args.file)
-    fmt = args.format if args.format != "auto" else _detect_format(args.file, text)
-    try:
-        if fmt == "upbit-json":
-            arr, estimated = _parse_upbit_json(text, sym, tf), False
-        else:
-            arr, estimated = _parse_csv(text, fmt, sym, tf)
-    except InvalidCandleError as exc:
-        raise BadInput(f"{args.file}: {exc}") from None
-    if not len(arr):
-        raise BadInput(f"{args.file} holds no candles")
-    unique = np.unique(arr["ts"])
-    dups = len(arr) - len(unique)
-    complete = None
-    if args.complete:
-        complete = (int(unique[0]), tf.add(int(unique[-1]), 1))
-    with _open_store(args, must_exist=False) as store:
-        try:
-            res = store.write_candles(sym, tf, arr, complete=complete)
-        except InvalidCandleError as exc:
-            raise BadInput(f"{args.file}: {exc}") from None
+    with CandleFile(args.file, args.format, sym, tf) as src:
+        batches = src.batches()
+        first = next(batches, None)
+        if first is None:
+            raise BadInput(f"{args.file} holds no candles")
+        ins = upd = unch = candles = dups = 0
+        lo = hi = None
+        spans = np.empty((0, 2), dtype=np.int64)  # [first, last + 1 interval) of every batch written
+        overlap = False
+        todo = itertools.chain([first], batches)
+        del first  # the chain holds it only until it has been written
+        with _open_store(args, must_exist=False) as store, store.batch():
+            for arr, where in todo:
+                ts = arr["ts"]
+                b_lo, b_hi = int(ts.min()), int(ts.max())
+                span = np.array([[b_lo, tf.add(b_hi, 1)]], dtype=np.int64)
+                if len(spans) and bool(np.any((spans[:, 0] < span[0, 1]) & (span[0, 0] < spans[:, 1]))):
+                    overlap = True  # a time may repeat across batches: the store resolves it (last wins)
+                try:
+                    res = store.write_candles(sym, tf, arr, complete=(b_lo, tf.add(b_hi, 1)) if args.complete else None)
+                except InvalidCandleError as exc:
+                    raise BadInput(_invalid_rows(args.file, src.where, exc, where)) from None
+                n = len(np.unique(ts))
+                candles += n
+                dups += len(arr) - n
+                ins, upd, unch = ins + res.inserted, upd + res.updated, unch + res.unchanged
+                lo = b_lo if lo is None else min(lo, b_lo)
+                hi = b_hi if hi is None else max(hi, b_hi)
+                spans = K.interval_normalize(np.concatenate([spans, span]))
+            assert lo is not None and hi is not None
+            if args.complete:
+                # the file holds every candle of [lo, hi]: the stretches between batches too
+                holes = K.interval_subtract(np.array([[lo, tf.add(hi, 1)]], dtype=np.int64), spans)
+                for s, e in holes.tolist():
+                    store.write_candles(sym, tf, _NO_CANDLES, complete=(s, e))
+        dups += src.superseded
     out = sys.stdout
     out.write(
-        f"{sym} {tf.name}: {len(unique)} candles from {args.file} ({fmt}), "
-        f"{_fmt_time(int(unique[0]))} to {_fmt_time(int(unique[-1]))}: "
-        f"{res.inserted} inserted, {res.updated} updated, {res.unchanged} unchanged"
+        f"{sym} {tf.name}: {candles} candles from {args.file} ({src.fmt}), "
+        f"{_fmt_time(lo)} to {_fmt_time(hi)}: "
+        f"{ins} inserted, {upd} updated, {unch} unchanged"
         + (f", {dups} duplicate rows dropped (last wins)" if dups else "")
         + "\n"
     )
-    if estimated:
+    if overlap:
+        out.write(
+            f"note: the file is not in time order: a time that repeats in another batch of {src.batch_rows} "
+            "rows is counted above twice (inserted, then updated or unchanged); the last row wins\n"
+        )
+    if src.value_estimated:
         out.write("note: the file has no quote volume; value estimated as close * volume\n")
     out.write(
         "span marked covered (absent minutes count as no_trades)\n"
@@ -710,6 +565,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         else "span not marked covered (use --complete if the file holds every candle of its span)\n"
     )
     return 0
+
+
+def _invalid_rows(path: str, what: str, exc: InvalidCandleError, where: np.ndarray) -> str:
+    """The store refused a batch: say which line (or candle) of the file, and why."""
+    if exc.rows and 0 <= exc.rows[0] < len(where):
+        reason = exc.reasons[0] if exc.reasons else "invalid"
+        more = f" (and {len(exc.rows) - 1} more in this batch)" if len(exc.rows) > 1 else ""
+        return f"{path}: {what} {int(where[exc.rows[0]])}: invalid candle: {reason}{more}; nothing was stored"
+    return f"{path}: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,11 +770,14 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         "import candles from a file",
         "Import candles from a file, validated and deduplicated (last row wins). Formats: upbit-json "
-        "(Upbit REST pages: a list or a list of lists), upbit-csv (CSV with Upbit field names), "
-        "pyupbit-csv (naive KST index; open,high,low,close,volume,value), ccxt-csv (timestamp as epoch "
-        "ms or naive UTC; open,high,low,close,volume; the quote volume 'value' is estimated as "
-        "close * volume unless a value column is present). The file's span is marked covered only with "
-        "--complete.",
+        "(Upbit REST pages: a candle object, a list of them or a list of lists), upbit-csv (CSV with Upbit "
+        "field names), pyupbit-csv (naive KST index; open,high,low,close,volume,value), ccxt-csv (timestamp "
+        "as epoch ms or naive UTC; open,high,low,close,volume; the quote volume 'value' is estimated as "
+        "close * volume unless a value column is present). The file is streamed in batches of "
+        f"{_importers.BATCH_ROWS:,} rows, all written in one transaction: a bad row anywhere stores nothing. "
+        f"Lines and JSON values longer than {_importers.MAX_LINE // 1024} KiB, NUL bytes and text that is not UTF-8 "
+        "are refused. The "
+        "file's span is marked covered only with --complete.",
     )
     im.add_argument("file", metavar="PATH")
     im.add_argument("--symbol", "-s", required=True, help="Upbit market code")
