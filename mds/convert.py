@@ -76,7 +76,7 @@ def candles_from_upbit(rows: Iterable[Mapping[str, Any]], *, market: str | None 
             raise InvalidCandleError(f"candle field {name!r} holds null or a boolean, not a number")
         try:
             out[name] = np.asarray(col, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a double
             raise InvalidCandleError(f"candle field {name!r} holds a value that is not a number") from None
     return out
 

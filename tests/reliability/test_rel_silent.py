@@ -452,3 +452,20 @@ def test_check_reports_acknowledged_commits_lost_with_a_deleted_wal(tmp_path: Pa
     (path / "changes.bin").unlink()
     with mds.open(path, clock=R.Clock()) as st:
         assert st.check().ok, st.check().problems
+
+
+def test_a_huge_integer_in_a_candle_dict_is_a_typed_error(tmp_path: Path) -> None:
+    """Item 10: an int beyond a double (10**400) in a candle dict raised OverflowError, untyped."""
+    row = {
+        "candle_date_time_utc": "2025-01-06T00:00:00",
+        "opening_price": 10**400,
+        "high_price": 2.0,
+        "low_price": 1.0,
+        "trade_price": 1.5,
+        "candle_acc_trade_volume": 1.0,
+        "candle_acc_trade_price": 1.5,
+    }
+    with mds.open(tmp_path / "s", clock=R.Clock()) as st:
+        with pytest.raises(mds.InvalidCandleError):
+            st.write_candles(SYM, "1m", [row])
+        assert st.coverage(SYM, "1m") == []
