@@ -1357,10 +1357,29 @@ class Store:
         # An empty page before the oldest candle (``exhausted``) proves the market's history ran
         # out, except for seconds candles, which Upbit keeps for three months only: there it
         # says nothing about older intervals.
-        lo = HISTORY_START if exhausted and tf.name != "1s" else lo
+        if exhausted and tf.name != "1s":
+            # ... unless the store holds a candle before where the empty page was asked: then
+            # the page lies (a flaky Layer 1), and believing it would label real candles no_trades
+            bound = int(arr["ts"][0]) if len(arr) else hi
+            first = self._first_stored(sym, tf)
+            if first is not None and first < bound:
+                self._metrics.layer1_errors += 1
+                raise Layer1Error(
+                    f"Layer 1 answered {sym} {tf.name} has no candle before {bound}, but the store holds one "
+                    f"at {first}: the answer is wrong; nothing stored"
+                )
+            lo = HISTORY_START
         hi = min(hi, end)
         covered = np.array([[lo, hi]], dtype=np.int64) if hi > lo else _EMPTY_RANGES
         return arr, covered
+
+    def _first_stored(self, sym: str, tf: Timeframe) -> int | None:
+        """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""
+        db = self._tier("sqlite")
+        if db is None:
+            return None
+        rows = self._guard("sqlite", db.read_from, sym, tf, -(2**62), 1)
+        return int(rows["ts"][0]) if rows is not None and len(rows) else None
 
     def _fetch_and_store(self, sym: str, tf: Timeframe, start: int | None, n: int | None, end: int) -> np.ndarray:
         arr, covered = self._fetch_checked(sym, tf, count=n, start=start, end=end)
@@ -1999,7 +2018,7 @@ class Store:
 
     def _close_tiers(self) -> None:
         if self._changes_map is not None:
-            self._changes = None
+            self._changes = self._acked = None  # views into the map: it cannot close while they live
             with contextlib.suppress(BufferError, ValueError):
                 self._changes_map.close()
             self._changes_map = None

@@ -275,11 +275,13 @@ class SmartRouterConnector:
         if not isinstance(result, Mapping) or "success" not in result:
             self._stats.failures[kind] += 1
             raise Layer1Error(f"Layer 1 {method} returned {type(result).__name__}, not a success/data/metadata dict")
-        if not result.get("success"):
+        # Only success=True (the bool) without an error is a success: "false", 1 or an answer
+        # that carries an error is a failure, never an (empty) page that could prove anything.
+        if result.get("success") is not True or result.get("error"):
             self._stats.failures[kind] += 1
             meta = result.get("metadata") if isinstance(result.get("metadata"), Mapping) else {}
             msg = result.get("error") or result.get("message") or (meta or {}).get("error") or "no message"
-            raise Layer1Error(f"Layer 1 {method} answered success=false: {msg}")
+            raise Layer1Error(f"Layer 1 {method} did not answer success=True: {result.get('success')!r}, {msg}")
         answer = dict(result)
         try:
             return answer, check(answer)
@@ -645,7 +647,7 @@ class SmartRouterConnector:
             return None
         if not isinstance(result, Mapping) or "success" not in result:
             raise Layer1Error(f"Layer 1 peek_cache returned {type(result).__name__}, not a success/data/metadata dict")
-        if not result.get("success"):
+        if result.get("success") is not True or result.get("error"):
             return None
         return dict(result)
 

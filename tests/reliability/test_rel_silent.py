@@ -9,6 +9,8 @@ what is stored or what Layer 1 supplied, or raises a typed error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -469,3 +471,96 @@ def test_a_huge_integer_in_a_candle_dict_is_a_typed_error(tmp_path: Path) -> Non
         with pytest.raises(mds.InvalidCandleError):
             st.write_candles(SYM, "1m", [row])
         assert st.coverage(SYM, "1m") == []
+
+
+class _Scripted:
+    """A Layer 1 serving ``truth`` newest first, whose ``hook(count, to_ms, call_no)`` may replace
+    an answer (return a dict) or leave it (return None)."""
+
+    def __init__(self, truth: np.ndarray, hook: Any) -> None:
+        self.truth, self.hook, self.calls = truth, hook, 0
+
+    async def get_candle_data(self, symbols: list[str], interval: str, count: int = 200, to: Any = None, **_: Any):
+        self.calls += 1
+        to_ms = None if to is None else mds.timeutil.to_ms(to)
+        answer = self.hook(count, to_ms, self.calls)
+        if answer is not None:
+            return answer
+        rows = self.truth if to_ms is None else self.truth[self.truth["ts"] < to_ms]
+        rows = rows[-count:]
+        return {"success": True, "data": mds.convert.candles_to_upbit(rows[::-1], symbols[0], interval), "metadata": {}}
+
+    get_ticker_data = _Raising.get_ticker_data
+    get_orderbook_data = _Raising.get_ticker_data
+    get_trades = _Raising.get_trades
+
+
+def _no_false_no_trades(st: mds.Store, truth: np.ndarray) -> None:
+    for g in st.gaps(SYM, "1m"):
+        if g.kind == "no_trades":
+            inside = (truth["ts"] >= g.start) & (truth["ts"] < g.end)
+            assert not inside.any(), f"no_trades gap {g} holds {int(inside.sum())} real candles"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"success": "false", "data": [], "error": "rate limited"},
+        {"success": 1, "data": []},
+        {"success": True, "data": [], "error": "429 too many requests"},
+    ],
+    ids=["string-false", "one", "true-with-error"],
+)
+def test_only_success_true_without_error_is_an_answer(tmp_path: Path, answer: dict[str, Any]) -> None:
+    """Item 1 (hostile review): an answer whose success is truthy but not True, or that carries an
+    error, was read as an empty page, proving history ran out: real candles became no_trades."""
+    truth = R.marked(R.T0 + R.MIN * np.arange(1440), 4.0)
+    l1 = _Scripted(truth, lambda count, to, n: answer if n == 2 else None)
+    with mds.open(tmp_path / "s", layer1=l1, config=mds.Config(lookup="storage_first"), clock=R.Clock()) as st:
+        with pytest.raises(mds.Layer1Error, match="success=True"):
+            st.candles(SYM, "1m", start=R.T0, end=R.T0 + 1440 * R.MIN)
+        _no_false_no_trades(st, truth)
+        got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + 1440 * R.MIN)
+        assert got.tobytes() == truth.tobytes()
+        _no_false_no_trades(st, truth)
+
+
+def test_an_empty_page_contradicted_by_stored_candles_proves_nothing(tmp_path: Path) -> None:
+    """Item 1 (hostile review): the store holds candles of the first hour; a later range read
+    gets one flaky empty page. It was taken as the start of history, and the candles between were
+    labelled no_trades. Now it is a Layer1Error, and the next read answers in full."""
+    truth = R.marked(R.T0 + R.MIN * np.arange(3 * 1440), 4.0)
+    armed = {"done": False}
+
+    def hook(count: int, to: int | None, n: int) -> dict[str, Any] | None:
+        if not armed["done"] and to is not None and R.T0 + R.DAY < to < R.T0 + 2 * R.DAY:
+            armed["done"] = True
+            return {"success": True, "data": [], "metadata": {}}
+        return None
+
+    cfg = mds.Config(lookup="storage_first")
+    with mds.open(tmp_path / "s", layer1=_Scripted(truth, hook), config=cfg, clock=R.Clock()) as st:
+        assert st.candles(SYM, "1m", start=R.T0, end=R.T0 + 60 * R.MIN).tobytes() == truth[:60].tobytes()
+        with pytest.raises(mds.Layer1Error, match="holds one"):
+            st.candles(SYM, "1m", start=R.T0 + R.DAY, end=R.T0 + 2 * R.DAY)
+        _no_false_no_trades(st, truth)
+        got = st.candles(SYM, "1m", start=R.T0 + R.DAY, end=R.T0 + 2 * R.DAY)
+        assert got.tobytes() == truth[1440:2880].tobytes()
+        _no_false_no_trades(st, truth)
+
+
+def test_close_releases_every_file(tmp_path: Path) -> None:
+    """Hostile review: close() left changes.bin mapped and open (a second view kept the map
+    alive), so the file system stayed busy after a clean close."""
+    path = tmp_path / "s"
+    st = mds.open(path, clock=R.Clock())
+    st.write_candles(SYM, "1m", R.marked([R.T0], 1.0))
+    st.close()
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    with open("/proc/self/maps") as f:
+        held += [ln.split()[-1] for ln in f if str(path) in ln]
+    assert not held, held
