@@ -548,7 +548,10 @@ class SqliteStore:
             self._conn = conn
             conn.set_busy_timeout(int(busy_timeout_ms))
             if not self.readonly:
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
+                # Only takes effect on a new file, and setting it takes the write lock: an opener
+                # would wait for (and fail behind) another process's write transaction.
+                if conn.execute("PRAGMA page_count").fetchall()[0][0] == 0:
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
                 if str(mode).lower() != "wal":
                     logger.warning("SQLite store %s: journal_mode is %s, not wal", self.path, mode)

@@ -564,3 +564,29 @@ def test_close_releases_every_file(tmp_path: Path) -> None:
     with open("/proc/self/maps") as f:
         held += [ln.split()[-1] for ln in f if str(path) in ln]
     assert not held, held
+
+
+def test_opening_a_store_while_another_process_writes_serves_reads(tmp_path: Path) -> None:
+    """Item 2 (hostile review): opening set PRAGMA auto_vacuum, which takes the write lock, so an
+    open behind another process's write transaction waited out the busy timeout and left the
+    durable tier degraded: reads raised although WAL lets them read."""
+    path = tmp_path / "s"
+    rows = _seed(path, ("memory", "sqlite"))
+    locker = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(path / "candles.sqlite3")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=R.child_env(),
+    )
+    R.TALLY["processes_started"] += 1
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+        with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
+            assert st.stats()["degraded"] == []
+            got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
+            assert got.tobytes() == rows.tobytes()
+    finally:
+        assert locker.stdin is not None
+        locker.stdin.write(b"\n")
+        locker.stdin.flush()
+        locker.wait(30)
