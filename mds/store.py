@@ -566,13 +566,30 @@ class Store:
         """Coverage of a series, cached; the cache is dropped when another process writes SQLite."""
         key = (symbol, tf.name)
         cov = self._coverage.get(key)
-        if cov is not None:
-            return cov
-        db = self._db()
-        cov = _EMPTY_RANGES if db is None else np.asarray(self._ask_db(db.coverage, symbol, tf), np.int64)
-        cov = cov.reshape(-1, 2)
-        self._set_cov(key, cov)
+        if cov is None:
+            db = self._db()
+            cov = _EMPTY_RANGES if db is None else np.asarray(self._ask_db(db.coverage, symbol, tf), np.int64)
+            cov = cov.reshape(-1, 2)
+            self._set_cov(key, cov)
+        if "sqlite" not in self._tiers and len(cov):
+            # Without a durable tier, coverage proves only what the fast tiers still hold: a
+            # candle they evicted (memory keeps the newest memory_candles, LMDB disk_days) is
+            # missing again, never a no_trades slot.
+            cov = _intersect(cov, self._fast_held(symbol, tf))
         return cov
+
+    def _fast_held(self, sym: str, tf: Timeframe) -> np.ndarray:
+        """The union of the ranges memory and LMDB hold of a series (each exactly as stored)."""
+        parts = [_EMPTY_RANGES]
+        mem = self._tier("memory")
+        held = None if mem is None else mem.held(sym, tf)
+        if held is not None:
+            parts.append(np.array([held], dtype=np.int64))
+        disk = self._tier("disk")
+        ranges = None if disk is None else self._guard("disk", disk.held, sym, tf)
+        if ranges is not None and len(ranges):
+            parts.append(np.asarray(ranges, dtype=np.int64).reshape(-1, 2))
+        return K.interval_normalize(np.concatenate(parts))
 
     def _set_cov(self, key: tuple[str, str], cov: np.ndarray) -> None:
         self._coverage[key] = cov
@@ -1176,6 +1193,10 @@ class Store:
                 self._put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
             return _ro(got), "sqlite_db"
         # no durable tier: what the fast tiers keep is all the store holds
+        if self._layer1 is None and disk is not None:
+            got = self._latest_from_disk_ranges(disk, sym, tf, n, end)
+            if got is not None:
+                return _ro(got), "storage_disk"
         mem = self._tier("memory")
         if mem is not None:
             got = mem.latest(sym, tf, n, end)
@@ -1189,6 +1210,29 @@ class Store:
         if self._layer1 is not None:
             raise _StorageDown()
         return _EMPTY, "storage_memory"
+
+    def _latest_from_disk_ranges(self, disk: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
+        """Without a durable tier, LMDB's held ranges are the store: the newest ``n`` candles
+        before ``end`` from them, newest range first (None when LMDB cannot answer)."""
+        held = self._guard("disk", disk.held, sym, tf)
+        if held is None:
+            return None
+        parts: list[np.ndarray] = []
+        have = 0
+        for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2)[::-1].tolist():
+            e = min(e, end)
+            if e <= s:
+                continue
+            got = self._guard("disk", disk.get_range, sym, tf, s, e)
+            if got is None:
+                return None
+            parts.insert(0, np.ascontiguousarray(got))
+            have += len(got)
+            if have >= n:
+                break
+        if not parts:
+            return _EMPTY
+        return np.concatenate(parts)[-n:]
 
     def _to_memory(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
         """Fill the memory tier with the latest rows read from a shared tier: they are exactly the

@@ -590,3 +590,30 @@ def test_opening_a_store_while_another_process_writes_serves_reads(tmp_path: Pat
         locker.stdin.write(b"\n")
         locker.stdin.flush()
         locker.wait(30)
+
+
+@pytest.mark.parametrize("tiers", [("disk",), ("memory", "disk")], ids=["disk", "memory+disk"])
+def test_latest_n_without_a_durable_tier_answers_what_lmdb_holds(tmp_path: Path, tiers: tuple[str, ...]) -> None:
+    """Hostile review: a store without SQLite answered count reads empty (disk only) or from the
+    memory window alone (1,000 of 2,000), also after reopening, while LMDB held 3,000."""
+    path = tmp_path / "s"
+    rows = R.marked(R.T0 + R.MIN * np.arange(N), 1.0)
+    cfg = mds.Config(tiers=tiers)
+    with mds.open(path, config=cfg, clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", rows, complete=(R.T0, R.T0 + N * R.MIN))
+        for n in (10, 2000):
+            assert st.candles(SYM, "1m", count=n).tobytes() == rows[-n:].tobytes()
+    with mds.open(path, config=cfg, clock=R.Clock()) as st:
+        for n in (10, 2000):
+            assert st.candles(SYM, "1m", count=n).tobytes() == rows[-n:].tobytes()
+
+
+def test_memory_only_eviction_makes_slots_missing_not_no_trades(tmp_path: Path) -> None:
+    """Hostile review: a memory-only store keeps its newest 1,000 candles; the evicted 2,000 kept
+    their coverage and were labelled no_trades. Coverage proves only what is still held."""
+    rows = R.marked(R.T0 + R.MIN * np.arange(N), 1.0)
+    with mds.open(tmp_path / "s", config=mds.Config(tiers=("memory",)), clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", rows, complete=(R.T0, R.T0 + N * R.MIN))
+        assert st.coverage(SYM, "1m") == [(int(rows["ts"][N - 1000]), R.T0 + N * R.MIN)]
+        gaps = st.gaps(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
+        assert [(g.start, g.end, g.kind) for g in gaps] == [(R.T0, int(rows["ts"][N - 1000]), "missing")]
