@@ -25,6 +25,7 @@ served, they raise :class:`DamagedChunkError` (see :meth:`SqliteStore.quarantine
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -134,6 +135,14 @@ CREATE TABLE chunk(
     data BLOB NOT NULL);
 CREATE INDEX chunk_uncompressed ON chunk(last_ts) WHERE codec = 0;
 """
+_SCHEMA_V3_COVERAGE = """
+CREATE TABLE coverage(
+    sid INTEGER NOT NULL,
+    start_ts INTEGER NOT NULL,
+    end_ts INTEGER NOT NULL,
+    crc INTEGER NOT NULL,          -- _coverage_crc(sid, start_ts, end_ts)
+    PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
+"""
 _SCHEMA_V3 = (
     """
 CREATE TABLE series(
@@ -150,11 +159,9 @@ CREATE TABLE tail(
     ts INTEGER NOT NULL,
     v BLOB NOT NULL,               -- one CANDLE_DTYPE row (56 bytes), then its row_checksum (<u8)
     PRIMARY KEY (sid, ts)) WITHOUT ROWID;
-CREATE TABLE coverage(
-    sid INTEGER NOT NULL,
-    start_ts INTEGER NOT NULL,
-    end_ts INTEGER NOT NULL,
-    PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
+"""
+    + _SCHEMA_V3_COVERAGE
+    + """
 CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 INSERT INTO meta(k, v) VALUES ('commit_seq', 0);
 """
@@ -269,6 +276,16 @@ class DamagedChunkError(StorageUnavailableError):
 
 class _Damage(Exception):
     """Stored rows that cannot be served; the caller turns it into a :class:`DamagedChunkError`."""
+
+
+def _coverage_crc(sid: int, start: int, end: int) -> int:
+    """Checksum of one coverage row, bound to its series: a flipped bit in a bound (which would
+    make never-fetched slots read as no_trades) or a row moved to another series fails it."""
+    digest = hashlib.blake2b(_COV_ROW.pack(sid, start, end), digest_size=8, person=b"mds-coverage").digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+_COV_ROW = struct.Struct("<qqq")
 
 
 def _signed(crc: int) -> int:
@@ -782,7 +799,11 @@ class SqliteStore:
                     return []
                 conn = self._conn_()
                 bad_keys: list[int] = []
-                spans: list[tuple[int, int]] = []
+                # damaged coverage rows go first (whatever their span says): the subtraction
+                # below reads the coverage, and a damaged row must not stay to prove anything
+                spans: list[tuple[int, int]] = self._damaged_coverage(sid)
+                if spans:
+                    self._dirty = True
                 cur = conn.execute(
                     "SELECT key, codec, crc, data FROM chunk WHERE key BETWEEN ? AND ?",
                     (self._key(sid, tf, lo), self._key(sid, tf, hi - 1)),
@@ -1366,6 +1387,14 @@ class SqliteStore:
                     "SQLite store %s: v2 tail row (%d, %d) is malformed; kept as damaged", self.path, sid, ts
                 )
         conn.executemany("UPDATE tail SET v = ? WHERE sid = ? AND ts = ?", fixed)
+        conn.execute("ALTER TABLE coverage RENAME TO v2_coverage")
+        conn.execute(_SCHEMA_V3_COVERAGE)
+        conn.executemany(
+            "INSERT INTO coverage(sid, start_ts, end_ts, crc) VALUES (?, ?, ?, ?)",
+            [(sid, a, b, _coverage_crc(sid, a, b)) for sid, a, b in conn.execute(
+                "SELECT sid, start_ts, end_ts FROM v2_coverage").fetchall()],
+        )
+        conn.execute("DROP TABLE v2_coverage")
         conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('commit_seq', 0)")
 
     # ------------------------------------------------------------------ internals: plumbing
@@ -1796,12 +1825,41 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ internals: coverage
     def _coverage_sid(self, sid: int) -> np.ndarray:
+        """The series' coverage; DamagedChunkError when a row fails its checksum (never served:
+        a wrong bound would label never-fetched slots no_trades)."""
         rows = (
             self._conn_()
-            .execute("SELECT start_ts, end_ts FROM coverage WHERE sid = ? ORDER BY start_ts", (sid,))
+            .execute("SELECT start_ts, end_ts, crc FROM coverage WHERE sid = ? ORDER BY start_ts", (sid,))
             .fetchall()
         )
-        return np.array(rows, dtype=np.int64).reshape(-1, 2) if rows else _EMPTY_RANGES.copy()
+        if not rows:
+            return _EMPTY_RANGES.copy()
+        for a, b, crc in rows:
+            if _coverage_crc(sid, a, b) != crc:
+                symbol, tfname = self._conn_().execute(
+                    "SELECT symbol, timeframe FROM series WHERE sid = ?", (sid,)
+                ).fetchall()[0]
+                raise DamagedChunkError(
+                    f"SQLite store {self.path}: a coverage row of {symbol} {tfname} ([{a}, {b})) does not match "
+                    "its checksum; it was not used. Drop it with quarantine_damaged() (its span becomes missing "
+                    "and is refetched), or restore a backup",
+                    symbol,
+                    tfname,
+                    int(a),
+                    int(b) if b > a else int(a) + 1,
+                )
+        return np.array([r[:2] for r in rows], dtype=np.int64).reshape(-1, 2)
+
+    def _damaged_coverage(self, sid: int) -> list[tuple[int, int]]:
+        """Delete the series' coverage rows that fail their checksum; their spans."""
+        conn = self._conn_()
+        bad = [
+            (int(a), int(b))
+            for a, b, crc in conn.execute("SELECT start_ts, end_ts, crc FROM coverage WHERE sid = ?", (sid,)).fetchall()
+            if _coverage_crc(sid, a, b) != crc
+        ]
+        conn.executemany("DELETE FROM coverage WHERE sid = ? AND start_ts = ?", [(sid, a) for a, _ in bad])
+        return [(a, b if b > a else a + 1) for a, b in bad]
 
     def _change_coverage(self, sid: int, ranges: np.ndarray, *, add: bool) -> None:
         cur = self._coverage_sid(sid)
@@ -1812,8 +1870,8 @@ class SqliteStore:
         conn.execute("DELETE FROM coverage WHERE sid = ?", (sid,))
         if len(new):
             conn.executemany(
-                "INSERT INTO coverage(sid, start_ts, end_ts) VALUES (?, ?, ?)",
-                [(sid, int(a), int(b)) for a, b in new.tolist()],
+                "INSERT INTO coverage(sid, start_ts, end_ts, crc) VALUES (?, ?, ?, ?)",
+                [(sid, a, b, _coverage_crc(sid, a, b)) for a, b in new.tolist()],
             )
 
     def _invariant_problems(self) -> list[str]:
@@ -1869,10 +1927,21 @@ class SqliteStore:
             elif ts < seal:
                 problems.append(f"tail row {sym} {tfn} {ts}: below the live-edge boundary {seal}")
         for sid in seals:
-            cov = self._coverage_sid(sid)
+            sym, tfn, _ = seals[sid]
+            try:
+                cov = self._coverage_sid(sid)
+            except DamagedChunkError as exc:
+                problems.append(f"coverage of {sym} {tfn}: a row does not match its checksum ({exc.span})")
+                continue
             if len(cov) and (bool(np.any(cov[:, 1] <= cov[:, 0])) or bool(np.any(cov[1:, 0] <= cov[:-1, 1]))):
-                sym, tfn, _ = seals[sid]
                 problems.append(f"coverage of {sym} {tfn}: ranges empty, unsorted, overlapping or adjacent")
+            try:
+                tf = parse_timeframe(tfn)
+            except MdsError:
+                continue
+            bounds = cov[(cov != 0) & (cov != _NEG_INF) & (cov != _POS_INF)]  # 0: the start of history
+            if len(bounds) and not bool(np.all(tf.aligned(bounds))):
+                problems.append(f"coverage of {sym} {tfn}: a bound is not aligned to {tfn}")
         orphans = conn.execute("SELECT count(*) FROM coverage WHERE sid NOT IN (SELECT sid FROM series)").fetchall()
         if orphans[0][0]:
             problems.append(f"{orphans[0][0]} coverage rows belong to no catalogued series")

@@ -617,3 +617,45 @@ def test_memory_only_eviction_makes_slots_missing_not_no_trades(tmp_path: Path) 
         assert st.coverage(SYM, "1m") == [(int(rows["ts"][N - 1000]), R.T0 + N * R.MIN)]
         gaps = st.gaps(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
         assert [(g.start, g.end, g.kind) for g in gaps] == [(R.T0, int(rows["ts"][N - 1000]), "missing")]
+
+
+def _flip_coverage_end(db_file: Path, bit: int) -> None:
+    """Flip one bit of the first coverage row's end (a real byte edit of the closed file, found
+    through the value it holds)."""
+    import apsw
+
+    conn = apsw.Connection(str(db_file))
+    end = conn.execute("SELECT end_ts FROM coverage ORDER BY sid, start_ts LIMIT 1").fetchall()[0][0]
+    conn.close()
+    data = bytearray(db_file.read_bytes())
+    needle = int(end).to_bytes(6, "big")  # SQLite's record format: a 6-byte big-endian integer
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0, "the coverage end is not unique in the file"
+    data[at + 5 - bit // 8] ^= 1 << (bit % 8)
+    db_file.write_bytes(bytes(data))
+
+
+def test_a_flipped_coverage_bound_never_labels_no_trades(tmp_path: Path) -> None:
+    """Hostile review (items 3, 12): coverage rows had no checksum; a flipped bit in a bound made
+    never-fetched slots read as no_trades and check() said ok. Now the row is refused (typed),
+    check() names it, and quarantining it makes its span missing."""
+    path = tmp_path / "s"
+    rows = R.marked(R.T0 + R.MIN * np.arange(600, 1200), 1.0)
+    cfg = mds.Config(tiers=("memory", "sqlite"))
+    with mds.open(path, config=cfg, clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", rows, complete=(R.T0 + 600 * R.MIN, R.T0 + 1200 * R.MIN))
+    (path / "candles.sqlite3-wal").unlink(missing_ok=True)
+    _flip_coverage_end(path / "candles.sqlite3", 25)
+    with mds.open(path, config=cfg, clock=R.Clock()) as st:
+        with pytest.raises(mds.StorageUnavailableError, match="checksum"):
+            st.gaps(SYM, "1m")
+        with pytest.raises(mds.StorageUnavailableError, match="checksum"):
+            st.coverage(SYM, "1m")
+        rep = st.check()
+        assert not rep.ok and any("coverage" in p and "checksum" in p for p in rep.problems), rep.problems
+        db = st._tiers["sqlite"].obj
+        assert db.quarantine_damaged(SYM, "1m")
+    with mds.open(path, config=cfg, clock=R.Clock()) as st:
+        assert st.coverage(SYM, "1m") == []
+        assert all(g.kind == "missing" for g in st.gaps(SYM, "1m"))
+        assert st.candles(SYM, "1m", start=R.T0, end=R.NOW).tobytes() == rows.tobytes()
