@@ -7,10 +7,13 @@ so it must not import pytest.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +117,33 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
+
+
+_LOCKER = """
+import sys, apsw
+c = apsw.Connection(sys.argv[1])
+c.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+c.execute("ROLLBACK")
+"""
+
+
+@contextlib.contextmanager
+def sqlite_write_locked(db_file: Path) -> Iterator[None]:
+    """Another process holds SQLite's write lock on ``db_file`` (an open write transaction)
+    while the block runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(db_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()
+    )
+    TALLY["processes_started"] += 1
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"locked":
+            raise RuntimeError("the locking process did not take the lock")
+        yield
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        proc.wait(30)

@@ -36,16 +36,6 @@ def _seed(path: Path, tiers: tuple[str, ...] = ("memory", "disk", "sqlite")) -> 
     return rows
 
 
-_LOCKER = """
-import sys, apsw
-c = apsw.Connection(sys.argv[1])
-c.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-c.execute("ROLLBACK")
-"""
-
-
 def test_busy_write_leaves_reads_of_sqlite_only_data_answering(tmp_path: Path) -> None:
     """Item 2: a write that times out on another process's write lock is a typed error for that
     write; the durable tier is not broken, and reads of data only it holds keep answering."""
@@ -53,15 +43,7 @@ def test_busy_write_leaves_reads_of_sqlite_only_data_answering(tmp_path: Path) -
     rows = _seed(path, ("memory", "sqlite"))
     with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
         st._tiers["sqlite"].obj._conn.set_busy_timeout(100)
-        locker = subprocess.Popen(
-            [sys.executable, "-c", _LOCKER, str(path / "candles.sqlite3")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=R.child_env(),
-        )
-        R.TALLY["processes_started"] += 1
-        try:
-            assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+        with R.sqlite_write_locked(path / "candles.sqlite3"):
             with pytest.raises(mds.StorageUnavailableError, match="locked"):
                 st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
             # the oldest 1,000 candles: neither memory nor (absent here) LMDB hold them
@@ -70,11 +52,6 @@ def test_busy_write_leaves_reads_of_sqlite_only_data_answering(tmp_path: Path) -
             assert st.gaps(SYM, "1m") == []
             assert st.coverage(SYM, "1m") == [(R.T0, R.T0 + N * R.MIN)]
             assert "sqlite" not in st.stats()["degraded"]
-        finally:
-            assert locker.stdin is not None
-            locker.stdin.write(b"\n")
-            locker.stdin.flush()
-            locker.wait(30)
         st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
         assert len(st.candles(SYM, "1m", start=R.T0, end=R.T0 + (N + 1) * R.MIN)) == N + 1
 
@@ -572,24 +549,13 @@ def test_opening_a_store_while_another_process_writes_serves_reads(tmp_path: Pat
     durable tier degraded: reads raised although WAL lets them read."""
     path = tmp_path / "s"
     rows = _seed(path, ("memory", "sqlite"))
-    locker = subprocess.Popen(
-        [sys.executable, "-c", _LOCKER, str(path / "candles.sqlite3")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=R.child_env(),
-    )
-    R.TALLY["processes_started"] += 1
-    try:
-        assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
-        with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
-            assert st.stats()["degraded"] == []
-            got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
-            assert got.tobytes() == rows.tobytes()
-    finally:
-        assert locker.stdin is not None
-        locker.stdin.write(b"\n")
-        locker.stdin.flush()
-        locker.wait(30)
+    with (
+        R.sqlite_write_locked(path / "candles.sqlite3"),
+        mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st,
+    ):
+        assert st.stats()["degraded"] == []
+        got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN)
+        assert got.tobytes() == rows.tobytes()
 
 
 @pytest.mark.parametrize("tiers", [("disk",), ("memory", "disk")], ids=["disk", "memory+disk"])
