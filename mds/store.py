@@ -738,6 +738,7 @@ class Store:
 
     def _store(self, sym: str, tf: Timeframe, arr: np.ndarray, covered: np.ndarray, now: int) -> WriteResult:
         """Write a validated, sorted, unique batch: SQLite first, then LMDB and memory."""
+        self._check_writable()  # also for Layer 1 fills: a read-only store answers them unstored
         forming = tf.floor(now)
         partial = arr[arr["ts"] >= forming]
         closed = arr[arr["ts"] < forming]

@@ -94,3 +94,23 @@ def test_mds_get_on_a_read_only_directory_prints_the_candles(ro_store: tuple[Pat
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 + 5, r.stdout  # a header and five candles
+
+
+def test_a_read_only_store_with_layer1_answers_fetches_unstored(ro_store: tuple[Path, np.ndarray]) -> None:
+    """A read the tiers do not cover fetches from Layer 1 and cannot store it: it answers what
+    Layer 1 supplied (typed errors only), and the read-only files stay as they were. Found by the
+    model test: the fill wrote to the read-only change map and failed untyped."""
+    from mds.layer1 import UpbitRouter
+    from mds.testing import FakeUpbit
+
+    path, rows = ro_store
+    clock = R.Clock()
+    truth = R.marked(R.T0 + R.MIN * np.arange(N + 500), 1.0)
+    with FakeUpbit({(SYM, "1m"): truth}, clock=clock, rate_limit=None) as up:
+        l1 = UpbitRouter(up.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=clock)
+        cfg = mds.Config(lookup="storage_first")
+        with mds.open(path, layer1=l1, config=cfg, clock=clock) as st:
+            got = st.candles(SYM, "1m", start=R.T0 + (N - 100) * R.MIN, end=R.T0 + (N + 300) * R.MIN)
+            assert got.tobytes() == truth[N - 100 : N + 300].tobytes()
+            assert st.coverage(SYM, "1m") == [(R.T0, R.T0 + N * R.MIN)]  # nothing was stored
+            assert st.candles(SYM, "1m", start=R.T0, end=R.T0 + N * R.MIN).tobytes() == rows.tobytes()
