@@ -1780,7 +1780,7 @@ class Store:
         with self._lock:
             db = self._tier("sqlite")
             if db is not None:
-                problems += [f"sqlite: {p}" for p in db.integrity_problems()]
+                problems += _checked("sqlite", lambda: [f"sqlite: {p}" for p in db.integrity_problems()])
                 try:
                     lost = self._lost_commits()
                 except _BACKEND_ERRORS as exc:
@@ -1794,9 +1794,9 @@ class Store:
                     )
             disk = self._tier("disk")
             if disk is not None:
-                problems += [f"disk: {p}" for p in disk.check()]
+                problems += _checked("disk", lambda: [f"disk: {p}" for p in disk.check()])
                 if db is not None:
-                    problems += self._check_disk_vs_sqlite(db, disk)
+                    problems += _checked("disk vs sqlite", lambda: self._check_disk_vs_sqlite(db, disk))
         return CheckReport(not problems, tuple(problems))
 
     def _check_disk_vs_sqlite(self, db: Any, disk: Any) -> list[str]:
@@ -2093,6 +2093,18 @@ class _StorageDown(Exception):
         self.rows = rows if rows is not None else _EMPTY
         self.reason = reason
         self.damaged = damaged  # a DamagedChunkError: rows failed their checksum
+
+
+_CHECK_ERRORS: tuple[type[BaseException], ...] = (*_BACKEND_ERRORS, MdsError)
+
+
+def _checked(what: str, fn: Callable[[], list[str]]) -> list[str]:
+    """A part of check(): a tier that fails while being checked is a problem to report (what it
+    could not vouch for), never an exception out of check()."""
+    try:
+        return fn()
+    except _CHECK_ERRORS as exc:
+        return [f"{what}: the check could not finish: {type(exc).__name__}: {exc}"]
 
 
 def _transient(exc: BaseException) -> bool:

@@ -625,3 +625,21 @@ def test_a_flipped_coverage_bound_never_labels_no_trades(tmp_path: Path) -> None
         assert st.coverage(SYM, "1m") == []
         assert all(g.kind == "missing" for g in st.gaps(SYM, "1m"))
         assert st.candles(SYM, "1m", start=R.T0, end=R.NOW).tobytes() == rows.tobytes()
+
+
+def test_check_reports_a_tier_failing_under_it_instead_of_raising(tmp_path: Path, monkeypatch: Any) -> None:
+    """Found by the model test: check() let a backend error out untyped when SQLite failed while
+    LMDB was compared with it. What it cannot check is a problem it reports."""
+    import apsw
+
+    with mds.open(tmp_path / "s", clock=R.Clock()) as st:
+        st.write_candles(SYM, "1m", R.marked(R.T0 + R.MIN * np.arange(100), 1.0))
+        st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)  # LMDB holds the range
+
+        def fail(*_: Any) -> Any:
+            raise apsw.IOError("injected: disk I/O error")
+
+        monkeypatch.setattr(st._tiers["sqlite"].obj, "read_range", fail)
+        rep = st.check()
+        assert not rep.ok
+        assert any("could not finish" in p and "IOError" in p for p in rep.problems), rep.problems
