@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: On-disk format of this module; bump it when a key or value layout changes. An environment
 #: with another version is cleared on open (it is a cache: SQLite refills it).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Chunk period per timeframe: about 500 to 4000 rows (30 to 220 KiB) a chunk, so a
 #: 1,000-candle read touches one to three values and an append rewrites at most one chunk.

@@ -65,7 +65,8 @@ CODEC_ZLIB_DELTA_SHUFFLE = 1
 
 _ROW = CANDLE_DTYPE.itemsize
 _TAIL_V = _ROW + 8  # a tail value: the candle, then its checksum
-_TAIL_WORDS = struct.Struct(f"<{_TAIL_V // 8}Q")
+_TAIL_WORDS = struct.Struct(f"<{2 * (_ROW // 8)}IQ")  # the row's 4-byte half-words, then its checksum
+_ROW_WEIGHTS = tuple(range(3, 3 + 4 * (_ROW // 8), 2))  # row_checksum's weights for one row
 _TAIL_RECORD = np.dtype([("row", CANDLE_RAW), ("crc", "<u8")])
 _U64 = (1 << 64) - 1
 _FIELDS: tuple[str, ...] = tuple(CANDLE_DTYPE.names or ())
@@ -335,16 +336,15 @@ def _tail_rows(data: Any, lo: int, hi: int, descending: bool = False) -> np.ndar
     ascending; None unless every value is whole, matches its checksum and lies in ``[lo, hi)``.
 
     A live edge is a few rows: checked one by one in Python, which costs less here than the fixed
-    overhead of a handful of numpy calls. The check is :func:`row_checksum`'s sum: the 7 row words
-    plus the checksum word, minus twice the checksum, is 0 mod 2**64 exactly when they match.
+    overhead of a handful of numpy calls (the same weighted sum as :func:`row_checksum`).
     """
     if len(data) % _TAIL_V:
         return None
     tss = []
     for w in _TAIL_WORDS.iter_unpack(data):
-        if (sum(w) - (w[WORDS_PER_ROW] << 1)) & _U64:
+        if sum(k * h for k, h in zip(_ROW_WEIGHTS, w)) & _U64 != w[-1]:
             return None
-        t = w[0]
+        t = w[0] | (w[1] << 32)
         tss.append(t - (1 << 64) if t >> 63 else t)
     a = np.frombuffer(data, dtype=_TAIL_RECORD)["row"].view(CANDLE_DTYPE)
     if descending:

@@ -643,3 +643,39 @@ def test_check_reports_a_tier_failing_under_it_instead_of_raising(tmp_path: Path
         rep = st.check()
         assert not rep.ok
         assert any("could not finish" in p and "IOError" in p for p in rep.problems), rep.problems
+
+
+def _flip_bits(blob: bytes, flips: list[tuple[int, int]]) -> bytes:
+    b = bytearray(blob)
+    for word, bit in flips:
+        b[word * 8 + bit // 8] ^= 1 << (bit % 8)
+    return bytes(b)
+
+
+def _bit(blob: bytes, word: int, bit: int) -> int:
+    return (blob[word * 8 + bit // 8] >> (bit % 8)) & 1
+
+
+def test_two_flips_that_cancel_in_a_plain_sum_are_caught(tmp_path: Path) -> None:
+    """Found by the model test's stress run: the checksum was a plain sum of 8-byte words, so two
+    flips of one bit position in opposite directions (two words of a chunk, or a tail row's word
+    and its stored checksum) cancelled, and the newest candle was served with a wrong value."""
+    import apsw
+
+    path = tmp_path / "s"
+    _seed(path, ("memory", "sqlite"))
+    conn = apsw.Connection(str(path / "candles.sqlite3"))
+    key, data = conn.execute("SELECT key, data FROM chunk ORDER BY key LIMIT 1").fetchall()[0]
+    # row 10's volume (1.0: bit 52 set) loses 2**52, row 11's ts (below 2**41: bit 52 clear) gains it
+    assert _bit(data, 10 * 7 + 5, 52) == 1 and _bit(data, 11 * 7, 52) == 0
+    conn.execute("UPDATE chunk SET data = ? WHERE key = ?", (_flip_bits(data, [(75, 52), (77, 52)]), key))
+    ts, v = conn.execute("SELECT ts, v FROM tail ORDER BY ts DESC LIMIT 1").fetchall()[0]
+    k = next(k for k in range(40, 52) if _bit(v, 5, k) == 0 and _bit(v, 7, k) == 0)
+    conn.execute("UPDATE tail SET v = ? WHERE ts = ?", (_flip_bits(v, [(5, k), (7, k)]), ts))
+    conn.close()
+    with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
+        with pytest.raises(mds.StorageUnavailableError, match="checksum"):
+            st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
+        with pytest.raises(mds.StorageUnavailableError, match="checksum"):
+            st.candles(SYM, "1m", count=1)
+        assert not st.check().ok
