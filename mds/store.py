@@ -1011,7 +1011,7 @@ class Store:
         except _StorageDown as first:
             down = first
             if self._layer1 is None:
-                raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered") from None
+                raise _unanswered(sym, tf, down) from None
             if not allow_layer1:
                 raise _NeedsLayer1() from None
             if down.damaged is not None and self._quarantine(down.damaged):
@@ -2182,7 +2182,12 @@ def _storage_errors(sym: str, tf: Timeframe) -> Iterator[None]:
     try:
         yield
     except _StorageDown as down:
-        raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered") from None
+        raise _unanswered(sym, tf, down) from None
+
+
+def _unanswered(sym: str, tf: Timeframe, down: _StorageDown) -> StorageUnavailableError:
+    """The typed error of a read that storage could not answer and no Layer 1 could take over."""
+    return StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered")
 
 
 def _slowest(a: str, b: str) -> str:
