@@ -20,8 +20,8 @@ import pytest
 from mds._dtypes import CANDLE_DTYPE
 from mds._kernels import IMPLEMENTATION
 from mds.convert import candles_to_upbit
-from mds.memory import MemoryTier
-from mds.realtime import TICKER_SIMPLE, RealtimeCache
+from mds.tiers.memory import MemoryTier
+from mds.tiers.realtime import TICKER_SIMPLE, RealtimeCache
 from mds.timeframes import parse_timeframe
 
 M = 60_000

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from mds._dtypes import CANDLE_DTYPE
-from mds.sqlite_store import SqliteStore
+from mds.tiers.sqlite import SqliteStore
 from mds.testing import dense_candles
 from mds.timeframes import DAY_MS, MINUTE_MS, parse_timeframe
 

@@ -18,7 +18,7 @@ import pytest
 
 from mds._dtypes import CANDLE_DTYPE
 from mds.errors import StorageUnavailableError
-from mds.lmdb_tier import CHUNK_PERIOD_MS, LmdbTier
+from mds.tiers.disk import CHUNK_PERIOD_MS, LmdbTier
 from mds.timeframes import DAY_MS, MINUTE_MS, TIMEFRAMES, parse_timeframe
 
 M1 = parse_timeframe("1m")

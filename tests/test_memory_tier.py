@@ -12,7 +12,7 @@ import pytest
 from mds._dtypes import CANDLE_DTYPE
 from mds.convert import candles_to_upbit
 from mds.errors import InvalidRequestError
-from mds.memory import MemoryTier
+from mds.tiers.memory import MemoryTier
 from mds.timeframes import parse_timeframe
 
 M = 60_000

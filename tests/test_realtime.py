@@ -13,7 +13,7 @@ import pytest
 
 from mds._dtypes import TRADE_DTYPE
 from mds.errors import InvalidRequestError
-from mds.realtime import ORDERBOOK_SIMPLE, TICKER_SIMPLE, TRADE_SIMPLE, UNIT_SIMPLE, RealtimeCache
+from mds.tiers.realtime import ORDERBOOK_SIMPLE, TICKER_SIMPLE, TRADE_SIMPLE, UNIT_SIMPLE, RealtimeCache
 
 DATA = Path(__file__).parent / "data" / "ws_trade_orderbook_simple_cryptofeed_2021.txt"
 NOW = 1_800_000_000_000

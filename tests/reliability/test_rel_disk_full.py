@@ -218,7 +218,7 @@ def test_map_shared_readonly_needs_an_allocated_file(fs: Path) -> None:
 _TIER_OPEN = """
 import sys
 from mds.errors import StorageUnavailableError
-from mds.lmdb_tier import LmdbTier
+from mds.tiers.disk import LmdbTier
 try:
     LmdbTier(sys.argv[1])
 except StorageUnavailableError as exc:
@@ -244,7 +244,7 @@ import numpy as np
 sys.path.insert(0, ".")
 import _relutil as R
 from mds.errors import StorageUnavailableError
-from mds.lmdb_tier import LmdbTier
+from mds.tiers.disk import LmdbTier
 from mds.timeframes import parse_timeframe
 M1, S1 = parse_timeframe("1m"), parse_timeframe("1s")
 t = LmdbTier(sys.argv[1], clock=R.Clock(), map_size=32 << 20)

@@ -233,7 +233,7 @@ def test_write_while_disk_degraded_does_not_leave_stale_lmdb(tmp_path: Path, mon
 
 
 def test_lmdb_map_full_at_cap_degrades_and_keeps_answering(tmp_path: Path, monkeypatch) -> None:
-    import mds.lmdb_tier as L
+    import mds.tiers.disk as L
 
     monkeypatch.setitem(L.LmdbTier.__init__.__kwdefaults__, "map_size", 1 << 20)
     cap = 1 << 20

@@ -18,7 +18,7 @@ import pytest
 import mds
 from mds._files import STORE_ENTRIES, check_store_dir, map_shared
 from mds.errors import InvalidRequestError, StorageUnavailableError
-from mds.lmdb_tier import LmdbTier
+from mds.tiers.disk import LmdbTier
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mds.errors import StorageUnavailableError
-from mds.sqlite_store import (
+from mds.tiers.sqlite import (
     _SCHEMA_V2,
     CHUNK_SLOTS,
     CODEC_RAW,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mds.errors import InvalidCandleError, MdsError
-from mds.sqlite_store import CHUNK_SLOTS, SqliteStore
+from mds.tiers.sqlite import CHUNK_SLOTS, SqliteStore
 from mds.timeframes import parse_timeframe
 
 M1 = parse_timeframe("1m")

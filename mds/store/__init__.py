@@ -42,7 +42,7 @@ from mds.models import (
     StorageResponse,
     WriteResult,
 )
-from mds.sqlite_store import DamagedChunkError
+from mds.tiers.sqlite import DamagedChunkError
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import now_ms, to_ms
@@ -195,7 +195,7 @@ class Store:
         except BaseException:
             self._close_tiers()
             raise
-        from mds.realtime import RealtimeCache
+        from mds.tiers.realtime import RealtimeCache
 
         self._realtime = RealtimeCache(
             ticker_ttl_ms=int(self.config.realtime_ttl_s * 1000),
@@ -229,7 +229,7 @@ class Store:
             if self._try_open("disk"):
                 self._drop_stale_disk()
         if "memory" in cfg.tiers:
-            from mds.memory import MemoryTier
+            from mds.tiers.memory import MemoryTier
 
             self._tiers["memory"] = _TierState(
                 "memory",
@@ -246,7 +246,7 @@ class Store:
         cfg = self.config
         try:
             if name == "sqlite":
-                from mds.sqlite_store import SqliteStore
+                from mds.tiers.sqlite import SqliteStore
 
                 state.obj = SqliteStore(
                     self.path / "candles.sqlite3",
@@ -258,7 +258,7 @@ class Store:
                     clock=self._clock,
                 )
             else:
-                from mds.lmdb_tier import LmdbTier
+                from mds.tiers.disk import LmdbTier
 
                 state.obj = LmdbTier(
                     self.path / "lmdb",
