@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from mds._dtypes import CANDLE_DTYPE
-from mds.tiers.sqlite import SqliteStore
 from mds.testing import dense_candles
+from mds.tiers.sqlite import SqliteStore
 from mds.timeframes import DAY_MS, MINUTE_MS, parse_timeframe
 
 M1 = parse_timeframe("1m")

@@ -23,8 +23,8 @@ from hypothesis import given, settings, strategies as st
 
 from mds import _pycore as P
 from mds._dtypes import CANDLE_DTYPE
-from mds.tiers.disk import _chunk_view, _pack_chunk
 from mds.testing import dense_candles, kernel_params
+from mds.tiers.disk import _chunk_view, _pack_chunk
 from mds.timeframes import DAY_MS, MINUTE_MS
 
 try:

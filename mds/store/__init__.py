@@ -42,8 +42,8 @@ from mds.models import (
     StorageResponse,
     WriteResult,
 )
-from mds.tiers.sqlite import DamagedChunkError
 from mds.symbols import validate_symbol
+from mds.tiers.sqlite import DamagedChunkError
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import now_ms, to_ms
 
