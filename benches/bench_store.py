@@ -11,6 +11,14 @@ Store land in ``extra_info`` of the baseline benchmarks.
 
 The workload asserts functional outcomes only (hit rate, Layer 1 requests, correct answers); no
 timing is asserted anywhere.
+
+The Store's other hot paths (issue 15), through the public API only and without Layer 1: a range
+of 1,000 answered by LMDB and by SQLite, the live upsert (one closed candle a simulated minute) and
+the ingest of 100,000 candles into a fresh store. Their fixtures assert which tier answers; compare
+their medians before and after a change on the same machine, pinned to one core::
+
+    taskset -c 1 python -m pytest benches/bench_store.py --benchmark-only \
+        -k "range_1000 or live_upsert or ingest_100k or memory_hit" --benchmark-columns=median,iqr,rounds
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from mds import CANDLE_DTYPE, Config, DataType, StorageRequest
 from mds._kernels import IMPLEMENTATION
 from mds.convert import candles_to_upbit
 from mds.layer1 import UpbitRouter
-from mds.testing import FakeUpbit, generate_market
+from mds.testing import FakeUpbit, dense_candles, generate_market
 from mds.timeutil import to_ms
 
 MIN = 60_000
@@ -394,3 +402,168 @@ def test_naive_list_of_dicts_latest_1000(benchmark: Any, naive_sqlite: tuple[sql
     got = benchmark(tail)
     assert len(got) == 1000 and got[-1]["trade_price"] == float(arr["close"][-1])
     _ratios(benchmark, "naive_list_of_dicts")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The Store's own hot paths beyond the memory hit, through the public API only (issue 15)
+# ---------------------------------------------------------------------------------------------
+# bench_lmdb.py and bench_sqlite.py time the tiers alone; these time the same work through
+# mds.open / Store.candles / Store.write_candles, so they include the Store's own overhead (the
+# read plan, change stamps, coverage, write order), which is what a redesign of the Store changes.
+# No Layer 1. Each fixture checks WHICH tier answers (never how fast).
+RANGE_N = 1_000
+RANGE_HISTORY = 5_000  # stored candles; memory keeps the newest memory_candles (1,000) of them
+RANGE_T0 = T_SIM - RANGE_HISTORY * MIN  # within LMDB's 31-day retention at the store's clock
+RANGE_START = RANGE_T0 + 1_000 * MIN  # [RANGE_START, RANGE_END) is older than memory's window
+RANGE_END = RANGE_START + RANGE_N * MIN
+RANGE_SOURCES = ("storage_memory", "layer1_cache", "storage_disk", "sqlite_db", "layer1_api")
+
+
+def _hits(st: mds.Store) -> dict[str, int]:
+    hits = st.stats()["hits"]
+    return {k: int(hits.get(k, 0)) for k in RANGE_SOURCES}
+
+
+def _range_store(path: Path, tiers: tuple[str, ...], source: str) -> tuple[mds.Store, np.ndarray]:
+    """A store holding RANGE_HISTORY dense 1m candles, whose range read is answered by ``source``."""
+    arr = dense_candles(RANGE_HISTORY, RANGE_T0, seed=7)
+    st = mds.open(path, config=Config(tiers=tiers), clock=Clock(T_SIM + 30_000))
+    st.write_candles(SYM, "1m", arr)
+    want = arr[(arr["ts"] >= RANGE_START) & (arr["ts"] < RANGE_END)]
+    assert len(want) == RANGE_N
+    for _ in range(2):  # the first read may fill a faster tier; the second is what is timed
+        before = _hits(st)
+        got = st.candles(SYM, "1m", start=RANGE_START, end=RANGE_END)
+        after = _hits(st)
+    assert got.tobytes() == want.tobytes()
+    delta = {k: after[k] - before[k] for k in RANGE_SOURCES if after[k] != before[k]}
+    assert delta == {source: 1}, (tiers, delta)
+    return st, want
+
+
+@pytest.fixture(scope="module")
+def disk_range_store(tmp_path_factory: Any) -> Iterator[tuple[mds.Store, np.ndarray]]:
+    st, want = _range_store(tmp_path_factory.mktemp("range_disk"), ("memory", "disk", "sqlite"), "storage_disk")
+    yield st, want
+    st.close()
+
+
+@pytest.fixture(scope="module")
+def sqlite_range_store(tmp_path_factory: Any) -> Iterator[tuple[mds.Store, np.ndarray]]:
+    # Without LMDB: with it, the first SQLite read of the range fills LMDB and LMDB answers after.
+    st, want = _range_store(tmp_path_factory.mktemp("range_sqlite"), ("memory", "sqlite"), "sqlite_db")
+    yield st, want
+    st.close()
+
+
+def _bench_range(benchmark: Any, st: mds.Store, want: np.ndarray, source: str, tiers: str) -> None:
+    before = _hits(st)
+    got = benchmark(st.candles, SYM, "1m", start=RANGE_START, end=RANGE_END)
+    after = _hits(st)
+    assert got.tobytes() == want.tobytes() and not got.flags.writeable
+    # every timed call was answered by that tier, and by no other
+    assert all(after[k] == before[k] for k in RANGE_SOURCES if k != source)
+    assert after[source] > before[source]
+    benchmark.extra_info.update(kernels=IMPLEMENTATION, tiers=tiers, source=source, candles=RANGE_N)
+    _record(benchmark, f"range_{source}")
+    base = _MEDIANS.get("candles_no_layer1")
+    mine = _MEDIANS.get(f"range_{source}")
+    if base and mine:
+        benchmark.extra_info["over_latest_1000_memory_hit"] = _sig(mine / base)
+
+
+@pytest.mark.benchmark(group="store-range-1000")
+def test_store_range_1000_disk_hit(benchmark: Any, disk_range_store: tuple[mds.Store, np.ndarray]) -> None:
+    st, want = disk_range_store
+    _bench_range(benchmark, st, want, "storage_disk", "memory,disk,sqlite")
+
+
+@pytest.mark.benchmark(group="store-range-1000")
+def test_store_range_1000_sqlite_hit(benchmark: Any, sqlite_range_store: tuple[mds.Store, np.ndarray]) -> None:
+    st, want = sqlite_range_store
+    _bench_range(benchmark, st, want, "sqlite_db", "memory,sqlite")
+
+
+LIVE_HISTORY = 2_000  # candles stored before the live edge starts
+LIVE_ROUNDS = 2_000
+LIVE_WARMUP = 20
+
+
+@pytest.mark.benchmark(group="store-write")
+def test_store_live_upsert_one_candle(benchmark: Any, tmp_path: Path) -> None:
+    """The live edge: each round the clock moves one minute and the candle that just closed is
+    written (default tiers), timed per write_candles call.
+
+    Untimed, a reader takes the latest candle before each write: memory drops a series not read
+    for ``memory_ttl_s`` (1 h, 60 rounds here), and a live series is read, so this keeps every
+    round in the same steady state (memory holding the latest window)."""
+    rounds, warmup = (1, 0) if benchmark.disabled else (LIVE_ROUNDS, LIVE_WARMUP)
+    t0 = T_SIM - LIVE_HISTORY * MIN
+    arr = dense_candles(LIVE_HISTORY + rounds + warmup, t0, seed=11)
+    clock = Clock(t0 + LIVE_HISTORY * MIN)
+    written = [LIVE_HISTORY]  # candles stored so far
+    with mds.open(tmp_path / "live", clock=clock) as st:
+        st.write_candles(SYM, "1m", arr[:LIVE_HISTORY])
+        assert st.candles(SYM, "1m", count=1000).tobytes() == arr[LIVE_HISTORY - 1000 : LIVE_HISTORY].tobytes()
+
+        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+            i = written[0]
+            written[0] = i + 1
+            st.candles(SYM, "1m", count=1)
+            clock.t = t0 + (i + 1) * MIN + 1_000  # candle i closed a second ago
+            return (SYM, "1m", arr[i : i + 1]), {}
+
+        result = benchmark.pedantic(st.write_candles, setup=setup, rounds=rounds, warmup_rounds=warmup)
+        n = written[0]
+        assert n == LIVE_HISTORY + rounds + warmup
+        assert (result.inserted, result.updated, result.unchanged) == (1, 0, 0)
+        before = _hits(st)
+        assert st.candles(SYM, "1m", count=1000).tobytes() == arr[n - 1000 : n].tobytes()
+        assert _hits(st)["storage_memory"] == before["storage_memory"] + 1  # memory kept the live window
+    benchmark.extra_info.update(kernels=IMPLEMENTATION, tiers="memory,disk,sqlite", history=LIVE_HISTORY)
+    _record(benchmark, "live_upsert")
+
+
+INGEST_N = 100_000
+INGEST_ROUNDS = 5
+
+
+@pytest.mark.benchmark(group="store-write")
+def test_store_ingest_100k(benchmark: Any, tmp_path: Path) -> None:
+    """One write_candles of 100,000 1m candles into a fresh store (default tiers), a new directory
+    each round; opening and closing the store are not timed."""
+    arr = dense_candles(INGEST_N, T_SIM - INGEST_N * MIN, seed=13)
+    clock = Clock(T_SIM + 30_000)
+    opened: list[mds.Store] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        opened.append(mds.open(tmp_path / f"ingest{len(opened)}", clock=clock))
+        return (opened[-1], SYM, "1m", arr), {}
+
+    def ingest(st: mds.Store, sym: str, tf: str, rows: np.ndarray) -> Any:
+        return st.write_candles(sym, tf, rows)
+
+    checked: list[bool] = []
+
+    def check(st: mds.Store) -> None:  # once: the store answers exactly what was written
+        if not checked:
+            assert st.candles(SYM, "1m", start=int(arr["ts"][0])).tobytes() == arr.tobytes()
+            checked.append(True)
+
+    def teardown(st: mds.Store, *_: Any) -> None:  # not called with --benchmark-disable
+        check(st)
+        st.close()
+
+    try:
+        result = benchmark.pedantic(ingest, setup=setup, teardown=teardown, rounds=INGEST_ROUNDS)
+        assert (result.inserted, result.updated, result.unchanged) == (INGEST_N, 0, 0)
+        check(opened[-1])
+        assert checked
+    finally:
+        for st in opened:
+            st.close()
+    benchmark.extra_info.update(kernels=IMPLEMENTATION, tiers="memory,disk,sqlite", candles=INGEST_N)
+    _record(benchmark, "ingest_100k")
+    mine = _MEDIANS.get("ingest_100k")
+    if mine:
+        benchmark.extra_info["candles_per_s"] = _sig(INGEST_N / mine)

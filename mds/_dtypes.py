@@ -36,3 +36,14 @@ assert CANDLE_DTYPE.itemsize == 56
 def empty_candles(n: int = 0) -> np.ndarray:
     """A new zero-filled CANDLE_DTYPE array of ``n`` rows."""
     return np.zeros(n, dtype=CANDLE_DTYPE)
+
+
+def read_only(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself, made read-only (arrays handed to users never change afterwards)."""
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+#: An empty, read-only CANDLE_DTYPE array (an answer with no candles).
+EMPTY_CANDLES = read_only(np.zeros(0, dtype=CANDLE_DTYPE))

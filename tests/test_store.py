@@ -145,7 +145,7 @@ def test_sources_in_turn(tmp_path, fake, markets, clock) -> None:
     r = router(fake, clock)
     with mds.open(tmp_path / "t", layer1=r, clock=clock) as st:  # layer1_first
         # another user of the same Layer 1 asked for the latest candles: its cache holds them now
-        st._run(r.get_candle_data(["KRW-BTC"], "1m", count=200))
+        st._fetcher.run(r.get_candle_data(["KRW-BTC"], "1m", count=200))
         resp = asyncio.run(st.get(req))
         seen.append(resp.metadata.source)
         assert len(resp.arrays["KRW-BTC"]) == 100
@@ -177,7 +177,7 @@ def test_partial_candle_served_only_when_asked_and_never_stored(store, clock) ->
     assert closed["ts"][-1] == forming - MIN
     assert with_partial["ts"][-1] == forming
     assert np.array_equal(with_partial[:-1], closed)
-    db = store._tiers["sqlite"].obj
+    db = store._health.states["sqlite"].obj
     assert db.last_ts("KRW-BTC", mds.parse_timeframe("1m")) == forming - MIN
 
 
@@ -200,7 +200,7 @@ def test_storage_down_passes_through_to_layer1(tmp_path, fake, markets, clock) -
     st = mds.open(
         path, layer1=router(fake, clock), config=Config(lookup="storage_first", tiers=("sqlite",)), clock=clock
     )
-    db = st._tiers["sqlite"].obj
+    db = st._health.states["sqlite"].obj
     db.close()  # the SQLite tier becomes unusable under the store
     got = st.candles("KRW-BTC", "1m", start=T0, end=T0 + 30 * MIN)
     assert np.array_equal(got, expected(markets, "KRW-BTC", T0, T0 + 30 * MIN))
@@ -496,7 +496,7 @@ def test_storage_down_range_read_is_whole_when_part_was_covered(tmp_path, fake, 
     st = mds.open(tmp_path / "s", layer1=router(fake, clock), config=cfg, clock=clock)
     try:
         st.candles("KRW-CBK", "1m", start=T0, end=T0 + 60 * MIN)  # [T0, T0+60m) covered
-        st._tiers["sqlite"].obj.close()  # SQLite fails from here on
+        st._health.states["sqlite"].obj.close()  # SQLite fails from here on
         got = st.candles("KRW-CBK", "1m", start=T0, end=T0 + 120 * MIN)
         assert np.array_equal(got, expected(markets, "KRW-CBK", T0, T0 + 120 * MIN))
     finally:

@@ -45,6 +45,7 @@ from mds import _kernels as _k
 from mds._checksum import WORDS_PER_ROW, row_checksum, row_checksums
 from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
+from mds.tiers.durable import DamagedChunkError
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import iso_utc
 
@@ -239,40 +240,6 @@ def _row_ok(arr: np.ndarray, tf: Timeframe) -> bool:
     if tf.is_month:
         return tf.is_aligned(ts)
     return (ts - tf.origin_ms) % tf.interval_ms == 0
-
-
-class DamagedChunkError(StorageUnavailableError):
-    """Stored candles failed their checksum (or do not decode): they were not served.
-
-    Raised by every read of the damaged rows, and by writes and deletes that would have to read
-    them (nothing is changed then). :meth:`SqliteStore.quarantine_damaged` removes the damaged
-    rows and their span from the coverage, so the span becomes "missing" and is refetched from
-    Layer 1.
-
-    Attributes
-    ----------
-    symbol : str
-        Market code of the series.
-    timeframe : str
-        Timeframe name of the series.
-    span : tuple of int
-        ``(start, end)``, half-open, epoch ms: the damaged chunk's grid span or the damaged tail
-        row's interval. Also as ``start`` and ``end``.
-    """
-
-    def __init__(self, message: str, symbol: str, timeframe: str, start: int, end: int) -> None:
-        super().__init__(message)
-        self.symbol = symbol
-        self.timeframe = timeframe
-        self.start = int(start)
-        self.end = int(end)
-
-    @property
-    def span(self) -> tuple[int, int]:
-        return (self.start, self.end)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickles (across processes) with its attributes
-        return (type(self), (str(self), self.symbol, self.timeframe, self.start, self.end))
 
 
 class _Damage(Exception):

@@ -63,7 +63,7 @@ def store_digest(st: Any) -> str:
     LMDB chunks and held ranges, and the memory tier's windows and partial candles. Two equal
     digests mean the store holds byte-for-byte what it held."""
     h = hashlib.sha256()
-    db = st._tiers["sqlite"].obj if "sqlite" in st._tiers else None
+    db = st._health.states["sqlite"].obj if "sqlite" in st._health.states else None
     series: list[tuple[str, str]] = []
     if db is not None:
         for sym, tfname, *_ in db.series():
@@ -75,7 +75,7 @@ def store_digest(st: Any) -> str:
             h.update(db.coverage(sym, tfname).tobytes())
         # Not total_changes(): it also counts statements that a rolled-back batch ran, while the
         # content hashed above is what a rejected call must leave exactly as it was.
-    disk = st._tiers["disk"].obj if "disk" in st._tiers else None
+    disk = st._health.states["disk"].obj if "disk" in st._health.states else None
     if disk is not None and disk._env is not None:
         env = disk._env
         with env.lock:
@@ -84,7 +84,7 @@ def store_digest(st: Any) -> str:
                 for dbh, tag in ((env.chunks, b"C"), (env.held, b"H")):
                     for k, v in txn.cursor(db=dbh):
                         h.update(tag + bytes(k) + b"=" + hashlib.sha256(bytes(v)).digest())
-    mem = st._tiers["memory"].obj if "memory" in st._tiers else None
+    mem = st._health.states["memory"].obj if "memory" in st._health.states else None
     if mem is not None:
         for sym, tfname in series:
             held = mem.held(sym, tfname)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import mds
-import mds.store
+import mds.store.health
 from mds.layer1 import UpbitRouter
 from mds.testing import FakeUpbit
 
@@ -112,7 +112,7 @@ class FailingEnv:
 def sqlite_digest(st: mds.Store) -> str:
     import hashlib
 
-    db = st._tiers["sqlite"].obj
+    db = st._health.states["sqlite"].obj
     h = hashlib.sha256()
     for sym, tfname, *_ in db.series():
         h.update(f"{sym}|{tfname}".encode())
@@ -135,10 +135,10 @@ def new_batch(k: int) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
 
 
 def test_apsw_io_error_at_every_step_of_a_write_leaves_nothing_partial(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(mds.store, "_RETRY_DEGRADED_S", 0.0)
+    monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)
     with mds.open(tmp_path / "s", clock=R.Clock()) as st:
         seed_store(st)
-        db = st._tiers["sqlite"].obj
+        db = st._health.states["sqlite"].obj
         real = db._conn
         counter = FailingConn(real, float("inf"))
         db._conn = counter
@@ -182,10 +182,10 @@ def test_apsw_io_error_at_every_step_of_a_write_leaves_nothing_partial(tmp_path:
 
 
 def _lmdb_faults(tmp_path: Path, monkeypatch: Any, times: int | None) -> None:
-    monkeypatch.setattr(mds.store, "_RETRY_DEGRADED_S", 0.0)
+    monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)
     with mds.open(tmp_path / "s", clock=R.Clock()) as st:
         seed_store(st)
-        h = st._tiers["disk"].obj._env
+        h = st._health.states["disk"].obj._env
         real = h.env
         for k in range(0, 12):
             for sym, rows, cov in new_batch(k):
@@ -215,7 +215,7 @@ def test_write_while_disk_degraded_does_not_leave_stale_lmdb(tmp_path: Path, mon
         s, e = R.T0, R.T0 + 100 * R.MIN
         st.write_candles("KRW-BTC", "1m", R.marked(np.arange(s, e, R.MIN), 1.0), complete=(s, e))
         st.write_candles("KRW-ETH", "1m", R.marked(np.arange(s, e, R.MIN), 1.0), complete=(s, e))
-        h = st._tiers["disk"].obj._env
+        h = st._health.states["disk"].obj._env
         real = h.env
         h.env = FailingEnv(real, 0)
         try:  # a failing LMDB write degrades the disk tier (SQLite still takes the write)
@@ -225,8 +225,8 @@ def test_write_while_disk_degraded_does_not_leave_stale_lmdb(tmp_path: Path, mon
         assert "disk" in st.stats()["degraded"]
         # while degraded: rewrite a range LMDB holds
         st.write_candles("KRW-BTC", "1m", R.marked(np.arange(s, e, R.MIN), 3.0), complete=(s, e))
-        monkeypatch.setattr(mds.store, "_RETRY_DEGRADED_S", 0.0)  # the tier comes back
-        st._tiers["memory"].obj.clear()
+        monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)  # the tier comes back
+        st._health.states["memory"].obj.clear()
         got = st.candles("KRW-BTC", "1m", start=s, end=e)
         assert set(got["volume"].tolist()) == {3.0}
         assert st.check().ok, st.check().problems
@@ -280,12 +280,12 @@ c.execute("ROLLBACK")
 
 
 def test_sqlite_locked_by_another_process(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(mds.store, "_RETRY_DEGRADED_S", 0.0)
+    monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)
     path = tmp_path / "s"
     with mds.open(path, clock=R.Clock()) as st:
         seed_store(st)
         before = sqlite_digest(st)
-        st._tiers["sqlite"].obj._conn.set_busy_timeout(200)
+        st._health.states["sqlite"].obj._conn.set_busy_timeout(200)
         locker = subprocess.Popen(
             [sys.executable, "-c", _LOCKER, str(path / "candles.sqlite3")],
             stdin=subprocess.PIPE,
@@ -316,24 +316,24 @@ def test_sqlite_locked_by_another_process(tmp_path: Path, monkeypatch) -> None:
             locker.stdin.flush()
             locker.wait(30)
         assert sqlite_digest(st) == before
-        st._tiers["sqlite"].obj._conn.set_busy_timeout(5000)
+        st._health.states["sqlite"].obj._conn.set_busy_timeout(5000)
         for sym, rows, cov in new_batch(5):  # the lock is gone: writes work again
             st.write_candles(sym, "1m", rows, complete=cov)
         assert st.check().ok, st.check().problems
 
 
 def test_lmdb_directory_deleted_while_open(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(mds.store, "_RETRY_DEGRADED_S", 0.0)
+    monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)
     path = tmp_path / "s"
     with mds.open(path, clock=R.Clock()) as st:
         seed_store(st)
         for k in range(3):
             shutil.rmtree(path / "lmdb")
             R.TALLY["faults_lmdb_dir_deleted"] += 1
-            st._tiers["memory"].obj.clear()
+            st._health.states["memory"].obj.clear()
             want = R.marked(R.T0 + R.MIN * np.arange(2000), 1.0)
             if k:
-                want = st._tiers["sqlite"].obj.read_range("KRW-BTC", "1m", R.T0, R.T0 + 10 * R.DAY)
+                want = st._health.states["sqlite"].obj.read_range("KRW-BTC", "1m", R.T0, R.T0 + 10 * R.DAY)
             got = st.candles("KRW-BTC", "1m", start=R.T0, end=R.T0 + 10 * R.DAY)
             assert got.tobytes() == want.tobytes()
             for sym, rows, cov in new_batch(k):
@@ -351,7 +351,7 @@ def test_sqlite_failing_everything_passes_reads_through_to_layer1(tmp_path: Path
         l1 = UpbitRouter(up.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=clock)
         cfg = mds.Config(lookup="storage_first")
         with mds.open(tmp_path / "s", layer1=l1, config=cfg, clock=clock) as st:
-            db = st._tiers["sqlite"].obj
+            db = st._health.states["sqlite"].obj
             real = db._conn
             db._conn = FailingConn(real, 0)
             try:

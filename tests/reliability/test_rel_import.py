@@ -450,7 +450,7 @@ def tier_view(home: Path, lo: int, hi: int) -> dict[str, Any]:
     """What each tier of the store at ``home`` holds of KRW-BTC 1m, and what a reader gets."""
     tf = parse_timeframe("1m")
     with mds.open(home) as st:
-        db, disk = st._tiers["sqlite"].obj, st._tiers["disk"].obj
+        db, disk = st._health.states["sqlite"].obj, st._health.states["disk"].obj
         # A read fills LMDB over what it answered: read first, so that both views of a test see
         # LMDB after the same read, and the snapshot compares what the import left behind.
         read = st.candles("KRW-BTC", "1m", start=lo, end=hi).tobytes()

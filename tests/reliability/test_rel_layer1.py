@@ -24,7 +24,7 @@ def truth() -> np.ndarray:
 
 
 def assert_nothing_bad_stored(st: mds.Store, truth: np.ndarray) -> None:
-    db = st._tiers["sqlite"].obj
+    db = st._health.states["sqlite"].obj
     stored = db.read_range(SYM, "1m", -(1 << 60), 1 << 60)
     pos = np.searchsorted(truth["ts"], stored["ts"])
     assert np.all(pos < len(truth)), "stored a candle the market does not have"

@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 import mds
-import mds.store
+import mds.store.health
 from mds import CANDLE_DTYPE, DataType, MdsError, StorageRequest
 
 TYPED = M.typed_error_names()
@@ -112,7 +112,7 @@ class _Machine(RuleBasedStateMachine):
         """Around every rule: the degraded-retry delay of this step, and the age of an armed
         one-shot fault (removed when it fired or after ARMED_STEPS further steps)."""
         tally("steps")
-        mds.store._RETRY_DEGRADED_S = 0.0 if self.retry_next else NEVER  # type: ignore[attr-defined]
+        mds.store.health._RETRY_DEGRADED_S = 0.0 if self.retry_next else NEVER  # type: ignore[attr-defined]
         self.retry_next = False
         try:
             yield
@@ -142,7 +142,7 @@ class _Machine(RuleBasedStateMachine):
         return self.store
 
     def _short_busy_timeout(self) -> None:
-        state = self.store._tiers.get("sqlite") if self.store is not None else None
+        state = self.store._health.states.get("sqlite") if self.store is not None else None
         conn = getattr(getattr(state, "obj", None), "_conn", None)
         if conn is not None:
             conn.set_busy_timeout(BUSY_MS)
@@ -169,7 +169,7 @@ class _Machine(RuleBasedStateMachine):
                 self.fs.unmount()
             shutil.rmtree(self.dir, ignore_errors=True)
             if self.saved_retry is not None:
-                mds.store._RETRY_DEGRADED_S = self.saved_retry  # type: ignore[attr-defined]
+                mds.store.health._RETRY_DEGRADED_S = self.saved_retry  # type: ignore[attr-defined]
 
     def last_end(self, s: M.Series) -> int:
         """End of the last closed interval at the store's clock."""
@@ -603,7 +603,7 @@ class _Machine(RuleBasedStateMachine):
             if st_ is None:
                 return
             tier, name = method.split(".")
-            state = st_._tiers.get(tier)
+            state = st_._health.states.get(tier)
             obj = getattr(state, "obj", None)
             if obj is None or self.armed is not None:
                 return

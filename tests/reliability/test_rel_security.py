@@ -207,7 +207,7 @@ def test_garbage_msgpack_headers_in_lmdb_are_handled(tmp_path: Path, which: str)
     span = (R.T0 + 5 * R.DAY, R.T0 + 5 * R.DAY + 600 * R.MIN)
     with mds.open(tmp_path / "s", clock=R.Clock()) as st:
         st.write_candles("KRW-BTC", "1m", rows, complete=span)
-        disk = st._tiers["disk"].obj
+        disk = st._health.states["disk"].obj
         env = disk._env
         with env.lock, env.env.begin() as txn:
             chunk_key, good = next((bytes(k), bytes(v)) for k, v in txn.cursor(db=env.chunks))
@@ -218,7 +218,7 @@ def test_garbage_msgpack_headers_in_lmdb_are_handled(tmp_path: Path, which: str)
                 txn.put(
                     chunk_key if which == "chunk" else held_key, val, db=env.chunks if which == "chunk" else env.held
                 )
-            st._tiers["memory"].obj.clear()
+            st._health.states["memory"].obj.clear()
             env.verified.clear()  # as a fresh process would: no chunk checksum remembered
             try:
                 got = st.candles("KRW-BTC", "1m", start=span[0], end=span[1])

@@ -42,7 +42,7 @@ def test_busy_write_leaves_reads_of_sqlite_only_data_answering(tmp_path: Path) -
     path = tmp_path / "s"
     rows = _seed(path, ("memory", "sqlite"))
     with mds.open(path, config=mds.Config(tiers=("memory", "sqlite")), clock=R.Clock()) as st:
-        st._tiers["sqlite"].obj._conn.set_busy_timeout(100)
+        st._health.states["sqlite"].obj._conn.set_busy_timeout(100)
         with R.sqlite_write_locked(path / "candles.sqlite3"):
             with pytest.raises(mds.StorageUnavailableError, match="locked"):
                 st.write_candles(SYM, "1m", R.marked([R.T0 + N * R.MIN], 2.0))
@@ -201,7 +201,7 @@ def test_lmdb_never_keeps_the_earlier_of_two_commits(tmp_path: Path) -> None:
     ts = R.T0 + R.MIN * np.arange(200)
     v1, v2 = R.marked(ts, 1.0), R.marked(ts, 2.0)
     with mds.open(path, clock=R.Clock()) as a, mds.open(path, clock=R.Clock()) as b:
-        disk = a._tiers["disk"].obj
+        disk = a._health.states["disk"].obj
         real = disk.put_range
         fired = []
 
@@ -221,9 +221,9 @@ def test_lmdb_never_keeps_the_earlier_of_two_commits(tmp_path: Path) -> None:
     with mds.open(path, clock=R.Clock()) as c:
         got = c.candles(SYM, "1m", start=R.T0, end=R.T0 + 200 * R.MIN)
         assert got.tobytes() == v2.tobytes()
-        held = c._tiers["disk"].obj.held(SYM, mds.timeframes.parse_timeframe("1m"))
+        held = c._health.states["disk"].obj.held(SYM, mds.timeframes.parse_timeframe("1m"))
         for s, e in np.asarray(held).reshape(-1, 2).tolist():
-            part = c._tiers["disk"].obj.get_range(SYM, mds.timeframes.parse_timeframe("1m"), s, e)
+            part = c._health.states["disk"].obj.get_range(SYM, mds.timeframes.parse_timeframe("1m"), s, e)
             assert part.tobytes() == v2[(ts >= s) & (ts < e)].tobytes()
 
 
@@ -290,7 +290,7 @@ def test_a_layer1_raising_base_exceptions_leaves_the_store_serving(tmp_path: Pat
         with pytest.raises(mds.Layer1Error) as err:
             st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
         assert "did not answer" not in str(err.value)  # answered as an error, not timed out
-        thread = st._loop_thread
+        thread = st._fetcher.loop_thread
         assert thread is not None and thread.is_alive()
         got = st.candles(SYM, "1m", start=R.T0, end=R.T0 + 100 * R.MIN)
         assert got.tobytes() == truth[:100].tobytes()
@@ -337,7 +337,7 @@ def test_check_compares_series_only_lmdb_holds(tmp_path: Path) -> None:
     with mds.open(path, config=mds.Config(tiers=("memory", "disk")), clock=R.Clock()) as st:
         st.write_candles("KRW-ETH", "1m", rows, complete=(R.T0, R.T0 + 100 * R.MIN))
     with mds.open(path, clock=R.Clock()) as st:
-        assert st._tiers["disk"].obj.series() == [("KRW-ETH", "1m")]
+        assert st._health.states["disk"].obj.series() == [("KRW-ETH", "1m")]
         rep = st.check()
         assert not rep.ok
         assert any("KRW-ETH 1m" in p and "differs from SQLite" in p for p in rep.problems), rep.problems
@@ -388,7 +388,7 @@ def test_a_damaged_chunk_is_quarantined_and_refetched_with_layer1(tmp_path: Path
             assert got.tobytes() == truth.tobytes()
             rep = st.check()
             assert rep.ok, rep.problems
-            db = st._tiers["sqlite"].obj
+            db = st._health.states["sqlite"].obj
             assert db.read_range(SYM, "1m", R.T0, R.T0 + N * R.MIN).tobytes() == truth.tobytes()
 
 
@@ -619,7 +619,7 @@ def test_a_flipped_coverage_bound_never_labels_no_trades(tmp_path: Path) -> None
             st.coverage(SYM, "1m")
         rep = st.check()
         assert not rep.ok and any("coverage" in p and "checksum" in p for p in rep.problems), rep.problems
-        db = st._tiers["sqlite"].obj
+        db = st._health.states["sqlite"].obj
         assert db.quarantine_damaged(SYM, "1m")
     with mds.open(path, config=cfg, clock=R.Clock()) as st:
         assert st.coverage(SYM, "1m") == []
@@ -639,7 +639,7 @@ def test_check_reports_a_tier_failing_under_it_instead_of_raising(tmp_path: Path
         def fail(*_: Any) -> Any:
             raise apsw.IOError("injected: disk I/O error")
 
-        monkeypatch.setattr(st._tiers["sqlite"].obj, "read_range", fail)
+        monkeypatch.setattr(st._health.states["sqlite"].obj, "read_range", fail)
         rep = st.check()
         assert not rep.ok
         assert any("could not finish" in p and "IOError" in p for p in rep.problems), rep.problems

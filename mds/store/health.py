@@ -1,0 +1,317 @@
+"""The tiers a store runs on, and their health: opening, degradation, retry, recovery.
+
+:class:`Tiers` owns the tier objects. A tier whose backend fails is *degraded*: it is skipped
+until it is retried, and reads that it would have answered pass through to Layer 1 or raise a
+typed error. The durable tier is special: when the store has one that cannot answer, no read may
+fall back to the fast tiers (they hold only windows of it); :meth:`Tiers.db` and
+:meth:`Tiers.ask_db` raise :class:`StorageDown` instead (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from mds._dtypes import EMPTY_CANDLES
+from mds._files import open_private
+from mds.errors import MdsError, StorageUnavailableError
+from mds.models import Config
+from mds.tiers.durable import DamagedChunkError, DurableTier, open_durable
+from mds.timeframes import Timeframe
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A degraded tier is tried again after this many seconds.
+_RETRY_DEGRADED_S = 5.0
+
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, OSError)
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = ()
+try:  # translate backend errors that escape a tier into degradation, not crashes
+    import apsw as _apsw
+    import lmdb as _lmdb
+
+    BACKEND_ERRORS = (StorageUnavailableError, OSError, _apsw.Error, _lmdb.Error)
+    _TRANSIENT_ERRORS = (_apsw.BusyError, _apsw.LockedError, _apsw.FullError, _apsw.ReadOnlyError)
+except ImportError:  # pragma: no cover - both are hard dependencies
+    pass
+
+
+@dataclass(slots=True)
+class TierState:
+    name: str
+    obj: Any
+    degraded_at: float | None = None
+    error: str | None = None
+
+
+class StorageDown(Exception):
+    """Storage could not keep or answer; carries fetched rows for a pass-through answer and the
+    reason, for the typed error raised when there is no Layer 1 to pass through to."""
+
+    def __init__(
+        self, rows: np.ndarray | None = None, reason: str = "storage unavailable", damaged: Any = None
+    ) -> None:
+        super().__init__(reason)
+        self.rows = rows if rows is not None else EMPTY_CANDLES
+        self.reason = reason
+        self.damaged = damaged  # a DamagedChunkError: rows failed their checksum
+
+
+class Tiers:
+    """The configured tiers of one store and their state.
+
+    ``states`` maps a configured tier's name (``memory``, ``disk``, ``sqlite``) to its
+    :class:`TierState`; ``reading.bypass`` (per thread) hides the memory tier during a read that
+    must see the durable tier's newest commit.
+    """
+
+    def __init__(self, path: Path, config: Config, clock: Callable[[], int], writable: bool) -> None:
+        self.path = path
+        self.config = config
+        self.clock = clock
+        self.writable = writable
+        self.states: dict[str, TierState] = {}
+        self.reading = threading.local()
+        self.stamp: Callable[[str, Timeframe], int | None] = lambda sym, tf: None
+        self._disk_marked = False
+
+    @property
+    def durable(self) -> bool:
+        """Whether the store has a durable tier (usable or not)."""
+        return "sqlite" in self.states
+
+    def open(self, stamp: Callable[[str, Timeframe], int | None]) -> None:
+        """Open the configured tiers; one that cannot open starts degraded (retried on use)."""
+        cfg = self.config
+        self.stamp = stamp
+        if "sqlite" in cfg.tiers:
+            self.states["sqlite"] = TierState("sqlite", None)
+            self._try_open("sqlite")
+        if "disk" in cfg.tiers:
+            self.states["disk"] = TierState("disk", None)
+            if self._try_open("disk"):
+                self._drop_stale_disk()
+        if "memory" in cfg.tiers:
+            from mds.tiers.memory import MemoryTier
+
+            self.states["memory"] = TierState(
+                "memory",
+                MemoryTier(
+                    capacity=cfg.memory_candles,
+                    max_bytes=cfg.memory_bytes,
+                    ttl_ms=int(cfg.memory_ttl_s * 1000),
+                    clock=self.clock,
+                ),
+            )
+
+    def _try_open(self, name: str) -> bool:
+        state = self.states[name]
+        cfg = self.config
+        try:
+            if name == "sqlite":
+                state.obj = open_durable(self.path, cfg, readonly=not self.writable, clock=self.clock)
+            else:
+                from mds.tiers.disk import LmdbTier
+
+                state.obj = LmdbTier(
+                    self.path / "lmdb",
+                    retention_ms=int(cfg.disk_days * 86_400_000),
+                    ttl_ms=int(cfg.disk_ttl_s * 1000),
+                    map_size=min(64 * 1024 * 1024, cfg.disk_map_size_cap),
+                    durable=cfg.durable,
+                    map_size_cap=cfg.disk_map_size_cap,
+                    clock=self.clock,
+                    loader=self._disk_loader if "sqlite" in cfg.tiers else None,
+                    readonly=not self.writable,
+                )
+                state.obj.version = self.stamp
+        except BACKEND_ERRORS as exc:
+            self.degrade(name, exc)
+            return False
+        state.degraded_at = None
+        state.error = None
+        return True
+
+    def _disk_loader(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray:
+        db = self.tier("sqlite")
+        if db is None:
+            raise StorageUnavailableError("SQLite tier unavailable; cannot refresh the disk tier")
+        return db.read_range(symbol, tf, start, end)
+
+    # ------------------------------------------------------------------ the stale-disk marker
+    @property
+    def _stale_marker(self) -> Path:
+        return self.path / "lmdb.stale"
+
+    def _drop_stale_disk(self) -> None:
+        """Clear the disk tier if SQLite was written while the disk tier could not follow.
+
+        A store opened without the disk tier, or one whose disk tier failed to drop a range,
+        leaves a marker file before its SQLite write; the next store that opens the disk tier
+        empties it (it refills lazily from SQLite), so LMDB never answers older data than SQLite.
+        """
+        marker = self._stale_marker
+        if not marker.exists():
+            return
+        try:
+            self.states["disk"].obj.clear()
+            marker.unlink()
+            logger.info("disk tier cleared: SQLite was written while it could not follow")
+        except BACKEND_ERRORS as exc:
+            self.degrade("disk", exc)
+
+    def mark_disk_stale(self) -> None:
+        """Leave the marker that makes the next opener of the disk tier empty it (best effort)."""
+        if self._disk_marked or "sqlite" not in self.states:
+            return
+        try:
+            os.close(open_private(self._stale_marker, os.O_CREAT | os.O_WRONLY))
+            self._disk_marked = True
+        except OSError as exc:  # best effort: the write itself may still go on
+            logger.warning("could not mark the disk tier stale: %s", exc)
+
+    # ------------------------------------------------------------------ degradation
+    def degrade(self, name: str, exc: BaseException) -> None:
+        state = self.states[name]
+        if state.degraded_at is None:
+            logger.warning("tier %s degraded: %s", name, exc)
+        state.degraded_at = time.monotonic()
+        state.error = f"{type(exc).__name__}: {exc}"
+
+    def degraded(self) -> list[str]:
+        """Names of the tiers degraded now, sorted."""
+        return sorted(n for n, s in self.states.items() if s.degraded_at is not None)
+
+    def tier(self, name: str) -> Any:
+        """The tier object if it is configured and usable now (a degraded tier is retried later)."""
+        state = self.states.get(name)
+        if state is None or (name == "memory" and getattr(self.reading, "bypass", False)):
+            return None
+        if state.degraded_at is not None:
+            # A tier that could not even open (a full disk, a file being replaced) is tried again
+            # at once: an open that fails is quick, and space may have been freed since.
+            if state.obj is not None and time.monotonic() - state.degraded_at < _RETRY_DEGRADED_S:
+                return None
+            if state.obj is None and not self._try_open(name):
+                return None
+            if name == "disk":
+                # Writes may have gone to SQLite while LMDB could not follow (or could not drop a
+                # span): it is emptied before it is trusted again, and refills lazily.
+                try:
+                    state.obj.clear()
+                    if self._stale_marker.exists():
+                        self._stale_marker.unlink()
+                except BACKEND_ERRORS as exc:
+                    self.degrade(name, exc)
+                    return None
+            state.degraded_at = None
+            state.error = None
+            logger.info("tier %s back in service", name)
+        return state.obj
+
+    def guard(self, name: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Call a tier method; a backend failure degrades the tier and returns None."""
+        try:
+            return fn(*args)
+        except BACKEND_ERRORS as exc:
+            if not transient(exc):
+                self.degrade(name, exc)
+            return None
+
+    def failed(self, name: str, exc: BaseException) -> None:
+        """A call to tier ``name`` failed: degrade it unless the failure is of the moment."""
+        if not transient(exc):
+            self.degrade(name, exc)
+
+    # ------------------------------------------------------------------ the durable tier
+    def db(self) -> DurableTier | None:
+        """The durable tier for a read; None when the store has none (memory or disk only).
+
+        Raises :class:`StorageDown` when the store has one that cannot answer now (degraded,
+        unopenable): the fast tiers hold only windows of what it holds, so no read may fall back
+        to them as if they were the whole answer (DESIGN.md section 6).
+        """
+        if "sqlite" not in self.states:
+            return None
+        db = self.tier("sqlite")
+        if db is None:
+            raise StorageDown(reason=f"the SQLite tier is unavailable ({self.states['sqlite'].error})")
+        return db
+
+    def ask_db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a durable-tier read; a failure raises :class:`StorageDown`, never an empty answer.
+
+        Busy, locked, full or read-only is not broken: the tier stays in service for the next
+        call. Anything else degrades it.
+        """
+        try:
+            return fn(*args)
+        except DamagedChunkError as exc:  # damaged rows, not a broken tier: never served
+            raise StorageDown(reason=str(exc), damaged=exc) from exc
+        except BACKEND_ERRORS as exc:
+            self.failed("sqlite", exc)
+            raise StorageDown(reason=f"the SQLite tier could not answer: {exc}") from exc
+
+    def first_stored(self, sym: str, tf: Timeframe) -> int | None:
+        """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""
+        db = self.tier("sqlite")
+        if db is None:
+            return None
+        rows = self.guard("sqlite", db.read_from, sym, tf, -(2**62), 1)
+        return int(rows["ts"][0]) if rows is not None and len(rows) else None
+
+    def close(self) -> None:
+        for state in self.states.values():
+            if state.obj is not None and hasattr(state.obj, "close"):
+                with contextlib.suppress(*BACKEND_ERRORS):
+                    state.obj.close()
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a backend failure is a state of the moment (busy, locked, full, read-only) rather
+    than a broken tier: the call fails, the tier stays in service."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, (*_TRANSIENT_ERRORS, DamagedChunkError)):  # damaged rows: that span only
+            return True
+        seen = seen.__cause__
+    return False
+
+
+_CHECK_ERRORS: tuple[type[BaseException], ...] = (*BACKEND_ERRORS, MdsError)
+
+
+def checked(what: str, fn: Callable[[], list[str]]) -> list[str]:
+    """A part of check(): a tier that fails while being checked is a problem to report (what it
+    could not vouch for), never an exception out of check()."""
+    try:
+        return fn()
+    except _CHECK_ERRORS as exc:
+        return [f"{what}: the check could not finish: {type(exc).__name__}: {exc}"]
+
+
+@contextlib.contextmanager
+def storage_errors(sym: str, tf: Timeframe) -> Iterator[None]:
+    """Storage that cannot answer a storage-only question (coverage, gaps) is a typed error."""
+    try:
+        yield
+    except StorageDown as down:
+        raise unanswered(sym, tf, down) from None
+
+
+def unanswered(sym: str, tf: Timeframe, down: StorageDown) -> StorageUnavailableError:
+    """The typed error of a read that storage could not answer and no Layer 1 could take over."""
+    return StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was answered")

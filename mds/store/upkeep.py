@@ -1,0 +1,118 @@
+"""Upkeep across tiers: ``maintain()`` (durable-tier upkeep, LMDB purge) and ``check()``
+(the durable tier's integrity, lost commits, LMDB's own check and LMDB against the durable tier).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from mds.errors import InvalidRequestError
+from mds.models import CheckReport, MaintenanceReport
+from mds.store.changes import ChangeSlots
+from mds.store.health import BACKEND_ERRORS, Tiers, checked
+from mds.tiers.durable import DurableTier
+from mds.timeframes import Timeframe, parse_timeframe
+
+logger = logging.getLogger(__name__)
+
+
+def maintain(tiers: Tiers, force: bool) -> MaintenanceReport:
+    """See ``Store.maintain`` (call under the store lock)."""
+    before = after = 0.0
+    vacuumed = analyzed = False
+    db = tiers.tier("sqlite")
+    if db is not None:
+        rep = db.maintain(force=force)
+        before = float(rep.get("fragmentation_before", 0.0))
+        after = float(rep.get("fragmentation_after", before))
+        vacuumed = bool(rep.get("vacuumed", False))
+        analyzed = bool(rep.get("analyzed", False))
+    purged = 0
+    disk = tiers.tier("disk")
+    if disk is not None:
+        purged = int(tiers.guard("disk", disk.purge_expired) or 0)
+    return MaintenanceReport(before, after, vacuumed, analyzed, purged)
+
+
+def check(tiers: Tiers, slots: ChangeSlots) -> CheckReport:
+    """See ``Store.check`` (call under the store lock, after listing degraded tiers)."""
+    problems = [f"{name}: degraded ({s.error})" for name, s in tiers.states.items() if s.degraded_at is not None]
+    db = tiers.tier("sqlite")
+    if db is not None:
+        problems += checked("sqlite", lambda: [f"sqlite: {p}" for p in db.integrity_problems()])
+        try:
+            lost = slots.lost_commits(db.commit_seq)
+        except BACKEND_ERRORS as exc:
+            lost = f"sqlite: cannot read its commit sequence: {exc}"
+        if lost:
+            problems.append(lost)
+        elif slots.acked is None:
+            problems.append(
+                "sqlite: no record of acknowledged commits (changes.bin unavailable): "
+                "cannot tell whether acknowledged writes were lost"
+            )
+    disk = tiers.tier("disk")
+    if disk is not None:
+        problems += checked("disk", lambda: [f"disk: {p}" for p in disk.check()])
+        if db is not None:
+            problems += checked("disk vs sqlite", lambda: _disk_vs_durable(tiers, slots, db, disk))
+    return CheckReport(not problems, tuple(problems))
+
+
+def _disk_vs_durable(tiers: Tiers, slots: ChangeSlots, db: DurableTier, disk: Any) -> list[str]:
+    problems: list[str] = []
+    # every series either tier knows: a series only LMDB holds is compared too (the durable tier
+    # then answers nothing there, so any row LMDB would serve is reported)
+    names = {(sym, tfname) for sym, tfname, *_ in db.series()}
+    try:
+        names |= set(disk.series())
+    except BACKEND_ERRORS as exc:
+        problems.append(f"disk: cannot list its series: {exc}")
+    for sym, tfname in sorted(names):
+        try:
+            tf = parse_timeframe(tfname)
+        except InvalidRequestError:
+            problems.append(f"disk: holds a series of an unknown timeframe {sym!r} {tfname!r}")
+            continue
+        for _ in range(20):  # compare a stable state: no write to the series in between
+            token = slots.stamp(sym, tf)
+            if token is not None and token & 1:
+                time.sleep(0.005)
+                continue
+            found = _compare(tiers, db, disk, sym, tf)
+            if slots.stamp(sym, tf) == token:
+                problems += found
+                break
+    return problems
+
+
+def _compare(tiers: Tiers, db: DurableTier, disk: Any, sym: str, tf: Timeframe) -> list[str]:
+    held = tiers.guard("disk", disk.held, sym, tf)
+    if held is None:
+        return []
+    out: list[str] = []
+    for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2).tolist():
+        a = tiers.guard("disk", disk.get_range, sym, tf, s, e)
+        b = db.read_range(sym, tf, s, e)
+        if a is not None and (len(a) != len(b) or a.tobytes() != b.tobytes()):
+            out.append(f"disk: {sym} {tf.name} [{s}, {e}) differs from SQLite")
+    return out
+
+
+def warn_lost_commits(tiers: Tiers, slots: ChangeSlots) -> None:
+    """At open: log a warning when the durable tier holds fewer commits than were acknowledged
+    (``check()`` reports it as a problem; an unreadable sequence is left to the tier's reads)."""
+    state = tiers.states.get("sqlite")
+    if state is None or state.obj is None:
+        return
+    try:
+        lost = slots.lost_commits(state.obj.commit_seq)
+    except BACKEND_ERRORS as exc:  # the tier's own reads will report it
+        logger.debug("commit sequence unreadable at open: %s", exc)
+        return
+    if lost:
+        logger.warning("%s", lost)

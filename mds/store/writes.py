@@ -1,0 +1,425 @@
+"""The write plan: validation, commit order, batches, deletes, and keeping the fast tiers exact.
+
+Order of a write: validate the whole batch (nothing stored if any row is bad); stamp the series
+*in progress*; make LMDB stop claiming the spans about to change; commit to the durable tier;
+stamp *final*; then make LMDB and memory hold exactly what the durable tier holds in the written
+spans (read back from it, under a guard that refuses the fill if another write began since). A
+crash at any point leaves the fast tiers missing rows, never holding rows older than the durable
+tier's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from mds import _kernels as K
+from mds._dtypes import CANDLE_DTYPE, EMPTY_CANDLES
+from mds.convert import candles_from_upbit
+from mds.errors import InvalidCandleError, InvalidRequestError, StorageUnavailableError
+from mds.models import Config, WriteResult
+from mds.store.changes import ChangeSlots
+from mds.store.coverage import EMPTY_RANGES, Coverage, intersect
+from mds.store.health import BACKEND_ERRORS, Tiers
+from mds.tiers.durable import DamagedChunkError
+from mds.timeframes import Timeframe, parse_timeframe
+from mds.timeutil import to_ms
+
+logger = logging.getLogger(__name__)
+
+
+class Writer:
+    """Writes of one store; each takes the store lock (reentrant) around what it changes."""
+
+    def __init__(self, tiers: Tiers, slots: ChangeSlots, coverage: Coverage, config: Config, lock: Any) -> None:
+        self.tiers = tiers
+        self.lock = lock
+        self.slots = slots
+        self.coverage = coverage
+        self.config = config
+        self.depth = 0  # open batch() blocks
+        self._deferred: list[tuple[str, Timeframe, np.ndarray]] = []
+        self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
+
+    def in_batch(self) -> bool:
+        return self.depth > 0
+
+    # ------------------------------------------------------------------ input
+    @staticmethod
+    def candles_in(candles: Any) -> np.ndarray:
+        """A new CANDLE_DTYPE array from what a caller passed (array or Upbit dicts)."""
+        if isinstance(candles, np.ndarray):
+            if candles.ndim != 1:
+                raise InvalidCandleError(f"candles must be a 1-D CANDLE_DTYPE array, got {candles.ndim}-D")
+            if candles.dtype != CANDLE_DTYPE:
+                if candles.dtype.names is None or set(candles.dtype.names) != set(CANDLE_DTYPE.names or ()):
+                    raise InvalidCandleError(f"candles must have CANDLE_DTYPE, got {candles.dtype}")
+                try:
+                    return candles.astype(CANDLE_DTYPE)
+                except (TypeError, ValueError) as exc:
+                    raise InvalidCandleError(f"cannot convert candles to CANDLE_DTYPE: {exc}") from None
+            return np.array(candles, dtype=CANDLE_DTYPE, copy=True)
+        if isinstance(candles, (str, bytes, Mapping)):
+            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of Upbit candle dicts")
+        try:
+            rows = list(candles)
+        except TypeError:
+            raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of candle dicts") from None
+        return candles_from_upbit(rows)
+
+    @staticmethod
+    def validate(arr: np.ndarray, tf: Timeframe, now: int) -> None:
+        """Raise InvalidCandleError naming the bad rows, if any."""
+        idx, reason = K.validate(arr, *tf.kernel_args, now)
+        if len(idx):
+            names = [K.REASONS.get(int(r), str(int(r))) for r in reason[:20]]
+            shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(idx[:5], names[:5]))
+            raise InvalidCandleError(
+                f"{len(idx)} invalid candle(s), nothing stored ({shown})",
+                rows=[int(i) for i in idx],
+                reasons=[K.REASONS.get(int(r), str(int(r))) for r in reason],
+            )
+
+    @staticmethod
+    def complete_range(complete: Any, tf: Timeframe, now: int) -> np.ndarray:
+        """The covered ranges a ``complete=(start, end)`` argument proves (closed intervals only)."""
+        if complete is None:
+            return EMPTY_RANGES
+        try:
+            c_start, c_end = complete
+        except (TypeError, ValueError):
+            raise InvalidRequestError("complete must be a (start, end) pair") from None
+        cs, ce = to_ms(c_start, name="complete start"), to_ms(c_end, name="complete end")
+        if ce <= cs:
+            raise InvalidRequestError("complete: end must be after start")
+        last_closed_end = tf.floor(now)
+        cs, ce = tf.ceil(cs), min(tf.ceil(ce), last_closed_end)
+        return np.array([[cs, ce]], dtype=np.int64) if ce > cs else EMPTY_RANGES
+
+    def check_writable(self) -> None:
+        if not self.tiers.writable:
+            raise StorageUnavailableError(
+                f"the store directory {self.tiers.path} is read-only here; nothing was stored"
+            )
+
+    # ------------------------------------------------------------------ the write
+    def store(self, sym: str, tf: Timeframe, arr: np.ndarray, covered: np.ndarray, now: int) -> WriteResult:
+        """Write a validated, sorted, unique batch: the durable tier first, then LMDB and memory."""
+        self.check_writable()  # also for Layer 1 fills: a read-only store answers them unstored
+        tiers = self.tiers
+        forming = tf.floor(now)
+        partial = arr[arr["ts"] >= forming]
+        closed = arr[arr["ts"] < forming]
+        with self.lock:
+            self.coverage.sync(sym, tf)
+            counts: tuple[int, int, int] | None = None
+            db = tiers.tier("sqlite")
+            if tiers.durable:
+                if db is None:
+                    raise StorageUnavailableError(
+                        f"SQLite tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
+                    )
+                self.slots.begin(sym, tf)
+                if tiers.tier("disk") is None:
+                    tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
+                else:
+                    self._unhold_disk(sym, tf, _spans(tf, closed, covered))
+                self.coverage.frontiers.pop((sym, tf.name), None)
+                try:
+                    counts = db.write(sym, tf, closed, covered if len(covered) else None)
+                except BACKEND_ERRORS as exc:
+                    tiers.failed("sqlite", exc)  # busy is not broken: reads go on
+                    self.end_changes()
+                    raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
+                self.end_changes()
+            if len(covered):
+                self.coverage.add(sym, tf, covered)
+            spans = _spans(tf, closed, covered)
+            mem = tiers.tier("memory")
+            if counts is None:
+                counts = _memory_counts(mem, sym, tf, closed)
+            if len(spans):
+                if self.depth and db is not None:
+                    self._deferred.append((sym, tf, spans))  # filled after the batch commits
+                else:
+                    self._fill_fast_tiers(sym, tf, spans, closed if db is None else None)
+            if len(partial) and mem is not None:
+                mem.set_partial(sym, tf, partial[-1:].copy())
+            self.maybe_maintain()
+        return WriteResult(*(int(c) for c in counts))
+
+    def end_changes(self) -> None:
+        """Final stamps for the series written, unless a batch still holds them open."""
+        if not self.depth:
+            self._stamp_final()
+
+    def _stamp_final(self) -> None:
+        state = self.tiers.states.get("sqlite")
+        self.slots.end(None if state is None or state.obj is None else state.obj.last_commit_seq)
+
+    def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+        """Before a durable write, make the disk tier stop claiming the spans it is about to change.
+
+        If the process dies between the durable commit and the LMDB update, LMDB then simply does
+        not hold those spans (a miss), instead of holding rows older than the durable tier's.
+        Inside a batch the ranges it stopped holding are remembered, so a rolled-back batch gives
+        back exactly those.
+        """
+        tiers = self.tiers
+        disk = tiers.tier("disk")
+        if disk is None or not len(spans):
+            return
+        held = tiers.guard("disk", disk.held, sym, tf)
+        if held is None or not len(held):
+            return
+        overlap = intersect(spans, np.asarray(held, dtype=np.int64).reshape(-1, 2))
+        if self.depth and len(overlap):
+            self._unheld.append((sym, tf, overlap))
+        for s, e in overlap.tolist():
+            if tiers.guard("disk", disk.delete, sym, tf, s, e) is None and tiers.states["disk"].degraded_at is not None:
+                self.invalidate_fast(sym, tf, s, e, only="disk")
+
+    # ------------------------------------------------------------------ the fast tiers
+    def _fill_fast_tiers(self, sym: str, tf: Timeframe, spans: np.ndarray, batch: np.ndarray | None) -> None:
+        """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written)."""
+        tiers = self.tiers
+        db = tiers.tier("sqlite")
+        if tiers.tier("disk") is None and tiers.tier("memory") is None:
+            return
+        for s, e in spans.tolist():
+            guard = None
+            if db is not None:
+                # Another store (thread or process) may commit the same series between this read
+                # and the LMDB write: the guard, checked inside LMDB's write transaction, then
+                # refuses the fill, so LMDB never keeps the earlier of two commits.
+                guard = self.fill_guard(sym, tf)
+                rows = tiers.guard("sqlite", db.read_range, sym, tf, s, e)
+                if rows is None:
+                    self.invalidate_fast(sym, tf, s, e)
+                    continue
+            else:
+                rows = self._merge_with_fast(sym, tf, s, e, batch)
+            self.put_disk(sym, tf, s, e, rows, guard)
+            mem = tiers.tier("memory")
+            if mem is not None:
+                cap = self.config.memory_candles
+                if len(rows) > cap:
+                    rows = rows[-cap:]
+                    s = int(rows["ts"][0])
+                mem.put_range(sym, tf, s, e, np.ascontiguousarray(rows))
+
+    def _refill_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+        db = self.tiers.tier("sqlite")
+        if db is None:
+            return
+        for s, e in spans.tolist():
+            guard = self.fill_guard(sym, tf)
+            rows = self.tiers.guard("sqlite", db.read_range, sym, tf, s, e)
+            if rows is not None:
+                self.put_disk(sym, tf, s, e, rows, guard)
+
+    def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
+        """Without a durable tier: what the fast tiers already hold in [s, e) merged with the batch."""
+        part = EMPTY_CANDLES if batch is None else batch[(batch["ts"] >= s) & (batch["ts"] < e)]
+        held = None
+        for name in ("memory", "disk"):
+            t = self.tiers.tier(name)
+            if t is not None:
+                held = self.tiers.guard(name, t.range if name == "memory" else t.get_range, sym, tf, s, e)
+                if held is not None:
+                    break
+        if held is None or not len(held):
+            return np.ascontiguousarray(part)
+        merged, *_ = K.merge(np.ascontiguousarray(held), part)
+        return merged
+
+    def fill_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool] | None:
+        """A guard for filling LMDB with rows this process just read from the durable tier: it
+        holds only if no write to the series began since (checked inside the LMDB write
+        transaction)."""
+        slots = self.slots
+        token = slots.stamp(sym, tf)
+        if token is None:
+            # no change slots: the durable tier's own counter of other connections' commits (coarser)
+            db = self.tiers.tier("sqlite")
+            if db is None:
+                return None
+            version = self.tiers.guard("sqlite", db.data_version)
+            return lambda: version is not None and self.tiers.guard("sqlite", db.data_version) == version
+        if token & 1:
+            return lambda: False
+        return lambda: slots.stamp(sym, tf) == token
+
+    def put_disk(
+        self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None = None
+    ) -> None:
+        """Make LMDB hold ``rows`` as exactly the stored candles of ``[s, e)``; the tier itself
+        keeps only the part inside its retention window. A failed write leaves LMDB not holding
+        the span, so it cannot answer older data later."""
+        disk = self.tiers.tier("disk")
+        if disk is None or not self.tiers.writable:
+            return
+        done = self.tiers.guard("disk", disk.put_range, sym, tf, s, e, np.ascontiguousarray(rows), guard)
+        if done is None and self.tiers.states["disk"].degraded_at is not None:
+            self.invalidate_fast(sym, tf, s, e, only="disk")
+
+    def invalidate_fast(self, sym: str, tf: Timeframe, s: int, e: int, only: str | None = None) -> None:
+        """A fast tier could not be updated: make sure it cannot answer stale data for [s, e)."""
+        states = self.tiers.states
+        if only in (None, "memory"):
+            mem = states.get("memory")
+            if mem is not None:
+                mem.obj.invalidate(sym, tf)
+        if only in (None, "disk"):
+            state = states.get("disk")
+            if state is not None and state.obj is not None:
+                try:
+                    state.obj.delete(sym, tf, s, e)
+                except BACKEND_ERRORS as exc:
+                    # The disk tier could not drop the stale range: stop using it until it is rebuilt.
+                    self.tiers.degrade("disk", exc)
+                    try:
+                        state.obj.clear()
+                    except BACKEND_ERRORS:
+                        self.tiers.mark_disk_stale()
+
+    # ------------------------------------------------------------------ delete, quarantine
+    def delete(self, sym: str, tf: Timeframe, s: int | None, e: int | None) -> int:
+        """Remove ``[s, e)`` from every tier, the fast tiers first: a crash after that leaves them
+        missing rows, never stale. The count removed from the durable tier (memory without one)."""
+        tiers = self.tiers
+        lo = -(2**62) if s is None else s
+        hi = 2**62 if e is None else e
+        key = (sym, tf.name)
+        self.check_writable()
+        with self.lock:
+            disk = tiers.tier("disk")
+            if disk is not None:
+                try:
+                    disk.delete(sym, tf, s, e)
+                except BACKEND_ERRORS as exc:
+                    tiers.degrade("disk", exc)
+                    self.invalidate_fast(sym, tf, lo, hi, only="disk")
+            elif tiers.durable:
+                tiers.mark_disk_stale()
+            mem = tiers.tier("memory")
+            kept = None
+            if mem is not None and not tiers.durable:
+                held = mem.held(sym, tf)
+                if held is not None:
+                    rows = mem.range(sym, tf, held[0], held[1])
+                    if rows is not None:
+                        keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
+                        kept = (held, keep, len(rows) - len(keep))
+            if mem is not None:
+                mem.invalidate(sym, tf)
+            self.coverage.frontiers.pop(key, None)
+            db = tiers.tier("sqlite")
+            if tiers.durable:
+                if db is None:
+                    raise StorageUnavailableError("SQLite tier is degraded; nothing was deleted")
+                self.slots.begin(sym, tf)
+                try:
+                    removed = int(db.delete(sym, tf, s, e))
+                except BACKEND_ERRORS as exc:
+                    tiers.failed("sqlite", exc)
+                    raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
+                finally:
+                    self.end_changes()
+                self.coverage.drop(key)
+            else:
+                removed = len(self.coverage.stored_ts(sym, tf, s, e)) if kept is None else kept[2]
+                self.coverage.subtract(key, lo, hi)
+            if kept is not None and mem is not None:
+                (hs, he), rows, _ = kept
+                mem.put_range(sym, tf, hs, he, rows)
+        return removed
+
+    def quarantine(self, damage: DamagedChunkError) -> bool:
+        """Remove damaged rows and their span from the durable tier (the span becomes missing, to
+        be refetched) and from the fast tiers. Whether anything was removed."""
+        db = self.tiers.tier("sqlite")
+        if db is None or not self.tiers.writable:
+            return False
+        tf = parse_timeframe(damage.timeframe)
+        sym = damage.symbol
+        self.slots.begin(sym, tf)
+        try:
+            spans = db.quarantine_damaged(sym, tf, *damage.span)
+        except BACKEND_ERRORS as exc:
+            logger.warning("%s %s: could not quarantine damaged rows: %s", sym, tf.name, exc)
+            return False
+        finally:
+            self.end_changes()
+        self.coverage.drop((sym, tf.name))
+        for s, e in spans:
+            self.invalidate_fast(sym, tf, int(s), int(e))
+            logger.warning("%s %s: damaged rows in [%d, %d) quarantined; they will be refetched", sym, tf.name, s, e)
+        return bool(spans)
+
+    # ------------------------------------------------------------------ batch, upkeep
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One durable transaction around every write inside; the fast tiers follow the commit."""
+        with self.lock:
+            db = self.tiers.tier("sqlite")
+            outer = self.depth == 0
+            self.depth += 1
+            try:
+                if db is None:
+                    yield
+                else:
+                    with db.transaction():
+                        if outer:
+                            self._deferred.clear()
+                            self._unheld.clear()
+                        yield
+            except BaseException:
+                if outer:
+                    self._stamp_final()
+                    self._deferred.clear()
+                    # The durable tier rolled back: give LMDB back exactly the ranges the batch's
+                    # writes had un-held, from its (restored) rows; memory was never changed by it
+                    undo, self._unheld = self._unheld, []
+                    for sym, tf, spans in undo:
+                        self._refill_disk(sym, tf, spans)
+                    self.coverage.drop()
+                raise
+            finally:
+                self.depth -= 1
+            if outer:
+                self._stamp_final()
+                self._unheld.clear()
+            if outer and self._deferred:
+                work, self._deferred = self._deferred, []
+                for sym, tf, spans in work:
+                    self._fill_fast_tiers(sym, tf, spans, None)
+                self.maybe_maintain()
+
+    def maybe_maintain(self) -> None:
+        if self.depth:
+            return
+        db = self.tiers.tier("sqlite")
+        if db is not None:
+            self.tiers.guard("sqlite", db.maybe_maintain)
+
+
+def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
+    if not len(closed):
+        return (0, 0, 0)
+    old = None
+    if mem is not None:
+        old = mem.range(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)
+    _, ins, upd, unch = K.merge(old if old is not None else EMPTY_CANDLES, closed)
+    return (ins, upd, unch)
+
+
+def _spans(tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    parts = [covered]
+    if len(closed):
+        parts.append(np.array([[int(closed["ts"][0]), tf.add(int(closed["ts"][-1]), 1)]], dtype=np.int64))
+    return K.interval_normalize(np.concatenate(parts)) if len(parts) > 1 else K.interval_normalize(covered)
