@@ -15,7 +15,7 @@ import pytest
 from mds import candles_from_upbit
 from mds.errors import InvalidRequestError, Layer1Error
 from mds.layer1 import UpbitRouter
-from mds.layer1.router import _Pacer, _parse_remaining
+from mds.layer1._transport import _Pacer, _parse_remaining
 from mds.testing import FakeUpbit, generate_market
 from mds.timeutil import iso_utc, to_ms
 

@@ -3,6 +3,12 @@
 - :class:`SmartRouterConnector` wraps any object with the Smart Router's async shape.
 - :class:`UpbitRouter` is a real Layer 1 over Upbit's public REST API. It is imported on first
   use, so ``import mds`` does not pay for the HTTP client (httpx takes ~85 ms to import).
+
+Modules: ``connector.py`` (requests into Layer 1 calls) with ``_foreign.py`` (the guarded call
+into foreign code), ``_answers.py`` (checking answers, :class:`Layer1Answer`), ``_peeking.py``
+(the Layer 1's cache) and ``_metrics.py``; ``router.py`` (Upbit's endpoints) with
+``_transport.py`` (HTTP, pacing, retries) and ``_response_cache.py``; ``_paging.py`` (candle
+pagination, used by both).
 """
 
 from __future__ import annotations

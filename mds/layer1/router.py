@@ -23,25 +23,27 @@ Behaviour towards Upbit:
   rows) are retried with bounded exponential backoff; 400/404 fail at once.
 - A small TTL cache (the seed Layer 1's): the latest 200 candles per series for 5 minutes,
   tickers and orderbooks for 5 seconds; ``peek_cache`` reads it without touching the network.
+
+This module maps the Smart Router's calls to Upbit's endpoints and checks the rows they return;
+pacing and retries live in :mod:`mds.layer1._transport`, the cache in
+:mod:`mds.layer1._response_cache`, candle pagination in :mod:`mds.layer1._paging`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import httpx
 import numpy as np
 
-from mds.errors import InvalidRequestError, Layer1Error
+from mds.errors import InvalidRequestError
 from mds.layer1._paging import PAGE_SIZE, BadPayload, CandlePages, page_ts, paginate_candles
+from mds.layer1._response_cache import ResponseCache
+from mds.layer1._transport import Transport
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import iso_utc_z, now_ms, to_ms
@@ -55,85 +57,6 @@ _TICKER_BATCH = 100
 _TRADES_MAX = 500
 
 
-class _Retryable(Exception):
-    """Internal: one attempt failed in a way worth retrying."""
-
-
-@dataclass
-class _Pacer:
-    """Sliding-window limiter for one rate-limit group.
-
-    A slot is taken when a request is sent and stamped when its response arrives; the server
-    counts the request in between, so at most ``limit`` requests fall in any server-side window.
-    """
-
-    limit: int
-    window_s: float
-    done: collections.deque[float] = field(default_factory=collections.deque)
-    in_flight: int = 0
-    waits: int = 0
-    waited_s: float = 0.0
-
-    def _prune(self, now: float) -> None:
-        while self.done and self.done[0] <= now - self.window_s:
-            self.done.popleft()
-
-    async def acquire(self) -> None:
-        waited = False
-        t0 = time.monotonic()
-        while True:
-            now = time.monotonic()
-            self._prune(now)
-            if self.in_flight + len(self.done) < self.limit:
-                self.in_flight += 1
-                if waited:
-                    self.waits += 1
-                    self.waited_s += now - t0
-                return
-            waited = True
-            delay = self.done[0] + self.window_s - now if self.done else self.window_s / 20
-            await asyncio.sleep(min(max(delay, 0.0005), self.window_s))
-
-    def release(self, server_left: int | None) -> None:
-        self.in_flight -= 1
-        now = time.monotonic()
-        self.done.append(now)
-        if server_left is not None:
-            self._prune(now)
-            # The server has counted more than we sent (another process on this IP, or a 429):
-            # fill the window so the next request waits for it to pass.
-            missing = (self.limit - server_left) - (self.in_flight + len(self.done))
-            for _ in range(max(0, missing)):
-                self.done.append(now)
-
-
-def _parse_remaining(value: str | None) -> int | None:
-    """``sec`` of ``Remaining-Req: group=candles; min=600; sec=9`` (None if absent or garbled)."""
-    if not value:
-        return None
-    for part in value.split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == "sec":
-            try:
-                return int(v)
-            except ValueError:
-                return None
-    return None
-
-
-def _error_message(resp: httpx.Response) -> str:
-    text = resp.text
-    try:
-        body = json.loads(text)
-        err = body.get("error") if isinstance(body, dict) else None
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    except ValueError:
-        pass
-    text = text.strip()
-    return text[:300] if text else f"HTTP {resp.status_code}"
-
-
 def _symbols(symbols: str | Iterable[str]) -> list[str]:
     syms = [symbols] if isinstance(symbols, str) else list(symbols)
     if not syms:
@@ -144,22 +67,6 @@ def _symbols(symbols: str | Iterable[str]) -> list[str]:
         if s not in out:
             out.append(s)
     return out
-
-
-def _group(path: str) -> str:
-    if path.startswith("/v1/candles"):
-        return "candles"
-    if path.startswith("/v1/ticker"):
-        return "ticker"
-    if path.startswith("/v1/orderbook"):
-        return "orderbook"
-    if path.startswith("/v1/trades"):
-        return "trades"
-    return "default"
-
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(values), q)) if values else None
 
 
 class UpbitRouter:
@@ -228,21 +135,25 @@ class UpbitRouter:
         self.ticker_ttl_s = float(ticker_ttl_s)
         self.orderbook_ttl_s = float(orderbook_ttl_s)
         self._clock = clock or now_ms
-        self._headers = {"Accept": "application/json", **dict(headers or {})}
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pacers: dict[str, _Pacer] = {}
-        self._rng = random.Random(0x5EED)
-        # caches: key -> (expires_monotonic, fetched_at_ms, payload)
-        self._candle_cache: dict[tuple[str, str], tuple[float, int, list[dict[str, Any]], bool]] = {}
-        self._ticker_cache: dict[str, tuple[float, int, dict[str, Any]]] = {}
-        self._orderbook_cache: dict[str, tuple[float, int, dict[str, Any]]] = {}
-        # statistics
-        self._latency: dict[str, collections.deque[float]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=2048)
-        )
+        # The settings above stay readable here; the transport and the cache are built from them.
         self._counts: collections.Counter[str] = collections.Counter()
-        self._status: collections.Counter[int] = collections.Counter()
+        self._transport = Transport(
+            self.base_url,
+            headers={"Accept": "application/json", **dict(headers or {})},
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            rate_limit=self.rate_limit,
+            rate_window_s=self.rate_window_s,
+            counts=self._counts,
+        )
+        self._cache = ResponseCache(
+            candle_ttl_s=self.candle_ttl_s,
+            candle_cache_count=self.candle_cache_count,
+            ticker_ttl_s=self.ticker_ttl_s,
+            orderbook_ttl_s=self.orderbook_ttl_s,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> UpbitRouter:
@@ -253,102 +164,16 @@ class UpbitRouter:
 
     async def aclose(self) -> None:
         """Close the HTTP connections (the router may be used again afterwards)."""
-        client, self._client = self._client, None
-        self._loop = None
-        if client is not None:
-            await client.aclose()
+        await self._transport.aclose()
 
-    def _http(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            # A client is bound to the loop that opened its connections.
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(self.timeout_s),
-                headers=self._headers,
-                limits=httpx.Limits(max_connections=20, max_keepalive_connections=20),
-            )
-            self._loop = loop
-            self._pacers.clear()
-        return self._client
-
-    def _pacer(self, group: str) -> _Pacer:
-        p = self._pacers.get(group)
-        if p is None:
-            p = self._pacers[group] = _Pacer(self.rate_limit, self.rate_window_s)
-        return p
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * (2 ** max(0, attempt - 1)))
-        return base * (0.5 + 0.5 * self._rng.random())
-
-    # -- the one HTTP path -------------------------------------------------------------------
     async def _get(
         self, path: str, params: dict[str, Any], validate: Callable[[Any], None] | None = None
     ) -> tuple[Any, int]:
-        """GET ``path`` with pacing, retries and payload checks; returns (parsed JSON, attempts)."""
-        client = self._http()
-        group = _group(path)
-        pacer = self._pacer(group)
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._counts["retries"] += 1
-                await asyncio.sleep(self._backoff(attempt))
-            await pacer.acquire()
-            t0 = time.perf_counter()
-            left: int | None = None
-            try:
-                resp = await client.get(path, params=params)
-                left = _parse_remaining(resp.headers.get("Remaining-Req"))
-                if resp.status_code == 429:
-                    left = 0
-            except httpx.TimeoutException as exc:
-                last = f"timeout after {self.timeout_s:g} s ({type(exc).__name__})"
-                self._counts["timeouts"] += 1
-                continue
-            except httpx.TransportError as exc:
-                last = f"transport error: {type(exc).__name__}: {exc}"
-                self._counts["transport_errors"] += 1
-                continue
-            finally:
-                pacer.release(left)
-            self._latency[group].append((time.perf_counter() - t0) * 1000.0)
-            self._counts["requests"] += 1
-            self._status[resp.status_code] += 1
-            status = resp.status_code
-            if status == 200:
-                try:
-                    payload = json.loads(resp.content)
-                    if validate is not None:
-                        validate(payload)
-                except ValueError as exc:
-                    last = f"malformed JSON from {path}: {exc}"
-                    self._counts["bad_payloads"] += 1
-                    continue
-                except BadPayload as exc:
-                    last = f"unusable answer from {path}: {exc}"
-                    self._counts["bad_payloads"] += 1
-                    continue
-                return payload, attempt + 1
-            message = _error_message(resp)
-            if status == 429:
-                self._counts["rate_limited"] += 1
-                last = f"HTTP 429 rate limited: {message}"
-                logger.warning("Upbit 429 on %s (attempt %d): backing off", path, attempt + 1)
-                continue
-            if status == 418:
-                self._counts["blocked"] += 1
-                raise Layer1Error(
-                    f"Upbit blocked this IP (HTTP 418): {message}. Stop sending requests until the block expires."
-                )
-            if status >= 500:
-                self._counts["server_errors"] += 1
-                last = f"HTTP {status}: {message}"
-                continue
-            raise Layer1Error(f"Upbit rejected GET {path} {params} (HTTP {status}): {message}")
-        self._counts["failures"] += 1
-        raise Layer1Error(f"GET {path} failed after {self.max_retries + 1} attempts: {last}")
+        """GET ``path`` with pacing, retries and payload checks; returns (parsed JSON, attempts).
+
+        Every request of the router goes through here (see :class:`~mds.layer1._transport.Transport`).
+        """
+        return await self._transport.get(path, params, validate)
 
     # -- candles -----------------------------------------------------------------------------
     def _page_fetcher(self, symbol: str, tf: Timeframe) -> Any:
@@ -368,15 +193,12 @@ class UpbitRouter:
 
         return fetch
 
-    def _forming_start(self, tf: Timeframe) -> int:
-        return tf.floor(int(self._clock()))
-
     async def _latest(self, symbol: str, tf: Timeframe, count: int, use_cache: bool) -> tuple[CandlePages, bool, int]:
         """Latest ``count`` candles; served from or written to the cache when it fits."""
         key = (symbol, tf.name)
-        cacheable = self.candle_ttl_s > 0 and count <= self.candle_cache_count
+        cacheable = self._cache.holds_candles(count)
         if use_cache and cacheable:
-            hit = self._cached_candles(key, count)
+            hit = self._cache.candles(key, count)
             if hit is not None:
                 self._counts["cache_hits"] += 1
                 return hit[0], True, hit[1]
@@ -386,28 +208,10 @@ class UpbitRouter:
         want = max(count, self.candle_cache_count) if cacheable else count
         pages = await paginate_candles(self._page_fetcher(symbol, tf), tf, symbol, count=want)
         if cacheable:
-            rows = [dict(r) for r in pages.rows[: self.candle_cache_count]]
-            exhausted = pages.exhausted and len(pages.rows) <= self.candle_cache_count
-            self._candle_cache[key] = (time.monotonic() + self.candle_ttl_s, fetched_at, rows, exhausted)
+            self._cache.put_candles(key, fetched_at, pages)
         if len(pages.rows) > count:
             pages = CandlePages(pages.rows[:count], pages.ts[:count], int(pages.ts[count - 1]), False, pages.requests)
         return pages, False, fetched_at
-
-    def _cached_candles(self, key: tuple[str, str], count: int) -> tuple[CandlePages, int] | None:
-        entry = self._candle_cache.get(key)
-        if entry is None:
-            return None
-        expires, fetched_at, rows, exhausted = entry
-        if time.monotonic() >= expires:
-            del self._candle_cache[key]
-            return None
-        if len(rows) < count and not exhausted:
-            return None
-        sel = rows[:count]
-        ts = page_ts(sel, parse_timeframe(key[1]), key[0], None)
-        full = exhausted and len(sel) == len(rows)
-        covered = int(ts[-1]) if len(ts) else None
-        return CandlePages(sel, ts, covered, full, 0), fetched_at
 
     async def get_candle_data(
         self,
@@ -551,25 +355,10 @@ class UpbitRouter:
 
     # -- realtime ----------------------------------------------------------------------------
     async def _snapshots(
-        self,
-        kind: str,
-        path: str,
-        syms: list[str],
-        cache: dict[str, tuple[float, int, dict[str, Any]]],
-        ttl: float,
-        use_cache: bool,
-        extra: dict[str, Any] | None = None,
+        self, kind: str, path: str, syms: list[str], use_cache: bool, extra: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        now = time.monotonic()
-        out: dict[str, dict[str, Any]] = {}
-        fetched_at: dict[str, int] = {}
-        if use_cache and ttl > 0:
-            for s in syms:
-                e = cache.get(s)
-                if e is not None and e[0] > now:
-                    out[s] = e[2]
-                    fetched_at[s] = e[1]
+        out, fetched_at = self._cache.snapshots(kind, syms) if use_cache else ({}, {})
         missing = [s for s in syms if s not in out]
         requests = 0
         for i in range(0, len(missing), _TICKER_BATCH):
@@ -588,8 +377,7 @@ class UpbitRouter:
             for r in rows:
                 out[r["market"]] = r
                 fetched_at[r["market"]] = at
-                if ttl > 0:
-                    cache[r["market"]] = (time.monotonic() + ttl, at, r)
+                self._cache.put_snapshot(kind, r, at)
         if missing:
             self._counts[f"cache_misses_{kind}"] += 1
         else:
@@ -618,7 +406,7 @@ class UpbitRouter:
         InvalidRequestError, Layer1Error
         """
         syms = _symbols(symbols)
-        return await self._snapshots("ticker", "/v1/ticker", syms, self._ticker_cache, self.ticker_ttl_s, use_cache)
+        return await self._snapshots("ticker", "/v1/ticker", syms, use_cache)
 
     async def get_orderbook_data(self, symbols: str | Iterable[str], use_cache: bool = True) -> dict[str, Any]:
         """Orderbooks (``/v1/orderbook``) in the order given; cached ``orderbook_ttl_s``.
@@ -628,9 +416,7 @@ class UpbitRouter:
         InvalidRequestError, Layer1Error
         """
         syms = _symbols(symbols)
-        return await self._snapshots(
-            "orderbook", "/v1/orderbook", syms, self._orderbook_cache, self.orderbook_ttl_s, use_cache
-        )
+        return await self._snapshots("orderbook", "/v1/orderbook", syms, use_cache)
 
     async def get_trades(self, symbols: str | Iterable[str], count: int = 100) -> dict[str, Any]:
         """Recent trades (``/v1/trades/ticks``) per symbol, newest first, deduplicated on
@@ -695,83 +481,16 @@ class UpbitRouter:
         Candles: the latest ``count`` of ``interval`` (the cache holds the latest 200).
         """
         kind = str(getattr(data_type, "value", data_type)).lower()
-        syms = _symbols(symbols)
-        now = time.monotonic()
-        if kind == "candle":
-            if interval is None:
-                raise InvalidRequestError("peek_cache for candles needs an interval")
-            tf = parse_timeframe(interval)
-            data: list[Mapping[str, Any]] = []
-            covered: dict[str, list[int]] = {}
-            exhausted: dict[str, bool] = {}
-            fetched = []
-            for s in syms:
-                hit = self._cached_candles((s, tf.name), int(count))
-                if hit is None:
-                    return None
-                pages, at = hit
-                data.extend(pages.rows)
-                hi = tf.floor(at)
-                covered[s] = [pages.covered_from if pages.covered_from is not None else hi, hi]
-                exhausted[s] = pages.exhausted
-                fetched.append(at)
-            meta: dict[str, Any] = {"interval": tf.name, "covered": covered, "exhausted": exhausted}
-        elif kind in ("ticker", "orderbook"):
-            cache = self._ticker_cache if kind == "ticker" else self._orderbook_cache
-            entries = [cache.get(s) for s in syms]
-            if any(e is None or e[0] <= now for e in entries):
-                return None
-            data = [e[2] for e in entries if e is not None]
-            fetched = [e[1] for e in entries if e is not None]
-            meta = {}
-        else:
-            return None
-        return {
-            "success": True,
-            "data": data,
-            "metadata": {
-                "data_type": kind,
-                "source": "cache",
-                "cache_hit": True,
-                "symbols": syms,
-                "count": len(data),
-                "requests": 0,
-                "fetched_at": min(fetched),
-                **meta,
-            },
-        }
+        return self._cache.peek(kind, _symbols(symbols), interval, count)
 
     def cache_policy(self) -> dict[str, Any]:
         """The cache's TTLs and sizes (seconds; 0 means not cached)."""
-        return {
-            "candle_ttl_s": self.candle_ttl_s,
-            "candle_cache_count": self.candle_cache_count,
-            "ticker_ttl_s": self.ticker_ttl_s,
-            "orderbook_ttl_s": self.orderbook_ttl_s,
-            "trade_ttl_s": 0.0,
-        }
+        return self._cache.policy()
 
     def clear_cache(self) -> None:
         """Drop every cached answer."""
-        self._candle_cache.clear()
-        self._ticker_cache.clear()
-        self._orderbook_cache.clear()
+        self._cache.clear()
 
     def get_performance_summary(self) -> dict[str, Any]:
         """JSON-serialisable counters: requests, retries, 429s, cache hits, latency per group."""
-        groups = {
-            g: {
-                "requests": len(v),
-                "p50_ms": _percentile(v, 50),
-                "p99_ms": _percentile(v, 99),
-            }
-            for g, v in self._latency.items()
-        }
-        pacing = {g: {"waits": p.waits, "waited_s": round(p.waited_s, 6)} for g, p in self._pacers.items()}
-        return {
-            "counters": dict(self._counts),
-            "status": {str(k): v for k, v in sorted(self._status.items())},
-            "groups": groups,
-            "pacing": pacing,
-            "cached_series": len(self._candle_cache),
-        }
+        return {"counters": dict(self._counts), **self._transport.summary(), "cached_series": len(self._cache)}
