@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 from mds import _pycore as P
 from mds._dtypes import CANDLE_DTYPE
 from mds.testing import dense_candles, kernel_params
-from mds.tiers.disk import _chunk_view, _pack_chunk
+from mds.tiers._lmdb_format import _chunk_view, _pack_chunk
 from mds.timeframes import DAY_MS, MINUTE_MS
 
 try:
