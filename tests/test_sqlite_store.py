@@ -18,7 +18,9 @@ from mds import _kernels as K
 from mds._dtypes import CANDLE_DTYPE
 from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
-from mds.tiers.sqlite import _SCHEMA_V1, CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, SqliteStore, _row_ok
+from mds.tiers.sqlite import CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, SqliteStore
+from mds.tiers.sqlite.schema import _SCHEMA_V1
+from mds.tiers.sqlite.writes import _row_ok
 from mds.timeframes import DAY_MS, MINUTE_MS, parse_timeframe
 
 M1 = parse_timeframe("1m")

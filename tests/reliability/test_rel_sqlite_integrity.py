@@ -19,19 +19,15 @@ import numpy as np
 import pytest
 
 from mds.errors import StorageUnavailableError
-from mds.tiers.sqlite import (
-    _SCHEMA_V2,
-    CHUNK_SLOTS,
+from mds.tiers.sqlite import CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, DamagedChunkError, SqliteStore
+from mds.tiers.sqlite.codec import (
     CODEC_RAW,
     CODEC_ZLIB_DELTA_SHUFFLE,
-    SCHEMA_VERSION,
-    TAIL_MAX,
-    DamagedChunkError,
-    SqliteStore,
-    _encode,
-    _tail_rows,
-    _tail_values,
+    encode as _encode,
+    tail_rows as _tail_rows,
+    tail_values as _tail_values,
 )
+from mds.tiers.sqlite.schema import _SCHEMA_V2
 from mds.timeframes import parse_timeframe
 
 M1 = parse_timeframe("1m")

@@ -1,0 +1,244 @@
+"""Upkeep of the SQLite tier's file: compressing old chunks, the bounded step a writer runs after
+commits, ``maintain()`` (VACUUM, ANALYZE, REINDEX, checkpoint), and the file's figures (size,
+fragmentation, counts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
+from typing import Any
+
+import apsw
+import numpy as np
+
+from mds.errors import MdsError
+from mds.tiers.sqlite.codec import CODEC_RAW, CODEC_ZLIB_DELTA_SHUFFLE, Damage, encode, verified
+from mds.tiers.sqlite.connection import Snapshot, pragma_int
+from mds.tiers.sqlite.integrity import sqlite_problems
+from mds.tiers.sqlite.schema import SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+_COMPRESS_BUDGET_S = 0.05  # time one scheduled maintenance run may spend compressing
+_INCREMENTAL_VACUUM_PAGES = 4096  # pages one scheduled run may hand back to the file system
+
+Transaction = Callable[[], AbstractContextManager[Any]]
+
+
+class Upkeep:
+    """When and how one SQLite file is maintained: the settings (see ``SqliteStore``), when the
+    next scheduled step is due, and the work. The store passes its connection and its
+    ``transaction`` to each call (compression commits in batches of 64 chunks).
+    """
+
+    __slots__ = ("_clock", "_next_s", "compress_after_days", "maintenance_interval_s", "path", "vacuum_threshold")
+
+    def __init__(
+        self,
+        path: str,
+        clock: Callable[[], int],
+        *,
+        vacuum_threshold: float,
+        maintenance_interval_s: float | None,
+        compress_after_days: float | None,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self.vacuum_threshold = float(vacuum_threshold)
+        self.maintenance_interval_s = maintenance_interval_s
+        self.compress_after_days = compress_after_days
+        self._next_s = self._now_s() + (maintenance_interval_s or 0.0)
+
+    def _now_s(self) -> float:
+        return self._clock() / 1000.0
+
+    def run_due(self, conn: Any, transaction: Transaction) -> bool:
+        """Run the bounded scheduled step if ``maintenance_interval_s`` has passed since the last
+        (outside a transaction); whether it ran. A failed step is logged and retried next time."""
+        if self.maintenance_interval_s is None:
+            return False
+        now = self._now_s()
+        if now < self._next_s:
+            return False
+        self._next_s = now + self.maintenance_interval_s
+        try:
+            self._scheduled_step(conn, transaction)
+        except (apsw.Error, MdsError) as exc:
+            logger.warning("SQLite store %s: scheduled maintenance failed (will retry): %s", self.path, exc)
+        return True
+
+    def _scheduled_step(self, conn: Any, transaction: Transaction) -> None:
+        """Bounded work after a commit: compress some old chunks, hand free pages back, optimize."""
+        n = self._compress_old(conn, transaction, budget_s=_COMPRESS_BUDGET_S)
+        frag = fragmentation(conn)
+        if frag > self.vacuum_threshold:
+            if pragma_int(conn, "auto_vacuum") == 2:
+                # frees one page per step: the statement must be run to its end, not just started
+                conn.execute(f"PRAGMA incremental_vacuum({_INCREMENTAL_VACUUM_PAGES})").fetchall()
+            else:
+                logger.info("SQLite store %s: fragmentation %.3f; call maintain() to VACUUM", self.path, frag)
+        _optimize(conn)
+        logger.debug("SQLite store %s: scheduled maintenance compressed %d chunks", self.path, n)
+
+    def maintain(self, conn: Any, transaction: Transaction, force: bool) -> dict[str, Any]:
+        """The work of ``SqliteStore.maintain`` (outside any transaction): its report."""
+        path = self.path
+        t0 = time.perf_counter()
+        report: dict[str, Any] = {
+            "fragmentation_before": fragmentation(conn),
+            "page_fragmentation_before": page_fragmentation(conn),
+            "size_before": size_bytes(path),
+        }
+        report["compressed_chunks"] = self._compress_old(conn, transaction, budget_s=None)
+        problems = sqlite_problems(conn, full=force)
+        reindexed = False
+        if any("index" in p for p in problems):
+            logger.warning("SQLite store %s: index problems, running REINDEX: %s", path, problems[:3])
+            conn.execute("REINDEX")
+            reindexed = True
+            problems = sqlite_problems(conn, full=True)
+        frag = fragmentation(conn)
+        vacuumed = False
+        if force or frag > self.vacuum_threshold:
+            _checkpoint(conn, path)
+            conn.execute("VACUUM")
+            vacuumed = True
+        if force or vacuumed or not _has_stats(conn):
+            conn.execute("ANALYZE")
+            analyzed = True
+        else:
+            analyzed = _optimize(conn)
+        _checkpoint(conn, path)
+        conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", ("last_maintenance_ms", int(self._clock())))
+        report.update(
+            fragmentation_after=fragmentation(conn),
+            page_fragmentation_after=page_fragmentation(conn),
+            size_after=size_bytes(path),
+            vacuumed=vacuumed,
+            analyzed=analyzed,
+            reindexed=reindexed,
+            problems=problems,
+            seconds=time.perf_counter() - t0,
+        )
+        self._next_s = self._now_s() + (self.maintenance_interval_s or 0.0)
+        logger.info(
+            "SQLite store %s maintained: fragmentation %.3f -> %.3f, vacuumed=%s, %d chunks compressed",
+            path,
+            report["fragmentation_before"],
+            report["fragmentation_after"],
+            vacuumed,
+            report["compressed_chunks"],
+        )
+        return report
+
+    def _compress_old(self, conn: Any, transaction: Transaction, budget_s: float | None) -> int:
+        """Compress raw chunks whose newest candle is older than ``compress_after_days``, 64 per
+        transaction, until none is left or ``budget_s`` has passed; how many were compressed."""
+        if self.compress_after_days is None:
+            return 0
+        cutoff = int(self._clock() - self.compress_after_days * 86_400_000)
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        done = 0
+        after = (-(1 << 63), -1)  # (last_ts, key) seen last: a damaged chunk left raw is not selected again
+        while True:
+            with transaction():
+                rows = conn.execute(  # walks the partial index chunk_uncompressed (last_ts, rowid) in order
+                    "SELECT key, last_ts, crc, data FROM chunk "
+                    "WHERE codec = 0 AND last_ts < ?1 AND (last_ts, key) > (?2, ?3) ORDER BY last_ts, key LIMIT 64",
+                    (cutoff, *after),
+                ).fetchall()
+                for key, last_ts, crc, data in rows:
+                    after = (last_ts, key)
+                    try:
+                        a = verified(CODEC_RAW, crc, data)
+                    except Damage as exc:
+                        # left as it is: reads keep refusing it until quarantine_damaged() drops it
+                        logger.warning("SQLite store %s: not compressing chunk %d: %s", self.path, key, exc)
+                        continue
+                    # stored compressed even in the rare case it does not shrink, so it is not retried;
+                    # crc stays: it is the checksum of the decoded rows
+                    conn.execute(
+                        "UPDATE chunk SET codec = ?, data = ? WHERE key = ?",
+                        (CODEC_ZLIB_DELTA_SHUFFLE, encode(a), key),
+                    )
+                    done += 1
+            if len(rows) < 64 or (deadline is not None and time.perf_counter() > deadline):
+                return done
+
+
+def _optimize(conn: Any) -> bool:
+    """``PRAGMA optimize``; returns whether it recomputed statistics (ran an ANALYZE).
+
+    SQLite does not report what optimize did, so its debug form (mask bit 0x01 added to the
+    default 0xfffe) first lists the ANALYZE statements it would run, on this connection, now.
+    """
+    planned = conn.execute("PRAGMA optimize(0xffff)").fetchall()
+    conn.execute("PRAGMA optimize").fetchall()
+    return bool(planned)
+
+
+def _checkpoint(conn: Any, path: str) -> None:
+    """``PRAGMA wal_checkpoint(TRUNCATE)``, stepped to its end (it returns a row)."""
+    busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+    if busy:
+        logger.info("SQLite store %s: WAL checkpoint incomplete (%s of %s frames): readers hold it", path, done, log)
+
+
+def _has_stats(conn: Any) -> bool:
+    return bool(conn.execute("SELECT count(*) FROM sqlite_schema WHERE name = 'sqlite_stat1'").fetchall()[0][0])
+
+
+# ---------------------------------------------------------------------------- figures
+def size_bytes(path: str) -> int:
+    """Bytes on disk: the database file plus its WAL."""
+    total = 0
+    for p in (path, path + "-wal"):
+        with suppress(OSError):
+            total += os.path.getsize(p)
+    return total
+
+
+def fragmentation(conn: Any) -> float:
+    """Share of the file's pages that are free (0.0 to 1.0); cheap (two pragmas)."""
+    pages = pragma_int(conn, "page_count")
+    return pragma_int(conn, "freelist_count") / pages if pages else 0.0
+
+
+def page_fragmentation(conn: Any, max_pages: int = 1 << 18) -> float | None:
+    """Share of B-tree pages not stored right after their predecessor in key order (see
+    ``SqliteStore.page_fragmentation``); None when too large or dbstat is unavailable."""
+    try:
+        if pragma_int(conn, "page_count") > max_pages:
+            return None
+        rows = conn.execute("SELECT name, pageno FROM dbstat WHERE pagetype != 'overflow'").fetchall()
+    except apsw.SQLError:
+        return None
+    if len(rows) < 2:
+        return 0.0
+    names = np.array([hash(r[0]) for r in rows])
+    pages = np.array([r[1] for r in rows], dtype=np.int64)
+    same = names[1:] == names[:-1]
+    jumps = same & (np.diff(pages) != 1)
+    return float(jumps.sum()) / max(int(same.sum()), 1)
+
+
+def stats(conn: Any, path: str, in_txn: bool) -> dict[str, Any]:
+    """The figures of ``SqliteStore.stats`` but ``readonly`` (the counts read in one snapshot)."""
+    with Snapshot(conn, in_txn):
+        series = conn.execute("SELECT count(*) FROM series").fetchall()[0][0]
+        chunks = dict(conn.execute("SELECT codec, count(*) FROM chunk GROUP BY codec").fetchall())
+        tail = conn.execute("SELECT count(*) FROM tail").fetchall()[0][0]
+    return {
+        "path": path,
+        "schema_version": SCHEMA_VERSION,
+        "size_bytes": size_bytes(path),
+        "fragmentation": fragmentation(conn),
+        "series": int(series),
+        "chunks_raw": int(chunks.get(CODEC_RAW, 0)),
+        "chunks_compressed": int(chunks.get(CODEC_ZLIB_DELTA_SHUFFLE, 0)),
+        "tail_rows": int(tail),
+    }
