@@ -128,9 +128,15 @@ class Store:
                 self._health.first_stored,
             )
         self._reader = Reader(
-            self._health, self._slots, self._coverage, self._writer, self._fetcher, self._metrics, self.config,
+            self._health,
+            self._slots,
+            self._coverage,
+            self._writer,
+            self._fetcher,
+            self._metrics,
+            self.config,
             self._clock,
-        )  # fmt: skip
+        )
         self._api = AsyncApi(
             self._reader, self._fetcher, self._realtime, self._metrics, self.config, self._lock, self._check_open
         )

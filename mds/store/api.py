@@ -11,6 +11,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,26 +28,17 @@ from mds.tiers.realtime import RealtimeCache
 from mds.timeframes import Timeframe, parse_timeframe
 
 
+@dataclass(eq=False)
 class AsyncApi:
     """``Store.get`` and what it needs."""
 
-    def __init__(
-        self,
-        reader: Reader,
-        fetcher: Fetcher | None,
-        realtime: RealtimeCache,
-        metrics: Metrics,
-        config: Config,
-        lock: Any,
-        check_open: Callable[[], None],
-    ) -> None:
-        self.reader = reader
-        self.fetcher = fetcher
-        self.realtime = realtime
-        self.metrics = metrics
-        self.config = config
-        self.lock = lock
-        self.check_open = check_open
+    reader: Reader
+    fetcher: Fetcher | None
+    realtime: RealtimeCache
+    metrics: Metrics
+    config: Config
+    lock: Any
+    check_open: Callable[[], None]
 
     async def get(self, request: StorageRequest) -> StorageResponse:
         t0 = time.perf_counter()

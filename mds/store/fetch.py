@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,10 +37,11 @@ T = TypeVar("T")
 _PAGE = 200
 
 
+@dataclass(eq=False)
 class Fetcher:
     """The Layer 1 side of one store.
 
-    Parameters
+    Attributes
     ----------
     connector
         The :class:`~mds.layer1.connector.SmartRouterConnector` over the user's Layer 1.
@@ -51,27 +53,17 @@ class Fetcher:
         Open time of the oldest candle the durable tier holds (to catch a lying empty page).
     """
 
-    def __init__(
-        self,
-        connector: Any,
-        config: Config,
-        metrics: Metrics,
-        lock: Any,
-        clock: Callable[[], int],
-        in_batch: Callable[[], bool],
-        first_stored: Callable[[str, Timeframe], int | None],
-    ) -> None:
-        self.connector = connector
-        self.config = config
-        self.metrics = metrics
-        self._lock = lock
-        self._clock = clock
-        self._in_batch = in_batch
-        self._first_stored = first_stored
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.loop_thread: threading.Thread | None = None
-        self._peek_limit: int | None = None
-        self._peek_sync = False
+    connector: Any
+    config: Config
+    metrics: Metrics
+    lock: Any
+    clock: Callable[[], int]
+    in_batch: Callable[[], bool]
+    first_stored: Callable[[str, Timeframe], int | None]
+    loop_thread: threading.Thread | None = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    _peek_limit: int | None = field(default=None, init=False)
+    _peek_sync: bool = field(default=False, init=False)
 
     # ------------------------------------------------------------------ the Layer 1 thread
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -83,7 +75,7 @@ class Fetcher:
         """
         th = self.loop_thread
         if self._loop is None or th is None or not th.is_alive():
-            with self._lock:
+            with self.lock:
                 th = self.loop_thread
                 if self._loop is None or th is None or not th.is_alive():
                     if self._loop is not None:
@@ -97,9 +89,9 @@ class Fetcher:
         # Other threads may use the store while this one waits for the network (a memory hit
         # must not queue behind a fetch), except inside a batch, whose transaction is this
         # thread's alone. Callers re-read what they need after the wait.
-        lock: Any = self._lock
+        lock: Any = self.lock
         held = None
-        if not self._in_batch() and lock._is_owned():
+        if not self.in_batch() and lock._is_owned():
             held = lock._release_save()
         try:
             return fut.result(timeout=self.config.layer1_timeout_s)
@@ -154,7 +146,7 @@ class Fetcher:
         """Fetch closed candles before ``end`` and validate them: (rows, covered ranges)."""
         arr, lo, hi, exhausted = self.candles(sym, tf, count=count, start=start, end=end)
         arr = K.sort_dedup(arr[arr["ts"] < end])
-        idx, reasons = K.validate(arr, *tf.kernel_args, int(self._clock()))
+        idx, reasons = K.validate(arr, *tf.kernel_args, int(self.clock()))
         if len(idx):
             self.metrics.layer1_errors += 1
             why = K.REASONS.get(int(reasons[0]), "?")
@@ -168,7 +160,7 @@ class Fetcher:
             # ... unless the store holds a candle before where the empty page was asked: then
             # the page lies (a flaky Layer 1), and believing it would label real candles no_trades
             bound = int(arr["ts"][0]) if len(arr) else hi
-            first = self._first_stored(sym, tf)
+            first = self.first_stored(sym, tf)
             if first is not None and first < bound:
                 self.metrics.layer1_errors += 1
                 raise Layer1Error(
@@ -233,7 +225,7 @@ class Fetcher:
         lo, hi = ans.covered.get(sym, (0, 0))
         arr = np.ascontiguousarray(ans.arrays[sym])
         arr = arr[arr["ts"] < end]
-        idx, _ = K.validate(arr, *tf.kernel_args, int(self._clock()))
+        idx, _ = K.validate(arr, *tf.kernel_args, int(self.clock()))
         # fresh only when the cache reaches the last closed interval and proves n candles
         if len(idx) or hi < end or len(arr) < n or int(arr["ts"][-n]) < lo:
             self.metrics.misses["layer1_cache"] += 1
@@ -255,7 +247,7 @@ class Fetcher:
             )
         except MdsError:
             return None
-        last_end = tf.floor(int(self._clock()))
+        last_end = tf.floor(int(self.clock()))
         end = last_end if req.end_time is None else min(tf.ceil(req.end_time), last_end)
         out: dict[str, np.ndarray] = {}
         for sym in req.symbols:
@@ -276,7 +268,7 @@ class Fetcher:
             self.metrics.lat("layer1_call", (time.perf_counter() - t0) * 1000)
         self.metrics.layer1_calls += int(ans.calls)
         out: dict[str, Any] = {}
-        with self._lock:
+        with self.lock:
             for sym in symbols:
                 val = ans.arrays.get(sym)
                 try:

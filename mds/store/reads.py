@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,28 +39,18 @@ class NeedsLayer1(Exception):
     """Raised inside the read path when an answer needs a Layer 1 call and calls are not allowed."""
 
 
+@dataclass(eq=False)
 class Reader:
     """Reads of one store (call under the store lock)."""
 
-    def __init__(
-        self,
-        tiers: Tiers,
-        slots: ChangeSlots,
-        coverage: Coverage,
-        writer: Writer,
-        fetcher: Fetcher | None,
-        metrics: Metrics,
-        config: Config,
-        clock: Callable[[], int],
-    ) -> None:
-        self.tiers = tiers
-        self.slots = slots
-        self.coverage = coverage
-        self.writer = writer
-        self.fetcher = fetcher
-        self.metrics = metrics
-        self.config = config
-        self.clock = clock
+    tiers: Tiers
+    slots: ChangeSlots
+    coverage: Coverage
+    writer: Writer
+    fetcher: Fetcher | None
+    metrics: Metrics
+    config: Config
+    clock: Callable[[], int]
 
     def fast_latest(self, sym: str, tf: Timeframe, n: int) -> np.ndarray | None:
         """The memory hit of a latest-N read, with the same checks as the general path, in few

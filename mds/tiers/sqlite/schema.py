@@ -44,14 +44,23 @@ CREATE TABLE coverage(
 PRAGMA user_version = 1;
 """
 
-# Version 2 (no checksums): what _migrate_v2 starts from; tests build version-2 files with it.
-_SCHEMA_V2 = """
+# Tables that versions 2 and 3 share.
+_SERIES = """
 CREATE TABLE series(
     sid INTEGER PRIMARY KEY,
     symbol TEXT NOT NULL,
     timeframe TEXT NOT NULL,
     seal_ts INTEGER NOT NULL,
     UNIQUE (symbol, timeframe));
+"""
+_META = """
+CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+"""
+
+# Version 2 (no checksums): what _migrate_v2 starts from; tests build version-2 files with it.
+_SCHEMA_V2 = (
+    _SERIES
+    + """
 CREATE TABLE chunk(
     key INTEGER PRIMARY KEY,      -- (sid << 36) + chunk number + 2**35
     n INTEGER NOT NULL,
@@ -70,8 +79,9 @@ CREATE TABLE coverage(
     start_ts INTEGER NOT NULL,
     end_ts INTEGER NOT NULL,
     PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
-CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 """
+    + _META
+)
 
 # Version 3: checksums. Kept in pieces so the v2 -> v3 migration rebuilds ``chunk`` with the same
 # DDL as a new file (``crc`` before ``data``: read without walking the blob's overflow pages).
@@ -95,14 +105,7 @@ CREATE TABLE coverage(
     PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
 """
 _SCHEMA_V3 = (
-    """
-CREATE TABLE series(
-    sid INTEGER PRIMARY KEY,
-    symbol TEXT NOT NULL,
-    timeframe TEXT NOT NULL,
-    seal_ts INTEGER NOT NULL,
-    UNIQUE (symbol, timeframe));
-"""
+    _SERIES
     + _SCHEMA_V3_CHUNK
     + """
 CREATE TABLE tail(
@@ -112,8 +115,8 @@ CREATE TABLE tail(
     PRIMARY KEY (sid, ts)) WITHOUT ROWID;
 """
     + _SCHEMA_V3_COVERAGE
+    + _META
     + """
-CREATE TABLE meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 INSERT INTO meta(k, v) VALUES ('commit_seq', 0);
 """
 )
