@@ -38,6 +38,9 @@ class CachePeek:
         Candles a latest-N request asks for when it names no count.
     stats : Layer1Stats
         The connector's statistics (latency under ``"peek_" + kind``, cache hits and misses).
+
+    ``layer1``, ``timeout_s`` and ``page_size`` are the one home of the connector's attributes
+    of the same names; each is read when it is used.
     """
 
     def __init__(self, layer1: Any, timeout_s: float, page_size: int, stats: Layer1Stats) -> None:

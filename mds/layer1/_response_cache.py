@@ -24,6 +24,9 @@ class ResponseCache:
         Lifetime and size of the latest-candles entry per series; 0 disables it.
     ticker_ttl_s, orderbook_ttl_s : float
         Lifetime of tickers and orderbooks; 0 disables them.
+
+    These four attributes are the one home of the router's settings of the same names; each is
+    read when it is used.
     """
 
     def __init__(

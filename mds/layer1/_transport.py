@@ -24,7 +24,9 @@ from mds.errors import Layer1Error
 from mds.layer1._metrics import percentile
 from mds.layer1._paging import BadPayload
 
-logger = logging.getLogger(__name__)
+# The router's logger, not this module's: these lines were the router's before it was cut along
+# its roles, and logging configured for "mds.layer1.router" must keep seeing them.
+logger = logging.getLogger("mds.layer1.router")
 
 
 @dataclass
@@ -124,7 +126,8 @@ class Transport:
     headers : mapping
         Request headers.
     timeout_s, max_retries, backoff_s, max_backoff_s, rate_limit, rate_window_s
-        As :class:`~mds.layer1.UpbitRouter`.
+        As :class:`~mds.layer1.UpbitRouter`. These attributes (and ``base_url``) are the one home
+        of the router's settings of the same names; each is read when it is used.
     counts : collections.Counter
         The router's counters; the transport adds ``requests``, ``retries``, ``timeouts``,
         ``transport_errors``, ``bad_payloads``, ``rate_limited``, ``blocked``, ``server_errors``

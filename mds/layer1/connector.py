@@ -40,6 +40,7 @@ from mds.layer1._foreign import call_foreign
 from mds.layer1._metrics import Layer1Stats
 from mds.layer1._paging import PAGE_SIZE, paginate_candles
 from mds.layer1._peeking import CachePeek
+from mds.layer1._settings import Forwarded
 from mds.models import Config, DataType, StorageRequest
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import iso_utc_z, now_ms
@@ -68,6 +69,12 @@ class SmartRouterConnector:
         Candles per Layer 1 call (Upbit's maximum, 200).
     """
 
+    # One home each, read at each use by the calls here and by the cache peeks alike: the peek
+    # helper's attribute. Assigning one after construction takes effect at the next call.
+    layer1 = Forwarded[Any]("_cache_peek")
+    timeout_s = Forwarded[float]("_cache_peek")
+    page_size = Forwarded[int]("_cache_peek")
+
     def __init__(
         self,
         layer1: Any,
@@ -80,13 +87,10 @@ class SmartRouterConnector:
         for name in ("get_candle_data", "get_ticker_data", "get_orderbook_data", "get_trades"):
             if not callable(getattr(layer1, name, None)):
                 raise TypeError(f"layer1 lacks {name}(); it must have the Smart Router's async shape")
-        self.layer1 = layer1
-        self.timeout_s = float(timeout_s)
         self.config = config or Config()
         self._clock = clock or now_ms
-        self.page_size = int(page_size)
         self._stats = Layer1Stats()
-        self._cache_peek = CachePeek(layer1, self.timeout_s, self.page_size, self._stats)
+        self._cache_peek = CachePeek(layer1, float(timeout_s), int(page_size), self._stats)
         self.policy: dict[str, Any] | None = None
 
     # -- the one call path -------------------------------------------------------------------

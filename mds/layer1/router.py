@@ -43,6 +43,7 @@ import numpy as np
 from mds.errors import InvalidRequestError
 from mds.layer1._paging import PAGE_SIZE, BadPayload, CandlePages, page_ts, paginate_candles
 from mds.layer1._response_cache import ResponseCache
+from mds.layer1._settings import Forwarded
 from mds.layer1._transport import Transport
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
@@ -102,6 +103,20 @@ class UpbitRouter:
     in the event loop of the first call; one router serves one event loop at a time.
     """
 
+    # Each setting has one home, read at each use: the transport's or the cache's attribute.
+    # Assigning one here after construction takes effect at the next request or cache access.
+    base_url = Forwarded[str]("_transport")
+    timeout_s = Forwarded[float]("_transport")
+    max_retries = Forwarded[int]("_transport")
+    backoff_s = Forwarded[float]("_transport")
+    max_backoff_s = Forwarded[float]("_transport")
+    rate_limit = Forwarded[int]("_transport")
+    rate_window_s = Forwarded[float]("_transport")
+    candle_ttl_s = Forwarded[float]("_cache")
+    candle_cache_count = Forwarded[int]("_cache")
+    ticker_ttl_s = Forwarded[float]("_cache")
+    orderbook_ttl_s = Forwarded[float]("_cache")
+
     def __init__(
         self,
         base_url: str = DEFAULT_BASE_URL,
@@ -123,36 +138,24 @@ class UpbitRouter:
             raise InvalidRequestError("rate_limit must be >= 1 and rate_window_s > 0")
         if max_retries < 0 or timeout_s <= 0:
             raise InvalidRequestError("max_retries must be >= 0 and timeout_s > 0")
-        self.base_url = base_url.rstrip("/")
-        self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
-        self.rate_limit = int(rate_limit)
-        self.rate_window_s = float(rate_window_s)
-        self.candle_ttl_s = float(candle_ttl_s)
-        self.candle_cache_count = int(candle_cache_count)
-        self.ticker_ttl_s = float(ticker_ttl_s)
-        self.orderbook_ttl_s = float(orderbook_ttl_s)
         self._clock = clock or now_ms
-        # The settings above stay readable here; the transport and the cache are built from them.
         self._counts: collections.Counter[str] = collections.Counter()
         self._transport = Transport(
-            self.base_url,
+            base_url.rstrip("/"),
             headers={"Accept": "application/json", **dict(headers or {})},
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-            max_backoff_s=self.max_backoff_s,
-            rate_limit=self.rate_limit,
-            rate_window_s=self.rate_window_s,
+            timeout_s=float(timeout_s),
+            max_retries=int(max_retries),
+            backoff_s=float(backoff_s),
+            max_backoff_s=float(max_backoff_s),
+            rate_limit=int(rate_limit),
+            rate_window_s=float(rate_window_s),
             counts=self._counts,
         )
         self._cache = ResponseCache(
-            candle_ttl_s=self.candle_ttl_s,
-            candle_cache_count=self.candle_cache_count,
-            ticker_ttl_s=self.ticker_ttl_s,
-            orderbook_ttl_s=self.orderbook_ttl_s,
+            candle_ttl_s=float(candle_ttl_s),
+            candle_cache_count=int(candle_cache_count),
+            ticker_ttl_s=float(ticker_ttl_s),
+            orderbook_ttl_s=float(orderbook_ttl_s),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
