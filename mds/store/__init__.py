@@ -74,28 +74,27 @@ class Store:
         config: Config | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        self.config = config if config is not None else Config()
-        if not isinstance(self.config, Config):
+        cfg = config if config is not None else Config()
+        if not isinstance(cfg, Config):
             raise InvalidRequestError("config must be an mds.Config")
+        self._config = cfg
         self._clock: Callable[[], int] = checked_clock(clock) if clock is not None else now_ms
         self.path = Path(path).expanduser() if path is not None else default_path()
         self._lock = threading.RLock()
         self._metrics = Metrics()
         self._symbols_ok: set[str] = set()
         self._closed = False
-        persistent = any(t in self.config.tiers for t in ("disk", "sqlite"))
-        #: False on a directory this process cannot write: the store opens read-only (reads are
-        #: served, writes raise StorageUnavailableError).
-        self.writable = True
+        persistent = any(t in cfg.tiers for t in ("disk", "sqlite"))
+        writable = True
         if persistent:
             # no planted links, ours and private (0700); raises before anything is opened
-            self.writable = check_store_dir(self.path, create=True)
-        self._health = Tiers(self.path, self.config, self._clock, self.writable)
+            writable = check_store_dir(self.path, create=True)
+        self._health = Tiers(self.path, cfg, self._clock, writable)
         self._slots = ChangeSlots()
         try:
             self._health.open(stamp=self._slots.stamp)
             if persistent:
-                self._slots.open(self.path / "changes.bin", self.writable)
+                self._slots.open(self.path / "changes.bin", writable)
                 upkeep.warn_lost_commits(self._health, self._slots)
         except BaseException:
             self._close_tiers()
@@ -140,6 +139,22 @@ class Store:
         self._api = AsyncApi(
             self._reader, self._fetcher, self._realtime, self._metrics, self.config, self._lock, self._check_open
         )
+
+    @property
+    def config(self) -> Config:
+        """The configuration the store was opened with (open another store to change it)."""
+        return self._config
+
+    @property
+    def writable(self) -> bool:
+        """False on a directory this process cannot write: the store opened read-only (reads are
+        served, writes raise StorageUnavailableError). Setting it False makes this store refuse
+        writes from then on."""
+        return self._health.writable
+
+    @writable.setter
+    def writable(self, value: bool) -> None:
+        self._health.writable = bool(value)
 
     # ------------------------------------------------------------------ candles
     def write_candles(

@@ -158,6 +158,8 @@ class Writer:
             self._stamp_final()
 
     def _stamp_final(self) -> None:
+        if not self.slots.dirty:
+            return  # nothing stamped in progress: no commit to acknowledge
         state = self.tiers.states.get("sqlite")
         self.slots.end(None if state is None or state.obj is None else state.obj.last_commit_seq)
 

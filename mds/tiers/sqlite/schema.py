@@ -101,7 +101,7 @@ CREATE TABLE coverage(
     sid INTEGER NOT NULL,
     start_ts INTEGER NOT NULL,
     end_ts INTEGER NOT NULL,
-    crc INTEGER NOT NULL,          -- coverage_crc(sid, start_ts, end_ts)
+    crc INTEGER NOT NULL,          -- _coverage_crc(sid, start_ts, end_ts)
     PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
 """
 _SCHEMA_V3 = (

@@ -112,7 +112,7 @@ class _Txn:
             if s._dirty:
                 s.last_commit_seq = int(seq)
                 s._dirty = False
-                s._upkeep.run_due(conn, s.transaction)
+                s._upkeep.run_due(conn, s.transaction, s)
             return
         _Txn.rollback(s)
         if et is None:
@@ -193,6 +193,12 @@ class SqliteStore:
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.durable = bool(durable)
+        # the upkeep settings live here (read at each use; assignable), and a bad one fails
+        # before the file is created or opened
+        self.vacuum_threshold = float(vacuum_threshold)
+        self.maintenance_interval_s = maintenance_interval_s
+        self.compress_after_days = compress_after_days
+        self._upkeep = upkeep.Upkeep(self.path, clock or (lambda: time.time_ns() // 1_000_000))
         self._depth = 0
         self._doomed = False
         self._dirty = False
@@ -208,25 +214,7 @@ class SqliteStore:
             busy_timeout_ms=busy_timeout_ms,
             vfs=_vfs,
         )
-        self._upkeep = upkeep.Upkeep(
-            self.path,
-            clock or (lambda: time.time_ns() // 1_000_000),
-            vacuum_threshold=vacuum_threshold,
-            maintenance_interval_s=maintenance_interval_s,
-            compress_after_days=compress_after_days,
-        )
-
-    @property
-    def vacuum_threshold(self) -> float:
-        return self._upkeep.vacuum_threshold
-
-    @property
-    def maintenance_interval_s(self) -> float | None:
-        return self._upkeep.maintenance_interval_s
-
-    @property
-    def compress_after_days(self) -> float | None:
-        return self._upkeep.compress_after_days
+        self._upkeep.reschedule(self)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -513,7 +501,7 @@ class SqliteStore:
         """
         if self.readonly or self._depth or self._conn is None:
             return False
-        return self._upkeep.run_due(self._conn, self.transaction)
+        return self._upkeep.run_due(self._conn, self.transaction, self)
 
     @_translated
     def maintain(self, force: bool = False) -> dict[str, Any]:
@@ -541,7 +529,7 @@ class SqliteStore:
         if self._depth:
             raise InvalidRequestError("maintain() cannot run inside a transaction; call it outside batch()")
         self._writable()
-        return self._upkeep.maintain(self._conn_(), self.transaction, force)
+        return self._upkeep.maintain(self._conn_(), self.transaction, self, force)
 
     @_translated
     def integrity_problems(self, full: bool = True) -> list[str]:

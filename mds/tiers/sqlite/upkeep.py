@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
-from typing import Any
+from typing import Any, Protocol
 
 import apsw
 import numpy as np
@@ -29,53 +29,56 @@ _INCREMENTAL_VACUUM_PAGES = 4096  # pages one scheduled run may hand back to the
 Transaction = Callable[[], AbstractContextManager[Any]]
 
 
+class Settings(Protocol):
+    """The upkeep settings. Their one home is the store (``SqliteStore``'s attributes, assignable
+    at any time): every call here reads them from it at each use."""
+
+    vacuum_threshold: float
+    maintenance_interval_s: float | None
+    compress_after_days: float | None
+
+
 class Upkeep:
-    """When and how one SQLite file is maintained: the settings (see ``SqliteStore``), when the
-    next scheduled step is due, and the work. The store passes its connection and its
-    ``transaction`` to each call (compression commits in batches of 64 chunks).
+    """When and how one SQLite file is maintained: when the next scheduled step is due, and the
+    work. The store passes its connection, its ``transaction`` and its :class:`Settings` to each
+    call (compression commits in batches of 64 chunks), and calls :meth:`reschedule` once its
+    file is open.
     """
 
-    __slots__ = ("_clock", "_next_s", "compress_after_days", "maintenance_interval_s", "path", "vacuum_threshold")
+    __slots__ = ("_clock", "_next_s", "path")
 
-    def __init__(
-        self,
-        path: str,
-        clock: Callable[[], int],
-        *,
-        vacuum_threshold: float,
-        maintenance_interval_s: float | None,
-        compress_after_days: float | None,
-    ) -> None:
+    def __init__(self, path: str, clock: Callable[[], int]) -> None:
         self.path = path
         self._clock = clock
-        self.vacuum_threshold = float(vacuum_threshold)
-        self.maintenance_interval_s = maintenance_interval_s
-        self.compress_after_days = compress_after_days
-        self._next_s = self._now_s() + (maintenance_interval_s or 0.0)
+        self._next_s = 0.0
 
     def _now_s(self) -> float:
         return self._clock() / 1000.0
 
-    def run_due(self, conn: Any, transaction: Transaction) -> bool:
+    def reschedule(self, settings: Settings) -> None:
+        """The next scheduled step is due ``maintenance_interval_s`` from now."""
+        self._next_s = self._now_s() + (settings.maintenance_interval_s or 0.0)
+
+    def run_due(self, conn: Any, transaction: Transaction, settings: Settings) -> bool:
         """Run the bounded scheduled step if ``maintenance_interval_s`` has passed since the last
         (outside a transaction); whether it ran. A failed step is logged and retried next time."""
-        if self.maintenance_interval_s is None:
+        if settings.maintenance_interval_s is None:
             return False
         now = self._now_s()
         if now < self._next_s:
             return False
-        self._next_s = now + self.maintenance_interval_s
+        self._next_s = now + settings.maintenance_interval_s
         try:
-            self._scheduled_step(conn, transaction)
+            self._scheduled_step(conn, transaction, settings)
         except (apsw.Error, MdsError) as exc:
             logger.warning("SQLite store %s: scheduled maintenance failed (will retry): %s", self.path, exc)
         return True
 
-    def _scheduled_step(self, conn: Any, transaction: Transaction) -> None:
+    def _scheduled_step(self, conn: Any, transaction: Transaction, settings: Settings) -> None:
         """Bounded work after a commit: compress some old chunks, hand free pages back, optimize."""
-        n = self._compress_old(conn, transaction, budget_s=_COMPRESS_BUDGET_S)
+        n = self._compress_old(conn, transaction, settings.compress_after_days, budget_s=_COMPRESS_BUDGET_S)
         frag = fragmentation(conn)
-        if frag > self.vacuum_threshold:
+        if frag > settings.vacuum_threshold:
             if pragma_int(conn, "auto_vacuum") == 2:
                 # frees one page per step: the statement must be run to its end, not just started
                 conn.execute(f"PRAGMA incremental_vacuum({_INCREMENTAL_VACUUM_PAGES})").fetchall()
@@ -84,7 +87,7 @@ class Upkeep:
         _optimize(conn)
         logger.debug("SQLite store %s: scheduled maintenance compressed %d chunks", self.path, n)
 
-    def maintain(self, conn: Any, transaction: Transaction, force: bool) -> dict[str, Any]:
+    def maintain(self, conn: Any, transaction: Transaction, settings: Settings, force: bool) -> dict[str, Any]:
         """The work of ``SqliteStore.maintain`` (outside any transaction): its report."""
         path = self.path
         t0 = time.perf_counter()
@@ -93,7 +96,7 @@ class Upkeep:
             "page_fragmentation_before": page_fragmentation(conn),
             "size_before": size_bytes(path),
         }
-        report["compressed_chunks"] = self._compress_old(conn, transaction, budget_s=None)
+        report["compressed_chunks"] = self._compress_old(conn, transaction, settings.compress_after_days, budget_s=None)
         problems = sqlite_problems(conn, full=force)
         reindexed = False
         if any("index" in p for p in problems):
@@ -103,7 +106,7 @@ class Upkeep:
             problems = sqlite_problems(conn, full=True)
         frag = fragmentation(conn)
         vacuumed = False
-        if force or frag > self.vacuum_threshold:
+        if force or frag > settings.vacuum_threshold:
             _checkpoint(conn, path)
             conn.execute("VACUUM")
             vacuumed = True
@@ -124,7 +127,7 @@ class Upkeep:
             problems=problems,
             seconds=time.perf_counter() - t0,
         )
-        self._next_s = self._now_s() + (self.maintenance_interval_s or 0.0)
+        self.reschedule(settings)
         logger.info(
             "SQLite store %s maintained: fragmentation %.3f -> %.3f, vacuumed=%s, %d chunks compressed",
             path,
@@ -135,12 +138,15 @@ class Upkeep:
         )
         return report
 
-    def _compress_old(self, conn: Any, transaction: Transaction, budget_s: float | None) -> int:
-        """Compress raw chunks whose newest candle is older than ``compress_after_days``, 64 per
-        transaction, until none is left or ``budget_s`` has passed; how many were compressed."""
-        if self.compress_after_days is None:
+    def _compress_old(
+        self, conn: Any, transaction: Transaction, compress_after_days: float | None, budget_s: float | None
+    ) -> int:
+        """Compress raw chunks whose newest candle is older than ``compress_after_days`` (None:
+        none), 64 per transaction, until none is left or ``budget_s`` has passed; how many were
+        compressed."""
+        if compress_after_days is None:
             return 0
-        cutoff = int(self._clock() - self.compress_after_days * 86_400_000)
+        cutoff = int(self._clock() - compress_after_days * 86_400_000)
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         done = 0
         after = (-(1 << 63), -1)  # (last_ts, key) seen last: a damaged chunk left raw is not selected again
