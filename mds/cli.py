@@ -1,9 +1,15 @@
-"""The ``mds`` command: demo, backfill, get, gaps, import, export, stats, maintain, check, plot.
+"""The ``mds`` command: demo, backfill, get, gaps, import, export, stats, maintain, check, plot,
+migrate.
 
-Every command takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``). Times on the command line
+Every command takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``). Every command that opens a
+store also takes ``--history URL`` (default ``$MDS_HISTORY``): a ``postgresql://`` URL puts the
+history there instead of the SQLite file under ``--path`` (memory and LMDB stay under ``--path``).
+The demo never does (its candles are generated, they have no place in a shared history). ``migrate``
+copies the SQLite history under ``--path`` into a PostgreSQL database. Times on the command line
 are ISO-8601 dates or times (UTC unless an offset is given) or epoch milliseconds. Errors are one
 line on stderr: exit 2 for bad input (arguments, symbols, timeframes, ranges, unreadable or
-invalid import files), 1 for everything else (storage or Layer 1 failures, ``check`` problems).
+invalid import files, a history that is not a postgresql:// URL), 1 for everything else (storage,
+server or Layer 1 failures, ``check`` problems, a ``migrate`` whose verification found differences).
 """
 
 from __future__ import annotations
@@ -16,23 +22,28 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import numpy as np
 
 from mds import _importers, _kernels as K
 from mds._dtypes import CANDLE_DTYPE
 from mds._importers import IMPORT_FORMATS, BadInput, CandleFile
+from mds._migrate import WINDOW as MIGRATE_WINDOW
 from mds.convert import candles_to_upbit
-from mds.errors import InvalidCandleError, InvalidRequestError, MdsError
+from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
 from mds.symbols import validate_symbol
 from mds.timeframes import DAY_MS, MINUTE_MS, Timeframe, parse_timeframe
 from mds.timeutil import iso_utc, now_ms, to_ms
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["main"]
 
@@ -123,13 +134,57 @@ def _store_path(args: argparse.Namespace) -> Path:
     return default_path()
 
 
+def _history(args: argparse.Namespace) -> str | None:
+    """The history URL: ``--history``, else ``$MDS_HISTORY``; None (SQLite under --path) without."""
+    from mds.tiers.durable import is_server_url
+
+    given = getattr(args, "history", None)
+    url = given if given is not None else os.environ.get("MDS_HISTORY", "")
+    url = url.strip()
+    if not url:
+        if given is not None:
+            raise BadInput("--history is empty (give a postgresql:// URL, or leave it out for SQLite under --path)")
+        return None
+    if not is_server_url(url):
+        origin = "--history" if given is not None else "MDS_HISTORY"
+        raise BadInput(f"{origin} must be a postgresql:// URL, not {_shown_url(url)}")
+    return url
+
+
+def _shown_url(url: str) -> str:
+    """A URL for a message, without its password."""
+    from mds.tiers.durable import _shown
+
+    return _shown(url)
+
+
 def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: Any = None, **kw: Any) -> Any:
+    """The one place the commands open a store: ``--path`` and ``--history`` (or ``$MDS_HISTORY``).
+
+    With a history on a server, ``--path`` holds only the local tiers (created when missing), and
+    a server that cannot be reached fails here, with one line, rather than leaving the command a
+    store whose history tier is degraded.
+    """
     import mds
 
     path = _store_path(args)
-    if must_exist and not path.is_dir():
+    history = _history(args)
+    if history is None and must_exist and not path.is_dir():
         raise BadInput(f"no store at {path} (create one with 'mds backfill' or 'mds import', or give --path)")
-    return mds.open(path, layer1=layer1, **kw)
+    store = mds.open(path, layer1=layer1, history=history, **kw)
+    if history is not None:
+        state = store.stats()["tiers"].get("sqlite", {})
+        if state.get("degraded"):
+            store.close()
+            error = str(state.get("error") or "unavailable").removeprefix("StorageUnavailableError: ")
+            raise _history_error(history, error)
+    return store
+
+
+def _history_error(url: str, error: str) -> StorageUnavailableError:
+    """The error of a history that cannot be used, naming it (without its password) once."""
+    shown = _shown_url(url)
+    return StorageUnavailableError(error if shown in error else f"history at {shown}: {error}")
 
 
 def _fmt_time(ms: int) -> str:
@@ -372,22 +427,27 @@ def _pct(v: float | None) -> str:
 
 
 class _Progress:
-    """A progress bar on a terminal, one line per series otherwise."""
+    """A progress bar on a terminal; otherwise plain lines: one per series, and one every
+    ``_PLAIN_EVERY_S`` seconds while a long one runs."""
+
+    _PLAIN_EVERY_S = 30.0
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last_line = time.monotonic()
 
-    def update(self, label: str, done: int, total: int, candles: int, final: bool = False) -> None:
-        share = done / total if total else 1.0
+    def update(self, label: str, done: int, total: int, candles: int, final: bool = False, extra: str = "") -> None:
+        share = min(1.0, done / total) if total else 1.0
         bar = "#" * int(share * 30)
-        line = f"{label} [{bar:<30}] {100 * share:5.1f} % {candles} candles"
+        line = f"{label} [{bar:<30}] {100 * share:5.1f} % {candles} candles{extra}"
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))  # erase a longer line's rest
             self.stream.flush()
-        elif final:
+        elif final or time.monotonic() - self._last_line >= self._PLAIN_EVERY_S:
             self.stream.write(line + "\n")
             self.stream.flush()
+            self._last_line = time.monotonic()
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -703,6 +763,109 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# migrate
+# ---------------------------------------------------------------------------------------------
+
+#: Tests only: after this many committed windows, ``migrate`` says so on stderr and waits for its
+#: stdin to close, so that a test can kill it at a known point (a real interruption).
+_MIGRATE_PAUSE_ENV = "MDS_MIGRATE_TEST_PAUSE_AFTER"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy the SQLite history under --path into PostgreSQL, resumably; then verify it."""
+    from mds import _migrate as migration
+    from mds.models import Config
+    from mds.tiers.durable import is_server_url, open_durable
+    from mds.tiers.sqlite import SqliteStore
+
+    env = os.environ.get("MDS_HISTORY", "").strip()
+    url = args.to.strip() if args.to is not None else env
+    if not url:
+        raise BadInput("give --to postgresql://... (or set MDS_HISTORY)")
+    if not is_server_url(url):
+        raise BadInput(f"--to must be a postgresql:// URL, not {_shown_url(url)}")
+    path = _store_path(args)
+    db = path / "candles.sqlite3"
+    if not db.is_file():
+        raise BadInput(f"no SQLite history at {db} (give --path)")
+    shown = _shown_url(url)
+    pause_after = int(os.environ.get(_MIGRATE_PAUSE_ENV, "0") or 0)
+    progress = _Progress(sys.stderr)
+    done = migration.Copied()
+    t0 = time.perf_counter()
+
+    def show(i: int, s: migration.SeriesSpan, seen: int, totals: migration.Copied, final: bool = False) -> None:
+        rate = totals.candles / max(time.perf_counter() - t0, 1e-9)
+        label = f"series {i}/{len(plan)} {s.symbol} {s.tf.name}"
+        extra = f"; in all {totals.candles} copied, {totals.present} already there, {rate:,.0f} candles/s"
+        progress.update(label, seen, s.candles, seen, final=final, extra=extra)
+
+    def on_window(i: int, s: migration.SeriesSpan, seen: int, totals: migration.Copied) -> None:
+        show(i, s, seen, totals)
+        if pause_after and totals.windows == pause_after:
+            sys.stderr.write(f"mds migrate: paused after {totals.windows} windows ({_MIGRATE_PAUSE_ENV})\n")
+            sys.stderr.flush()
+            sys.stdin.read()  # until the test kills this process (or closes stdin: then go on)
+
+    with contextlib.ExitStack() as stack:
+        src = SqliteStore(db, readonly=True)
+        stack.callback(src.close)
+        origin = f"{socket.gethostname()}:mds-migrate:{os.getpid()}"
+        try:
+            dst = open_durable(path, Config(), readonly=False, clock=now_ms, history=url, origin=origin)
+        except StorageUnavailableError as exc:
+            raise _history_error(url, str(exc)) from exc
+        stack.callback(dst.close)
+        plan = migration.source_series(src)
+        if not plan:
+            sys.stdout.write(f"nothing to copy: {db} holds no series\n")
+            return 0
+        try:
+            migration.copy(
+                src,
+                dst,
+                plan,
+                window=args.window,
+                done=done,
+                on_window=on_window,
+                on_series=lambda i, s, totals: show(i, s, s.candles, totals, final=True),
+            )
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                f"mds migrate: interrupted after {done.candles} candles copied; run the same command again to resume\n"
+            )
+            return 130
+        secs = time.perf_counter() - t0
+        out = sys.stdout
+        if done.windows == 0:
+            out.write(
+                f"nothing to copy: {shown} already holds all {len(plan)} series of {db} ({done.present} candles)\n"
+            )
+        else:
+            out.write(
+                f"migrated {len(plan)} series from {db} to {shown}: {done.candles} candles copied"
+                f" ({done.present} already there), {done.ranges} coverage ranges, "
+                f"{done.windows} transactions, {secs:.1f} s\n"
+            )
+        problems = migration.verify(
+            src,
+            dst,
+            plan,
+            window=args.window,
+            on_series=lambda i, s: progress.update(
+                f"verify {i}/{len(plan)} {s.symbol} {s.tf.name}", s.candles, s.candles, s.candles, final=True
+            ),
+        )
+    if problems:
+        for p in problems:
+            out.write(f"problem: {p}\n")
+        sys.stderr.write(f"mds migrate: verification found {len(problems)} series that differ\n")
+        return 1
+    out.write(f"verified: {len(plan)} series equal (candle counts, checksums, coverage)\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # parser and entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -720,8 +883,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what the store does (to stderr)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help_, description=description or help_)
+    history = _Parser(add_help=False)
+    history.add_argument(
+        "--history",
+        metavar="URL",
+        default=None,
+        help="keep the history (candles, coverage) in this PostgreSQL database, postgresql://user@host/db, "
+        "instead of the SQLite file under --path; memory and LMDB stay under --path "
+        "(default: $MDS_HISTORY, else SQLite)",
+    )
+
+    def add(
+        name: str, help_: str, description: str | None = None, *, opens_store: bool = True
+    ) -> argparse.ArgumentParser:
+        parents = [common, history] if opens_store else [common]
+        return sub.add_parser(name, parents=parents, help=help_, description=description or help_)
 
     def series(sp: argparse.ArgumentParser, ranged: bool = True) -> None:
         sp.add_argument("symbol", metavar="SYMBOL", help="Upbit market code, e.g. KRW-BTC")
@@ -735,7 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
         "offline demo: FakeUpbit, backfill, strategy-like reads, gaps, statistics",
         "Runs offline: a local FakeUpbit with seeded liquid and illiquid markets, a store in a temporary "
         "directory (or --path), a backfill of 1m candles through UpbitRouter, strategy-like reads while a "
-        "simulated clock moves on, then a table of hit rates, latencies, Layer 1 requests, gaps and sizes.",
+        "simulated clock moves on, then a table of hit rates, latencies, Layer 1 requests, gaps and sizes. "
+        "Its history is always SQLite (generated candles never go to a shared history: MDS_HISTORY is ignored).",
+        opens_store=False,
     )
     d.add_argument("--days", type=_positive_int, default=3, help="days of 1m candles to backfill (default 3)")
     d.add_argument("--markets", type=_positive_int, default=5, help="number of markets (default 5, at most 8)")
@@ -804,7 +982,36 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--count", "-n", type=_positive_int, help="latest N closed candles (default 300)")
     pl.add_argument("--out", "-o", required=True, metavar="FILE.png")
     pl.set_defaults(func=cmd_plot)
+
+    mg = add(
+        "migrate",
+        "copy the SQLite history under --path into PostgreSQL (resumable)",
+        "Copy the SQLite history under --path (candles and coverage, every series) into the PostgreSQL "
+        "database at --to, series by series in windows of --window candles: each window's candles and "
+        "coverage are one transaction, so an interrupted run leaves no candles without their coverage. "
+        "Run it again to resume: windows the database already holds are skipped, nothing is copied twice. "
+        "Where the database already holds a candle of the same time, the SQLite one replaces it. "
+        "Then every series is verified (candle counts, checksums, coverage); exit 1 on a difference. "
+        "The SQLite file is only read.",
+        opens_store=False,
+    )
+    mg.add_argument(
+        "--to", metavar="URL", default=None, help="the PostgreSQL database, postgresql://... (default: $MDS_HISTORY)"
+    )
+    mg.add_argument(
+        "--window",
+        type=_positive_int,
+        default=MIGRATE_WINDOW,
+        metavar="N",
+        help=f"candles per transaction (default {MIGRATE_WINDOW:,})",
+    )
+    mg.set_defaults(func=cmd_migrate)
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a driver's message may span several)."""
+    return " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -826,16 +1033,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (BadInput, InvalidRequestError, InvalidCandleError) as exc:
-        sys.stderr.write(f"{prog}: error: {exc}\n")
+        sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return 2
     except MdsError as exc:
-        sys.stderr.write(f"{prog}: error: {exc}\n")
+        sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return 1
     except OSError as exc:
-        sys.stderr.write(f"{prog}: error: {exc}\n")
+        sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return 1
     except ValueError as exc:
-        sys.stderr.write(f"{prog}: error: {exc}\n")
+        sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

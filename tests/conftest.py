@@ -32,3 +32,9 @@ def _children_import_the_package_under_test(tmp_path_factory: pytest.TempPathFac
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_pp
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_history_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's MDS_HISTORY must not send the commands tests start into a shared database."""
+    monkeypatch.delenv("MDS_HISTORY", raising=False)

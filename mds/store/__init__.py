@@ -8,6 +8,7 @@ work to the role that owns it:
 - :mod:`mds.store.writes`: validation, commit order, batches, deletes;
 - :mod:`mds.store.coverage`: the coverage cache and gap kinds;
 - :mod:`mds.store.changes`: cross-process change stamps;
+- :mod:`mds.store.remote`: other hosts' changes to a shared durable tier;
 - :mod:`mds.store.fetch`: what to ask Layer 1, on the store's Layer 1 thread;
 - :mod:`mds.store.health`: the tiers' lifecycle, degradation and recovery;
 - :mod:`mds.store.upkeep`: ``maintain()`` and ``check()``;
@@ -40,6 +41,7 @@ from mds.store.fetch import Fetcher
 from mds.store.health import Tiers, storage_errors
 from mds.store.metrics import Metrics
 from mds.store.reads import Reader, time_range
+from mds.store.remote import RemoteChanges
 from mds.store.writes import Writer
 from mds.symbols import validate_symbol
 from mds.tiers.realtime import RealtimeCache
@@ -73,10 +75,15 @@ class Store:
         layer1: Any = None,
         config: Config | None = None,
         clock: Callable[[], int] | None = None,
+        history: str | None = None,
     ) -> None:
+        if history is not None and not isinstance(history, str):
+            raise InvalidRequestError("history must be None or a postgresql:// URL string")
         cfg = config if config is not None else Config()
         if not isinstance(cfg, Config):
             raise InvalidRequestError("config must be an mds.Config")
+        if history is not None and "sqlite" not in cfg.tiers:
+            raise InvalidRequestError('history names the durable tier: config.tiers must include "sqlite"')
         self._config = cfg
         self._clock: Callable[[], int] = checked_clock(clock) if clock is not None else now_ms
         self.path = Path(path).expanduser() if path is not None else default_path()
@@ -89,12 +96,15 @@ class Store:
         if persistent:
             # no planted links, ours and private (0700); raises before anything is opened
             writable = check_store_dir(self.path, create=True)
-        self._health = Tiers(self.path, cfg, self._clock, writable)
+        self._health = Tiers(self.path, cfg, self._clock, writable, history)
         self._slots = ChangeSlots()
+        self._remote = RemoteChanges(self._health, self._slots, self._lock)
+        self._health.on_open.append(self._remote.opened)
         try:
-            self._health.open(stamp=self._slots.stamp)
             if persistent:
                 self._slots.open(self.path / "changes.bin", writable)
+            self._health.open(stamp=self._slots.stamp)
+            if persistent:
                 upkeep.warn_lost_commits(self._health, self._slots)
         except BaseException:
             self._close_tiers()
@@ -414,6 +424,7 @@ def open(  # the public name fixed by DESIGN.md
     layer1: Any = None,
     config: Config | None = None,
     clock: Callable[[], int] | None = None,
+    history: str | None = None,
 ) -> Store:
     """Open (creating if needed) a store.
 
@@ -428,5 +439,9 @@ def open(  # the public name fixed by DESIGN.md
         :class:`mds.Config`; defaults for every field.
     clock
         Callable returning epoch ms (for simulations and tests); default the wall clock.
+    history
+        None: the durable tier (history, coverage, change tracking) is the SQLite file under
+        ``path``. A ``postgresql://`` URL puts it in that PostgreSQL database, shared by every host
+        that names it; memory and LMDB stay local under ``path`` (needs the ``postgres`` extra).
     """
-    return Store(path, layer1=layer1, config=config, clock=clock)
+    return Store(path, layer1=layer1, config=config, clock=clock, history=history)

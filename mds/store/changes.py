@@ -103,6 +103,17 @@ class ChangeSlots:
         if commit_seq is not None and self.acked is not None and commit_seq > self.acked[0]:
             self.acked[0] = commit_seq
 
+    def touch(self, key: tuple[str, str]) -> None:
+        """Move a series' stamp (final, even) without a write here: what every process on this
+        directory caches of the series is dropped at its next read (another host changed it)."""
+        if self.array is not None:
+            self.array[self.slot(key)] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
+
+    def touch_all(self) -> None:
+        """Move every stamp: anything may have changed."""
+        if self.array is not None:
+            self.array[:] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
+
     def lost_commits(self, have: Callable[[], int]) -> str | None:
         """A message when the durable tier holds fewer commits (``have()``) than stores on this
         path acknowledged; None when nothing was lost (or there is no record to compare with).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,15 +77,26 @@ class Tiers:
     must see the durable tier's newest commit.
     """
 
-    def __init__(self, path: Path, config: Config, clock: Callable[[], int], writable: bool) -> None:
+    def __init__(
+        self, path: Path, config: Config, clock: Callable[[], int], writable: bool, history: str | None = None
+    ) -> None:
         self.path = path
         self.config = config
+        #: None: the durable tier is the SQLite file under ``path``; else the server URL it lives at.
+        self.history = history
+        #: The durable tier's name in messages.
+        self.durable_name = "SQLite" if history is None else "PostgreSQL"
         self.clock = clock
         self.writable = writable
         self.states: dict[str, TierState] = {}
         self.reading = threading.local()
         self.stamp: Callable[[str, Timeframe], int | None] = lambda sym, tf: None
         self._disk_marked = False
+        #: False while a shared durable tier's change feed is down: memory and LMDB are then not
+        #: used (their copies may be stale; see mds.store.remote).
+        self.feed_live = True
+        #: Called with (name, tier object) each time a tier opens (also on a reopen after a failure).
+        self.on_open: list[Callable[[str, Any], None]] = []
 
     @property
     def durable(self) -> bool:
@@ -120,7 +132,14 @@ class Tiers:
         cfg = self.config
         try:
             if name == "sqlite":
-                state.obj = open_durable(self.path, cfg, readonly=not self.writable, clock=self.clock)
+                state.obj = open_durable(
+                    self.path,
+                    cfg,
+                    readonly=not self.writable,
+                    clock=self.clock,
+                    history=self.history,
+                    origin=origin_of(self.path),
+                )
             else:
                 from mds.tiers.disk import LmdbTier
 
@@ -141,12 +160,14 @@ class Tiers:
             return False
         state.degraded_at = None
         state.error = None
+        for hook in self.on_open:
+            hook(name, state.obj)
         return True
 
     def _disk_loader(self, symbol: str, tf: Timeframe, start: int, end: int) -> np.ndarray:
         db = self.tier("sqlite")
         if db is None:
-            raise StorageUnavailableError("SQLite tier unavailable; cannot refresh the disk tier")
+            raise StorageUnavailableError(f"{self.durable_name} tier unavailable; cannot refresh the disk tier")
         return db.read_range(symbol, tf, start, end)
 
     # ------------------------------------------------------------------ the stale-disk marker
@@ -198,6 +219,8 @@ class Tiers:
         state = self.states.get(name)
         if state is None or (name == "memory" and getattr(self.reading, "bypass", False)):
             return None
+        if not self.feed_live and name != "sqlite":
+            return None
         if state.degraded_at is not None:
             # A tier that could not even open (a full disk, a file being replaced) is tried again
             # at once: an open that fails is quick, and space may have been freed since.
@@ -246,7 +269,7 @@ class Tiers:
             return None
         db = self.tier("sqlite")
         if db is None:
-            raise StorageDown(reason=f"the SQLite tier is unavailable ({self.states['sqlite'].error})")
+            raise StorageDown(reason=f"the {self.durable_name} tier is unavailable ({self.states['sqlite'].error})")
         return db
 
     def ask_db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -261,7 +284,7 @@ class Tiers:
             raise StorageDown(reason=str(exc), damaged=exc) from exc
         except BACKEND_ERRORS as exc:
             self.failed("sqlite", exc)
-            raise StorageDown(reason=f"the SQLite tier could not answer: {exc}") from exc
+            raise StorageDown(reason=f"the {self.durable_name} tier could not answer: {exc}") from exc
 
     def first_stored(self, sym: str, tf: Timeframe) -> int | None:
         """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""
@@ -276,6 +299,18 @@ class Tiers:
             if state.obj is not None and hasattr(state.obj, "close"):
                 with contextlib.suppress(*BACKEND_ERRORS):
                     state.obj.close()
+
+
+def origin_of(path: Path) -> str:
+    """This store directory's name in a shared durable tier's change feed: host and the
+    directory's identity, the same for every process that opens it (they share its fast tiers,
+    which each writer keeps exact itself), different for every other store directory."""
+    try:
+        st = os.stat(path)
+        ident = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        ident = str(path)
+    return f"{socket.gethostname()}:{ident}"
 
 
 def transient(exc: BaseException) -> bool:

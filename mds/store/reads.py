@@ -56,8 +56,9 @@ class Reader:
         """The memory hit of a latest-N read, with the same checks as the general path, in few
         steps: change stamp, coverage reaching the last closed interval, memory window inside it.
         None means "take the general path" (which may still answer from memory)."""
-        state = self.tiers.states.get("memory")
-        if state is None or state.degraded_at is not None:
+        tiers = self.tiers
+        state = tiers.states.get("memory")
+        if state is None or state.degraded_at is not None or not tiers.feed_live:
             return None
         key = (sym, tf.name)
         slots = self.slots

@@ -121,7 +121,7 @@ class Writer:
             if tiers.durable:
                 if db is None:
                     raise StorageUnavailableError(
-                        f"SQLite tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
+                        f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
                     )
                 self.slots.begin(sym, tf)
                 if tiers.tier("disk") is None:
@@ -323,7 +323,7 @@ class Writer:
             db = tiers.tier("sqlite")
             if tiers.durable:
                 if db is None:
-                    raise StorageUnavailableError("SQLite tier is degraded; nothing was deleted")
+                    raise StorageUnavailableError(f"{tiers.durable_name} tier is degraded; nothing was deleted")
                 self.slots.begin(sym, tf)
                 try:
                     removed = int(db.delete(sym, tf, s, e))

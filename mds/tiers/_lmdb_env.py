@@ -498,7 +498,6 @@ class _Env:
         self.resizes += 1
         return True
 
-
     # -- transactions ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def reading(self) -> Iterator[tuple[_Env, Any]]:

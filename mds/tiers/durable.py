@@ -29,11 +29,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mds.errors import StorageUnavailableError
+from mds.errors import InvalidRequestError, StorageUnavailableError
 from mds.models import Config
 from mds.timeframes import Timeframe
 
-__all__ = ["DamagedChunkError", "DurableTier", "open_durable"]
+__all__ = ["ChangeFeed", "DamagedChunkError", "DurableTier", "is_server_url", "open_durable"]
 
 
 class DamagedChunkError(StorageUnavailableError):
@@ -158,13 +158,65 @@ class DurableTier(Protocol):
         ...
 
 
+class ChangeFeed(Protocol):
+    """A durable tier that several hosts share tells each of them what the others changed.
+
+    A host's fast tiers (memory, LMDB) hold copies of durable rows; a write committed by another
+    host makes them stale. A shared tier implements this as well as :class:`DurableTier`.
+    """
+
+    @property
+    def listening(self) -> bool:
+        """Whether every change another origin commits is reported now."""
+        ...
+
+    def subscribe(self, callback: Callable[[str | None, str | None, int, int], None]) -> None:
+        """Call ``callback(symbol, timeframe_name, start, end)`` (from a background thread) for
+        every span another origin committed a change to, and ``callback(None, None, 0, 0)`` each
+        time the feed starts or stops listening (see :attr:`listening`): anything may have
+        changed meanwhile."""
+        ...
+
+
+def is_server_url(history: str | None) -> bool:
+    """Whether ``history`` names a database server (``postgresql://`` or ``postgres://``)."""
+    return history is not None and history.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
 def open_durable(
-    path: str | os.PathLike[str], config: Config, *, readonly: bool, clock: Callable[[], int]
+    path: str | os.PathLike[str],
+    config: Config,
+    *,
+    readonly: bool,
+    clock: Callable[[], int],
+    history: str | None = None,
+    origin: str = "",
 ) -> DurableTier:
-    """Open the durable tier a store's ``config`` asks for under the store directory ``path``.
+    """Open the durable tier: the SQLite file under the store directory ``path`` when
+    ``history`` is None, else the server database it names (``origin`` tells this store's
+    changes apart from other hosts' in the change feed).
 
     Raises whatever the backend raises when it cannot open (the Store degrades the tier).
     """
+    if history is not None:
+        if not is_server_url(history):
+            raise InvalidRequestError(
+                f"history must be None (SQLite under the store path) or a postgresql:// URL, not {_shown(history)}"
+            )
+        try:
+            from mds.tiers.postgres import PostgresTier
+        except ImportError as exc:  # the optional dependency is missing
+            raise StorageUnavailableError(
+                f"history on PostgreSQL needs the postgres extra: pip install 'upbit-mds[postgres]' ({exc})"
+            ) from exc
+        return PostgresTier(
+            history,
+            readonly=readonly,
+            clock=clock,
+            origin=origin,
+            compress_after_days=config.compress_after_days,
+            vacuum_threshold=config.vacuum_threshold,
+        )
     from mds.tiers.sqlite import SqliteStore
 
     return SqliteStore(
@@ -176,3 +228,13 @@ def open_durable(
         compress_after_days=config.compress_after_days,
         clock=clock,
     )
+
+
+def _shown(url: str) -> str:
+    """A URL for an error message, without its password."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        user = cred.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in cred else url
+    return repr(url[:80])

@@ -15,12 +15,13 @@ from mds.errors import MdsError
 from mds.tiers.durable import DamagedChunkError
 from mds.tiers.sqlite.codec import (
     CID_BITS,
-    NEG_INF,
-    POS_INF,
     TS_LIMIT,
     Damage,
     chunk_key,
+    chunk_problems,
     chunk_span,
+    coverage_problems,
+    tail_problems,
     tail_row_problem,
     tail_rows,
     verified,
@@ -149,37 +150,13 @@ def invariant_problems(conn: Any, path: str) -> list[str]:
         except MdsError as exc:
             problems.append(f"{where} of {sym} {tfn}: unknown timeframe ({exc})")
             continue
-        span = chunk_span(key, tf)
-        where = f"chunk {key} of {sym} {tfn} [{span[0]}, {span[1]})"
-        try:
-            a = verified(codec, crc, data)
-        except Damage as exc:
-            problems.append(f"{where}: damaged, {exc} (quarantine_damaged() drops it for a refetch)")
-            continue
-        ts = a["ts"]
-        if len(a) != n or not len(a):
-            problems.append(f"{where}: holds {len(a)} rows, catalogue says {n}")
-            continue
-        if len(a) > 1 and not bool(np.all(ts[1:] > ts[:-1])):
-            problems.append(f"{where}: rows not sorted or not unique")
-        if int(ts[0]) != first or int(ts[-1]) != last:
-            problems.append(f"{where}: first/last ts {ts[0]}/{ts[-1]} differ from {first}/{last}")
-        if chunk_key(sid, tf, int(ts[0])) != key or chunk_key(sid, tf, int(ts[-1])) != key:
-            problems.append(f"{where}: rows outside the chunk's time span")
-        if int(ts[-1]) >= seal:
-            problems.append(f"{where}: rows at or after the live-edge boundary {seal}")
-        if not bool(np.all(tf.aligned(ts))):
-            problems.append(f"{where}: misaligned ts")
+        problems += chunk_problems(key, n, first, last, codec, crc, data, f"{sym} {tfn}", tf, seal)
     for sid, ts, v in conn.execute("SELECT sid, ts, v FROM tail"):
         if sid not in seals:
             problems.append(f"tail row ({sid}, {ts}): belongs to no catalogued series")
             continue
         sym, tfn, seal = seals[sid]
-        why = tail_row_problem(ts, v)
-        if why is not None:
-            problems.append(f"tail row {sym} {tfn} {ts}: damaged, {why} (quarantine_damaged() drops it)")
-        elif ts < seal:
-            problems.append(f"tail row {sym} {tfn} {ts}: below the live-edge boundary {seal}")
+        problems += tail_problems(ts, v, f"{sym} {tfn}", seal)
     for sid in seals:
         sym, tfn, _ = seals[sid]
         try:
@@ -187,15 +164,11 @@ def invariant_problems(conn: Any, path: str) -> list[str]:
         except DamagedChunkError as exc:
             problems.append(f"coverage of {sym} {tfn}: a row does not match its checksum ({exc.span})")
             continue
-        if len(cov) and (bool(np.any(cov[:, 1] <= cov[:, 0])) or bool(np.any(cov[1:, 0] <= cov[:-1, 1]))):
-            problems.append(f"coverage of {sym} {tfn}: ranges empty, unsorted, overlapping or adjacent")
         try:
-            tf = parse_timeframe(tfn)
+            ctf: Timeframe | None = parse_timeframe(tfn)
         except MdsError:
-            continue
-        bounds = cov[(cov != 0) & (cov != NEG_INF) & (cov != POS_INF)]  # 0: the start of history
-        if len(bounds) and not bool(np.all(tf.aligned(bounds))):
-            problems.append(f"coverage of {sym} {tfn}: a bound is not aligned to {tfn}")
+            ctf = None
+        problems += coverage_problems(cov, f"{sym} {tfn}", ctf)
     orphans = conn.execute("SELECT count(*) FROM coverage WHERE sid NOT IN (SELECT sid FROM series)").fetchall()
     if orphans[0][0]:
         problems.append(f"{orphans[0][0]} coverage rows belong to no catalogued series")

@@ -1,5 +1,6 @@
-"""Writing candles into the SQLite tier: checking a batch, upserting the live edge as tail rows,
-folding it into chunks when it grows, merging into stored chunks, and deleting a range.
+"""Writing candles into the SQLite tier: upserting the live edge as tail rows, folding it into
+chunks when it grows, merging into stored chunks, and deleting a range (a batch is checked by
+:func:`mds.tiers._chunks.check_batch`, re-exported here).
 
 Every function runs inside the caller's write transaction and reads stored rows only checked:
 merging damaged rows would store them again under a fresh, matching checksum.
@@ -7,24 +8,21 @@ merging damaged rows would store them again under a fresh, matching checksum.
 
 from __future__ import annotations
 
-import struct
-from math import isfinite
 from typing import Any
 
 import numpy as np
 
 from mds import _kernels as _k
 from mds._checksum import row_checksum
-from mds._dtypes import CANDLE_DTYPE
-from mds.errors import InvalidCandleError
 from mds.tiers.sqlite.catalog import Catalog
 from mds.tiers.sqlite.codec import (
     CHUNK_SLOTS,
     NEG_INF,
     POS_INF,
     ROW,
-    TS_LIMIT,
     Damage,
+    _row_ok as _row_ok,
+    check_batch as check_batch,
     chunk_key,
     empty,
     signed,
@@ -43,50 +41,6 @@ SQL_TAIL_RANGE = (
     "SELECT CAST(group_concat(v, x'') AS BLOB) FROM "
     "(SELECT v FROM tail WHERE sid = ? AND ts >= ? AND ts < ? ORDER BY ts)"
 )
-
-_ROW_STRUCT = struct.Struct("<q6d")
-
-
-def _row_ok(arr: np.ndarray, tf: Timeframe) -> bool:
-    """Whether the single candle in ``arr`` passes every check of ``validate`` (no ``now``)."""
-    ts, o, h, lo, c, v, q = _ROW_STRUCT.unpack_from(arr.data)
-    if not (isfinite(o) and isfinite(h) and isfinite(lo) and isfinite(c) and isfinite(v) and isfinite(q)):
-        return False
-    if lo > o or lo > c or h < o or h < c or v < 0.0 or q < 0.0:
-        return False
-    if not (o > 0.0 and h > 0.0 and lo > 0.0 and c > 0.0):  # DESIGN.md section 6: prices are > 0
-        return False
-    if tf.is_month:
-        return tf.is_aligned(ts)
-    return (ts - tf.origin_ms) % tf.interval_ms == 0
-
-
-def check_batch(candles: Any, tf: Timeframe) -> np.ndarray:
-    """``candles`` as a C-contiguous array, or InvalidCandleError naming every invalid row."""
-    if not isinstance(candles, np.ndarray) or candles.dtype != CANDLE_DTYPE or candles.ndim != 1:
-        raise InvalidCandleError(
-            f"candles must be a 1-D CANDLE_DTYPE array, got {getattr(candles, 'dtype', type(candles))}"
-        )
-    arr = np.ascontiguousarray(candles)
-    n = len(arr)
-    if not n:
-        return arr
-    ts = arr["ts"]
-    if n > 1 and not bool(np.all(ts[1:] > ts[:-1])):
-        raise InvalidCandleError("candles must be sorted by ts with unique ts (sort_dedup them first)")
-    if not (int(ts[0]) > -TS_LIMIT and int(ts[-1]) < TS_LIMIT):
-        raise InvalidCandleError(f"candle ts out of range (|ts| must be below {TS_LIMIT} ms)")
-    if n == 1 and _row_ok(arr, tf):
-        return arr  # the scalar twin of validate() below: a kernel call costs more for one row
-    idx, reason = _k.validate(arr, *tf.kernel_args)
-    if len(idx):
-        names = [_k.REASONS.get(int(r), str(int(r))) for r in reason]
-        raise InvalidCandleError(
-            f"{len(idx)} invalid candle(s), first at row {int(idx[0])}: {names[0]}; nothing was stored",
-            rows=[int(i) for i in idx],
-            reasons=names,
-        )
-    return arr
 
 
 def write_batch(

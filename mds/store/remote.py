@@ -1,0 +1,77 @@
+"""Keeping this host's fast tiers honest when other hosts write the durable tier (DESIGN.md 7).
+
+With history on a server, every host keeps its own memory and LMDB copies of durable rows. A
+change another host commits arrives through the durable tier's change feed
+(:class:`~mds.tiers.durable.ChangeFeed`): the span is dropped from LMDB and the series' change
+stamp moves, so every process on this store directory drops its memory window and cached
+coverage of the series at its next read (a memory hit still costs no server round trip: the
+stamp is local). When the feed was interrupted, or when the store opens (LMDB may hold rows other
+hosts rewrote while it was closed), LMDB is emptied and every stamp moves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mds.errors import InvalidRequestError
+from mds.store.changes import ChangeSlots
+from mds.store.health import Tiers
+from mds.timeframes import parse_timeframe
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteChanges:
+    """Subscribes to a shared durable tier's change feed each time the tier opens."""
+
+    def __init__(self, tiers: Tiers, slots: ChangeSlots, lock: Any) -> None:
+        self.tiers = tiers
+        self.slots = slots
+        self.lock = lock
+        self.received = 0  # changes applied (for stats and tests)
+
+    def opened(self, name: str, tier: Any) -> None:
+        """A tier opened (hook of :class:`Tiers`). LMDB opened over a shared durable tier may
+        hold rows other hosts rewrote while it was closed: it starts empty. A shared durable tier
+        that opens (again) is subscribed to; what was missed before is forgotten."""
+        if self.tiers.history is None:
+            return
+        if name == "disk":
+            self.tiers.guard("disk", tier.clear)
+        elif name == "sqlite" and callable(getattr(tier, "subscribe", None)):
+            self.tiers.feed_live = False  # until the feed says it listens
+            self._forget_all()
+            tier.subscribe(self._changed)
+
+    def _changed(self, symbol: str | None, timeframe: str | None, start: int, end: int) -> None:
+        """Feed callback (the feed's thread): another host changed ``[start, end)`` of a series,
+        or (``symbol`` None) anything may have changed."""
+        with self.lock:
+            self.received += 1
+            if symbol is None or timeframe is None:
+                state = self.tiers.states.get("sqlite")
+                live = bool(getattr(state.obj if state is not None else None, "listening", False))
+                logger.info("change feed %s: dropping this host's copies of durable rows", "up" if live else "down")
+                self._forget_all()
+                # while the feed is down the fast tiers are not used at all: every read asks the
+                # durable tier, so another host's write is never answered stale
+                self.tiers.feed_live = live
+                return
+            try:
+                tf = parse_timeframe(timeframe)
+            except InvalidRequestError:
+                logger.warning("change feed: unknown timeframe %r; dropping every copy", timeframe)
+                self._forget_all()
+                return
+            disk = self.tiers.tier("disk")
+            if disk is not None and self.tiers.guard("disk", disk.delete, symbol, tf, start, end) is None:
+                self._forget_all()  # LMDB could not drop the span: it must not answer it
+                return
+            self.slots.touch((symbol, tf.name))
+
+    def _forget_all(self) -> None:
+        disk = self.tiers.tier("disk")
+        if disk is not None:
+            self.tiers.guard("disk", disk.clear)
+        self.slots.touch_all()

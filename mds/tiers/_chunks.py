@@ -1,0 +1,277 @@
+"""How candles are laid out in a durable tier's rows, shared by the SQLite and PostgreSQL tiers:
+chunk keys and spans, the chunk codec (raw or compressed), live-edge (tail) values with their
+checksums, checking stored rows against them, and checking a batch before it is written.
+
+Pure functions of bytes and arrays; nothing here touches a connection. A chunk key packs
+``(sid, chunk number)`` into one signed 64-bit integer, so both tiers key chunks the same way
+and a range scan of one key interval walks one series.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from itertools import pairwise
+from math import isfinite
+from typing import Any
+
+import numpy as np
+
+from mds import _kernels as _k
+from mds._checksum import WORDS_PER_ROW, row_checksum, row_checksums
+from mds._dtypes import CANDLE_DTYPE, CANDLE_RAW
+from mds.errors import InvalidCandleError
+from mds.timeframes import Timeframe
+
+#: Grid slots per chunk: 1,024 slots are 56 KiB of raw candles (17 h of 1m candles).
+CHUNK_SLOTS = 1024
+#: Codec ids stored in ``chunk.codec``.
+CODEC_RAW = 0
+CODEC_ZLIB_DELTA_SHUFFLE = 1
+
+ROW = CANDLE_DTYPE.itemsize
+TAIL_V = ROW + 8  # a tail value: the candle, then its checksum
+_TAIL_WORDS = struct.Struct(f"<{2 * (ROW // 8)}IQ")  # the row's 4-byte half-words, then its checksum
+_ROW_WEIGHTS = tuple(range(3, 3 + 4 * (ROW // 8), 2))  # row_checksum's weights for one row
+_TAIL_RECORD = np.dtype([("row", CANDLE_RAW), ("crc", "<u8")])
+_U64 = (1 << 64) - 1
+CID_BITS = 36
+_CID_OFFSET = 1 << (CID_BITS - 1)
+_CID_MIN = -_CID_OFFSET
+_CID_MAX = _CID_OFFSET - 1
+_CID_MASK = (1 << CID_BITS) - 1
+TS_LIMIT = 1 << 50  # about year 37,600: keeps chunk numbers inside their 36 bits
+NEG_INF = -(1 << 62)
+POS_INF = 1 << 62
+
+
+class Damage(Exception):
+    """Stored rows that cannot be served; the caller turns it into a :class:`DamagedChunkError`."""
+
+
+def chunk_key(sid: int, tf: Timeframe, ts: int) -> int:
+    """The key of the chunk of series ``sid`` that holds ``ts``: ``(sid << 36)`` + chunk number."""
+    cid = (ts - tf.origin_ms) // (tf.interval_ms * CHUNK_SLOTS)
+    cid = _CID_MIN if cid < _CID_MIN else _CID_MAX if cid > _CID_MAX else cid
+    return (sid << CID_BITS) + cid + _CID_OFFSET
+
+
+def chunk_span(key: int, tf: Timeframe) -> tuple[int, int]:
+    """The grid span ``[start, end)`` a chunk key stands for (what :func:`chunk_key` maps in)."""
+    cid = (key & _CID_MASK) - _CID_OFFSET
+    width = tf.interval_ms * CHUNK_SLOTS
+    start = NEG_INF if cid <= _CID_MIN else tf.origin_ms + cid * width
+    end = POS_INF if cid >= _CID_MAX else tf.origin_ms + (cid + 1) * width
+    return start, end
+
+
+def signed(crc: int) -> int:
+    """A checksum in ``[0, 2**64)`` as the signed 64-bit integer SQLite stores."""
+    return crc - (1 << 64) if crc >> 63 else crc
+
+
+def encode(arr: np.ndarray) -> bytes:
+    """Codec 1: int64 delta of every 8-byte word against the previous row, byte shuffle, zlib 6."""
+    words = arr.view(np.int64).reshape(-1, 7)
+    delta = words.copy()
+    delta[1:] -= words[:-1]  # wraps on overflow; undone exactly by the cumulative sum
+    return zlib.compress(np.ascontiguousarray(delta.view(np.uint8).reshape(len(arr), ROW).T).tobytes(), 6)
+
+
+def decode(codec: int, data: bytes) -> np.ndarray:
+    """The rows of a chunk's stored bytes, unchecked (raw rows are a read-only view of ``data``)."""
+    if codec == CODEC_RAW:
+        return np.frombuffer(data, dtype=CANDLE_DTYPE)
+    if codec == CODEC_ZLIB_DELTA_SHUFFLE:
+        planes = np.frombuffer(zlib.decompress(data), dtype=np.uint8)
+        n = len(planes) // ROW
+        words = np.ascontiguousarray(planes.reshape(ROW, n).T).view(np.int64)
+        return np.cumsum(words, axis=0, dtype=np.int64).view(CANDLE_DTYPE).reshape(n)
+    raise Damage(f"has an unknown codec {codec}")
+
+
+def verified(codec: int, crc: int, data: Any) -> np.ndarray:
+    """The rows of a stored chunk, checked against its checksum (raises :class:`Damage`)."""
+    try:
+        a = decode(codec, data)
+    except zlib.error as exc:
+        raise Damage(f"does not decompress ({exc})") from None
+    except ValueError:
+        raise Damage(f"holds {len(data)} bytes, not whole rows") from None
+    if not len(a):
+        raise Damage("holds no rows")
+    if row_checksum(a, 0, len(a)) != crc & _U64:
+        raise Damage("rows do not match their checksum")
+    return a
+
+
+def tail_values(rows: np.ndarray) -> list[bytes]:
+    """The stored tail values of ``rows`` (C-contiguous): each candle followed by its checksum."""
+    words = rows.view(np.uint64).reshape(len(rows), WORDS_PER_ROW)
+    raw = np.concatenate([words, row_checksums(words)[:, None]], axis=1).tobytes()
+    return [raw[i : i + TAIL_V] for i in range(0, len(raw), TAIL_V)]
+
+
+def tail_value(row: np.ndarray) -> bytes:
+    """The stored tail value of a one-row array."""
+    raw = row.tobytes()
+    return raw + row_checksum(raw, 0, 1).to_bytes(8, "little")
+
+
+def tail_rows(data: Any, lo: int, hi: int, descending: bool = False) -> np.ndarray | None:
+    """Candles of concatenated tail values (ascending, or descending if so read), sorted
+    ascending; None unless every value is whole, matches its checksum and lies in ``[lo, hi)``.
+
+    A live edge is a few rows: checked one by one in Python, which costs less here than the fixed
+    overhead of a handful of numpy calls (the same weighted sum as :func:`row_checksum`).
+    """
+    if len(data) % TAIL_V:
+        return None
+    tss = []
+    for w in _TAIL_WORDS.iter_unpack(data):
+        if sum(k * h for k, h in zip(_ROW_WEIGHTS, w)) & _U64 != w[-1]:
+            return None
+        t = w[0] | (w[1] << 32)
+        tss.append(t - (1 << 64) if t >> 63 else t)
+    a = np.frombuffer(data, dtype=_TAIL_RECORD)["row"].view(CANDLE_DTYPE)
+    if descending:
+        a = a[::-1]
+        tss.reverse()
+    if len(tss) > 1 and any(x >= y for x, y in pairwise(tss)):  # group_concat order is not promised
+        order = sorted(range(len(tss)), key=tss.__getitem__)
+        a = a[order]
+        tss = [tss[i] for i in order]
+    if not (lo <= tss[0] and tss[-1] < hi):
+        return None  # a row whose key says otherwise
+    return a
+
+
+def tail_row_problem(ts: int, v: Any) -> str | None:
+    """Why the stored tail row ``(ts, v)`` cannot be served, or None."""
+    if not isinstance(v, bytes) or len(v) != TAIL_V:
+        return f"malformed ({len(v) if isinstance(v, bytes) else type(v).__name__} bytes, not {TAIL_V})"
+    if row_checksum(v, 0, 1) != int.from_bytes(v[ROW:], "little"):
+        return "does not match its checksum"
+    if int.from_bytes(v[:8], "little", signed=True) != ts:
+        return "holds another ts than its key"
+    return None
+
+
+def empty() -> np.ndarray:
+    return np.zeros(0, dtype=CANDLE_DTYPE)
+
+
+def concat(parts: list[np.ndarray]) -> np.ndarray:
+    """One new array of the parts (rows copied as raw bytes, not field by field)."""
+    if not parts:
+        return empty()
+    if len(parts) == 1:
+        return parts[0].view(CANDLE_RAW).copy().view(CANDLE_DTYPE)
+    return np.concatenate([p.view(CANDLE_RAW) for p in parts]).view(CANDLE_DTYPE)
+
+
+def sorted_by_ts(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when its ``ts`` ascend strictly, else sorted by ``ts`` (a guard, rarely taken)."""
+    ts = a["ts"]
+    if len(a) > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+        a = a[np.argsort(ts, kind="stable")]
+    return a
+
+
+# ---------------------------------------------------------------------------- batches
+_ROW_STRUCT = struct.Struct("<q6d")
+
+
+def _row_ok(arr: np.ndarray, tf: Timeframe) -> bool:
+    """Whether the single candle in ``arr`` passes every check of ``validate`` (no ``now``)."""
+    ts, o, h, lo, c, v, q = _ROW_STRUCT.unpack_from(arr.data)
+    if not (isfinite(o) and isfinite(h) and isfinite(lo) and isfinite(c) and isfinite(v) and isfinite(q)):
+        return False
+    if lo > o or lo > c or h < o or h < c or v < 0.0 or q < 0.0:
+        return False
+    if not (o > 0.0 and h > 0.0 and lo > 0.0 and c > 0.0):  # DESIGN.md section 6: prices are > 0
+        return False
+    if tf.is_month:
+        return tf.is_aligned(ts)
+    return (ts - tf.origin_ms) % tf.interval_ms == 0
+
+
+def check_batch(candles: Any, tf: Timeframe) -> np.ndarray:
+    """``candles`` as a C-contiguous array, or InvalidCandleError naming every invalid row."""
+    if not isinstance(candles, np.ndarray) or candles.dtype != CANDLE_DTYPE or candles.ndim != 1:
+        raise InvalidCandleError(
+            f"candles must be a 1-D CANDLE_DTYPE array, got {getattr(candles, 'dtype', type(candles))}"
+        )
+    arr = np.ascontiguousarray(candles)
+    n = len(arr)
+    if not n:
+        return arr
+    ts = arr["ts"]
+    if n > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+        raise InvalidCandleError("candles must be sorted by ts with unique ts (sort_dedup them first)")
+    if not (int(ts[0]) > -TS_LIMIT and int(ts[-1]) < TS_LIMIT):
+        raise InvalidCandleError(f"candle ts out of range (|ts| must be below {TS_LIMIT} ms)")
+    if n == 1 and _row_ok(arr, tf):
+        return arr  # the scalar twin of validate() below: a kernel call costs more for one row
+    idx, reason = _k.validate(arr, *tf.kernel_args)
+    if len(idx):
+        names = [_k.REASONS.get(int(r), str(int(r))) for r in reason]
+        raise InvalidCandleError(
+            f"{len(idx)} invalid candle(s), first at row {int(idx[0])}: {names[0]}; nothing was stored",
+            rows=[int(i) for i in idx],
+            reasons=names,
+        )
+    return arr
+
+
+# ---------------------------------------------------------------------------- self-check
+def chunk_problems(
+    key: int, n: int, first: int, last: int, codec: int, crc: int, data: Any, label: str, tf: Timeframe, seal: int
+) -> list[str]:
+    """What is wrong with one stored chunk (``label`` names its series): damage, or a broken
+    invariant of the layout (row count, order, first/last, key span, live-edge boundary,
+    alignment); [] when sound."""
+    span = chunk_span(key, tf)
+    where = f"chunk {key} of {label} [{span[0]}, {span[1]})"
+    try:
+        a = verified(codec, crc, data)
+    except Damage as exc:
+        return [f"{where}: damaged, {exc} (quarantine_damaged() drops it for a refetch)"]
+    ts = a["ts"]
+    if len(a) != n or not len(a):
+        return [f"{where}: holds {len(a)} rows, catalogue says {n}"]
+    problems = []
+    if len(a) > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+        problems.append(f"{where}: rows not sorted or not unique")
+    if int(ts[0]) != first or int(ts[-1]) != last:
+        problems.append(f"{where}: first/last ts {ts[0]}/{ts[-1]} differ from {first}/{last}")
+    sid = key >> CID_BITS
+    if chunk_key(sid, tf, int(ts[0])) != key or chunk_key(sid, tf, int(ts[-1])) != key:
+        problems.append(f"{where}: rows outside the chunk's time span")
+    if int(ts[-1]) >= seal:
+        problems.append(f"{where}: rows at or after the live-edge boundary {seal}")
+    if not bool(np.all(tf.aligned(ts))):
+        problems.append(f"{where}: misaligned ts")
+    return problems
+
+
+def tail_problems(ts: int, v: Any, label: str, seal: int) -> list[str]:
+    """What is wrong with one stored tail row ``(ts, v)`` of the series ``label``; [] when sound."""
+    why = tail_row_problem(ts, v)
+    if why is not None:
+        return [f"tail row {label} {ts}: damaged, {why} (quarantine_damaged() drops it)"]
+    if ts < seal:
+        return [f"tail row {label} {ts}: below the live-edge boundary {seal}"]
+    return []
+
+
+def coverage_problems(cov: np.ndarray, label: str, tf: Timeframe | None) -> list[str]:
+    """What is wrong with a series' checked coverage ranges (``tf`` None: its timeframe is
+    unknown, bounds are not checked for alignment); [] when sound."""
+    problems = []
+    if len(cov) and (bool(np.any(cov[:, 1] <= cov[:, 0])) or bool(np.any(cov[1:, 0] <= cov[:-1, 1]))):
+        problems.append(f"coverage of {label}: ranges empty, unsorted, overlapping or adjacent")
+    bounds = cov[(cov != 0) & (cov != NEG_INF) & (cov != POS_INF)]  # 0: the start of history
+    if tf is not None and len(bounds) and not bool(np.all(tf.aligned(bounds))):
+        problems.append(f"coverage of {label}: a bound is not aligned to {tf.name}")
+    return problems

@@ -1,0 +1,108 @@
+"""The PostgreSQL tier's connections: opening one (bounded connect timeout, session settings),
+naming the server without its password, and translating psycopg errors into
+:class:`~mds.errors.StorageUnavailableError` messages that say what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from contextlib import suppress
+from typing import Any
+
+import psycopg
+
+from mds.errors import StorageUnavailableError
+
+logger = logging.getLogger(__name__)
+
+#: How long a write waits for another host's lock on the same series before it fails.
+LOCK_TIMEOUT_MS = 30_000
+_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@|(password\s*=\s*)('[^']*'|[^\s&]+)", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    return _PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", url)
+
+
+def translate(exc: BaseException, where: str) -> StorageUnavailableError:
+    """The StorageUnavailableError for a psycopg error raised while talking to ``where``."""
+    if isinstance(exc, StorageUnavailableError):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    low = text.lower()
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        hint = "another host held the series' write lock too long (lock_timeout); retry"
+    elif isinstance(exc, psycopg.errors.DeadlockDetected):
+        hint = "two transactions locked the same series in opposite orders; this one was rolled back: retry"
+    elif isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        hint = "the connection is read-only (opened readonly, or a standby server)"
+    elif "password" in low or "authentication" in low or ("role" in low and "does not exist" in low):
+        hint = "the server refused the credentials: check the user name and password in the URL"
+    elif "database" in low and "does not exist" in low:
+        hint = "the database does not exist: create it (CREATE DATABASE) or fix the URL"
+    elif ("invalid" in low and ("connection option" in low or "uri" in low or "dsn" in low)) or "missing" in low:
+        hint = "the URL is not a valid PostgreSQL connection string"
+    elif "timeout" in low or "timed out" in low:
+        hint = "the server did not answer within the connect timeout: check the host and port"
+    elif isinstance(exc, psycopg.OperationalError):
+        hint = "cannot reach the server or the connection was lost (is it running? host, port, network)"
+    elif isinstance(exc, psycopg.InterfaceError):
+        hint = "the connection is closed or broken; the next call reconnects"
+    else:
+        hint = "the server reported an error; the transaction was rolled back"
+    return StorageUnavailableError(f"PostgreSQL tier {where}: {hint} ({text})")
+
+
+def connect(url: str, *, timeout_s: float, readonly: bool, application: str = "mds") -> psycopg.Connection[Any]:
+    """A new autocommit connection to ``url`` (transactions are opened explicitly), failing
+    within ``timeout_s`` (rounded up to whole seconds, at least 1, as libpq counts them).
+
+    Sessions get a ``lock_timeout`` (see :data:`LOCK_TIMEOUT_MS`), TCP keepalives (a silently
+    lost server is noticed), and ``default_transaction_read_only`` when ``readonly``.
+
+    Raises
+    ------
+    StorageUnavailableError
+        Naming the problem: a malformed URL, an unknown host, refused credentials, a missing
+        database, or no answer within the timeout.
+    """
+    options = f"-c lock_timeout={LOCK_TIMEOUT_MS}"
+    if readonly:
+        options += " -c default_transaction_read_only=on"
+    try:
+        conn = psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=max(1, math.ceil(timeout_s)),
+            options=options,
+            application_name=application,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+    except psycopg.Error as exc:
+        raise translate(exc, redact(url)) from exc
+    conn.prepare_threshold = 1  # the few statements of the hot paths run prepared from their 2nd use
+    return conn
+
+
+def close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    if conn is None:
+        return
+    with suppress(psycopg.Error, OSError):
+        conn.close()
+
+
+def rollback_quietly(conn: psycopg.Connection[Any] | None, where: str) -> None:
+    """End the connection's open transaction, if any; a lost connection is left for reconnecting."""
+    if conn is None or conn.closed:
+        return
+    try:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+    except psycopg.Error as exc:
+        logger.warning("PostgreSQL tier %s: rollback failed: %s", where, exc)

@@ -1,0 +1,562 @@
+"""The PostgreSQL durable tier's facade, :class:`PostgresTier`: the connection (reconnected after a
+loss) and its transactions, the public reads, writes, upkeep and checks (each delegating to a
+role module of :mod:`mds.tiers.postgres`), and the change feed between hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import numpy as np
+import psycopg
+
+from mds import _kernels as _k
+from mds.errors import InvalidRequestError, MdsError, StorageUnavailableError
+from mds.tiers._chunks import NEG_INF, POS_INF, check_batch, empty
+from mds.tiers.postgres import reads, upkeep
+from mds.tiers.postgres.catalog import Catalog, Series, list_series
+from mds.tiers.postgres.connection import close_quietly, connect, redact, rollback_quietly, translate
+from mds.tiers.postgres.coverage import change_coverage, read_coverage
+from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
+from mds.tiers.postgres.integrity import invariant_problems, quarantine
+from mds.tiers.postgres.schema import ensure_schema
+from mds.tiers.postgres.writes import delete_rows, write_rows
+from mds.tiers.sqlite.coverage import EMPTY_RANGES
+from mds.timeframes import Timeframe, parse_timeframe
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+#: One statement at commit: bump ``commit_seq`` and queue the change notifications (delivered by
+#: the server when, and only if, the transaction commits).
+_SQL_COMMIT_MARK = (
+    "WITH s AS (UPDATE mds_meta SET v = v + 1 WHERE k = 'commit_seq' RETURNING v) "
+    f"SELECT s.v, (SELECT count(pg_notify('{CHANNEL}', p)) FROM unnest(%s::text[]) AS p) FROM s"
+)
+_SQL_SEQ = "SELECT v FROM mds_meta WHERE k = 'commit_seq'"
+_SQL_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+
+def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable[Concatenate[PostgresTier, _P], _R]:
+    """psycopg errors leaving ``method`` become StorageUnavailableError naming the server.
+
+    A lost connection is dropped. When the call began outside a transaction it is then retried
+    once on a new connection: the server rolled back whatever the lost connection had begun
+    (an ambiguous COMMIT is never retried: it leaves as StorageUnavailableError from ``_Txn``).
+    So an idle connection cut by a server restart costs no failed call."""
+
+    @functools.wraps(method)
+    def call(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        outside = self._depth == 0
+        try:
+            return method(self, *args, **kwargs)
+        except psycopg.Error as exc:
+            if not (self._drop_if_broken() and outside and not self._closed):
+                raise translate(exc, self.where) from exc
+            logger.info("PostgreSQL tier %s: connection lost (%s); reconnecting once", self.where, exc)
+        try:
+            return method(self, *args, **kwargs)
+        except psycopg.Error as exc:
+            self._drop_if_broken()
+            raise translate(exc, self.where) from exc
+
+    return call
+
+
+class _Txn:
+    """Context manager of :meth:`PostgresTier.transaction`; also the read snapshot of readers."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, tier: PostgresTier) -> None:
+        self._t = tier
+
+    def __enter__(self) -> PostgresTier:
+        t = self._t
+        if t._depth == 0:
+            try:
+                _Txn.begin(t)
+            except psycopg.Error as exc:
+                if not t._drop_if_broken():
+                    raise translate(exc, t.where) from exc
+                try:  # nothing was begun: a connection cut while idle is replaced once
+                    _Txn.begin(t)
+                except psycopg.Error as exc2:
+                    t._drop_if_broken()
+                    raise translate(exc2, t.where) from exc2
+            t._doomed = False
+        t._depth += 1
+        return t
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        t = self._t
+        t._depth -= 1
+        if t._depth > 0:
+            if et is not None:
+                t._doomed = True  # inner writes joined the outer transaction: all or nothing
+            return
+        conn = t._conn
+        if et is None and not t._doomed and conn is not None:
+            seq = None
+            try:
+                if t._dirty:
+                    row = conn.execute(_SQL_COMMIT_MARK, (list(dict.fromkeys(t._spans)),)).fetchone()
+                    seq = None if row is None else row[0]
+                conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                _Txn.rollback(t)
+                t._drop_if_broken()
+                raise translate(exc, t.where) from exc
+            if t._dirty:
+                t.last_commit_seq = None if seq is None else int(seq)
+                t._dirty = False
+                t._spans.clear()
+                t.maybe_maintain()
+            return
+        _Txn.rollback(t)
+        if et is None:
+            raise MdsError("the transaction was rolled back because a write inside it failed")
+
+    @staticmethod
+    def begin(t: PostgresTier) -> None:
+        """BEGIN (READ COMMITTED: each statement after a series lock sees the previous holder's
+        commit); readonly: one read-only snapshot."""
+        if t.readonly:
+            t._connection().execute(_SQL_BEGIN_READ)
+        else:
+            t._connection().execute("BEGIN")
+
+    @staticmethod
+    def rollback(t: PostgresTier) -> None:
+        """Roll back quietly; the catalog's cache goes too (the transaction may have made rows)."""
+        t._catalog.clear()
+        t._dirty = False
+        t._spans.clear()
+        rollback_quietly(t._conn, t.where)
+
+
+class _Snapshot:
+    """One consistent view for reads of several statements: outside a transaction a read-only
+    REPEATABLE READ transaction; inside a writer's transaction (READ COMMITTED, a new snapshot
+    per statement) a share lock on the series' catalog row, so no other host's writer changes
+    the series between the statements."""
+
+    __slots__ = ("_own", "_sid", "_t")
+
+    def __init__(self, tier: PostgresTier, sid: int | None) -> None:
+        self._t = tier
+        self._sid = sid
+        self._own = False
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        t = self._t
+        conn = t._connection()
+        self._own = t._depth == 0
+        if self._own:
+            conn.execute(_SQL_BEGIN_READ)
+        elif self._sid is not None and not t.readonly:
+            conn.execute("SELECT 1 FROM mds_series WHERE sid = %s FOR SHARE", (self._sid,))
+        return conn
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if not self._own:
+            return
+        conn = self._t._conn
+        if et is None and conn is not None:
+            conn.execute("COMMIT")
+        else:
+            rollback_quietly(conn, self._t.where)
+
+
+class PostgresTier:
+    """Candle history, coverage and change tracking in a PostgreSQL database shared by many hosts.
+
+    Implements :class:`mds.tiers.durable.DurableTier` with the SQLite tier's semantics
+    (last-wins upsert, all-or-nothing transactions, checksummed rows) and, for hosts sharing the
+    database, :meth:`subscribe` (the change feed). Inputs are canonical (see
+    :mod:`mds.tiers.durable`); arrays returned are new and writeable.
+
+    Parameters
+    ----------
+    url : str
+        A libpq connection string or ``postgresql://`` URL. The ``mds_*`` tables are created in
+        it on first open (by a writer).
+    readonly : bool
+        Read only (sessions are ``default_transaction_read_only``); writes raise
+        StorageUnavailableError.
+    clock : callable, optional
+        Epoch ms; for the age of chunks to compress and the maintenance schedule.
+    origin : str
+        This host's name in the change feed; its own changes are not reported back to it. Empty:
+        a random one (each instance its own origin).
+    connect_timeout_s : float
+        Bound on every connection attempt (open, reconnect, the listener).
+    compress_after_days : float or None
+        Chunks whose newest candle is older than this are stored compressed; None: all raw.
+    vacuum_threshold : float
+        Dead-tuple share above which :meth:`maintain` runs VACUUM.
+
+    Notes
+    -----
+    Concurrency: one connection, not thread-safe by itself (the Store calls it under its lock).
+    Writers on any number of hosts: every write takes the series' row lock in ``mds_series``
+    first (``SELECT ... FOR UPDATE``), so two writers of one series follow one another and the
+    later batch wins per ``ts``; writers of different series do not wait for each other. A
+    transaction grouping several series locks them in call order; two such transactions locking
+    the same series in opposite orders can deadlock, and the server then rolls one back
+    (StorageUnavailableError, nothing of it stored).
+
+    Failures: every psycopg error is a StorageUnavailableError naming the cause. A lost
+    connection is dropped and the next call reconnects (within ``connect_timeout_s``); a
+    transaction it interrupted was rolled back by the server, whole.
+
+    Raises
+    ------
+    StorageUnavailableError
+        At open: the URL is malformed, the server is unreachable or refuses the credentials,
+        the database is missing, has a newer schema, or (``readonly``) has no mds tables.
+    """
+
+    #: Seconds between scheduled upkeep steps after commits (None: never; assignable).
+    maintenance_interval_s: float | None = 600.0
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        readonly: bool = False,
+        clock: Callable[[], int] | None = None,
+        origin: str = "",
+        connect_timeout_s: float = 5.0,
+        compress_after_days: float | None = 7.0,
+        vacuum_threshold: float = 0.15,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.readonly = bool(readonly)
+        self.origin = origin or uuid.uuid4().hex
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.compress_after_days = compress_after_days
+        self.vacuum_threshold = float(vacuum_threshold)
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._next_upkeep_ms = self._clock() + (self.maintenance_interval_s or 0) * 1000
+        self._depth = 0
+        self._doomed = False
+        self._dirty = False
+        self._spans: list[str] = []
+        self._catalog = Catalog()
+        self._listener: Listener | None = None
+        self._closed = False
+        #: The commit sequence of this connection's latest committed data change (None before one).
+        self.last_commit_seq: int | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        conn = self._connection()
+        try:
+            ensure_schema(conn, self.where, self.readonly)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, psycopg.Error):
+                raise translate(exc, self.where) from exc
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop the change feed and close the connection (idempotent); an open transaction is
+        rolled back."""
+        self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        conn, self._conn = self._conn, None
+        if self._depth:
+            self._depth = 0
+            rollback_quietly(conn, self.where)
+        close_quietly(conn)
+
+    def __enter__(self) -> PostgresTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def listening(self) -> bool:
+        """Whether the change feed is connected now (False before :meth:`subscribe` and while its
+        connection is lost): while False, other hosts' changes may go unreported."""
+        listener = self._listener
+        return listener is not None and listener.connected.is_set()
+
+    def transaction(self) -> _Txn:
+        """One transaction over many calls: ``with tier.transaction(): ...`` (nestable; if an
+        exception leaves any block the whole outer transaction is rolled back, and a swallowed
+        inner failure makes the outer exit raise MdsError). Readonly: one read snapshot."""
+        return _Txn(self)
+
+    def subscribe(self, callback: Callback) -> None:
+        """Call ``callback(symbol, timeframe, start, end)`` from a daemon thread for every change
+        another origin commits to the database (``[start, end)``: the span changed), and
+        ``callback(None, None, 0, 0)`` each time the feed starts or stops listening
+        (:attr:`listening` tells which; anything may have changed while it was not). The thread
+        has its own connection, reconnects by itself with a bounded backoff, and stops at
+        :meth:`close`. A second call replaces the callback."""
+        if self._closed:
+            raise StorageUnavailableError(f"PostgreSQL tier {self.where} is closed")
+        if self._listener is not None:
+            self._listener.stop()
+        self._listener = Listener(self.url, self.where, self.origin, callback, self.connect_timeout_s)
+        self._listener.start()
+
+    # ------------------------------------------------------------------ writes
+    @_translated
+    def write(self, symbol: str, tf: Timeframe | str, candles: np.ndarray, covered: Any = None) -> tuple[int, int, int]:
+        """Upsert candles of one series (an existing ``ts`` is replaced) and add ``covered``
+        ranges to its coverage, in one transaction; ``(inserted, updated, unchanged)``.
+
+        Raises InvalidCandleError for an invalid batch (before anything is sent) and
+        StorageUnavailableError when the server fails (nothing was stored).
+        """
+        tf = parse_timeframe(tf)
+        arr = check_batch(candles, tf)
+        cov = None if covered is None else _k.interval_normalize(covered)
+        self._writable()
+        if not len(arr) and (cov is None or not len(cov)):
+            return 0, 0, 0
+        with _Txn(self):
+            conn = self._connection()
+            s, seal = self._catalog.lock(conn, symbol, tf)
+            self._dirty = True
+            counts = write_rows(conn, self.where, s, seal, arr) if len(arr) else (0, 0, 0)
+            lo, hi = POS_INF, NEG_INF
+            if len(arr):
+                lo, hi = int(arr["ts"][0]), tf.next(int(arr["ts"][-1]))
+            if cov is not None and len(cov):
+                change_coverage(conn, self.where, s.sid, symbol, tf.name, cov, add=True)
+                lo, hi = min(lo, int(cov[0, 0])), max(hi, int(cov[-1, 1]))
+            self._changed(s, lo, hi)
+        return counts
+
+    @_translated
+    def delete(self, symbol: str, tf: Timeframe | str, start: int | None = None, end: int | None = None) -> int:
+        """Remove candles with ``start <= ts < end`` (None: unbounded) and that span from the
+        coverage, in one transaction; the number of candles removed."""
+        tf = parse_timeframe(tf)
+        lo = NEG_INF if start is None else int(start)
+        hi = POS_INF if end is None else int(end)
+        self._writable()
+        if hi <= lo:
+            return 0
+        with _Txn(self):
+            conn = self._connection()
+            if self._catalog.lookup(conn, symbol, tf) is None:
+                return 0
+            s, _ = self._catalog.lock(conn, symbol, tf)
+            self._dirty = True
+            removed = delete_rows(conn, self.where, s, lo, hi)
+            self._changed(s, lo, hi)
+        return removed
+
+    @_translated
+    def quarantine_damaged(
+        self, symbol: str, tf: Timeframe | str, start: int | None = None, end: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Remove the series' damaged chunks, tail rows and coverage rows overlapping
+        ``[start, end)`` and subtract their spans from the coverage (one transaction); the spans
+        removed, ascending (empty: nothing was damaged, nothing changed)."""
+        tf = parse_timeframe(tf)
+        lo = NEG_INF if start is None else int(start)
+        hi = POS_INF if end is None else int(end)
+        self._writable()
+        if hi <= lo:
+            return []
+        with _Txn(self):
+            conn = self._connection()
+            if self._catalog.lookup(conn, symbol, tf) is None:
+                return []
+            s, _ = self._catalog.lock(conn, symbol, tf)
+            spans = quarantine(conn, self.where, s, lo, hi)
+            if spans:
+                self._dirty = True
+                self._changed(s, spans[0][0], max(b for _, b in spans))
+        return spans
+
+    # ------------------------------------------------------------------ reads
+    @_translated
+    def read_range(self, symbol: str, tf: Timeframe | str, start: int, end: int) -> np.ndarray:
+        """Candles with ``start <= ts < end``, ascending (one statement: one snapshot).
+
+        Raises DamagedChunkError when stored rows the range touches fail their checksum (as do
+        the other reads)."""
+        tf = parse_timeframe(tf)
+        start, end = int(start), int(end)
+        s = self._series(symbol, tf)
+        if s is None or end <= start:
+            return empty()
+        return reads.read_range(self._connection(), self.where, s, start, end)
+
+    @_translated
+    def read_latest(self, symbol: str, tf: Timeframe | str, n: int, end: int | None = None) -> np.ndarray:
+        """The newest ``n`` candles with ``ts < end`` (None: no bound), ascending."""
+        tf = parse_timeframe(tf)
+        s = self._series(symbol, tf)
+        if s is None or int(n) <= 0:
+            return empty()
+        with _Snapshot(self, s.sid) as conn:
+            return reads.read_latest(conn, self.where, s, int(n), POS_INF if end is None else int(end))
+
+    @_translated
+    def read_from(self, symbol: str, tf: Timeframe | str, start: int, n: int) -> np.ndarray:
+        """The first ``n`` candles with ``ts >= start``, ascending."""
+        tf = parse_timeframe(tf)
+        s = self._series(symbol, tf)
+        if s is None or int(n) <= 0:
+            return empty()
+        with _Snapshot(self, s.sid) as conn:
+            return reads.read_from(conn, self.where, s, int(start), int(n))
+
+    @_translated
+    def last_ts(self, symbol: str, tf: Timeframe | str) -> int | None:
+        """Open time of the newest stored candle, or None."""
+        s = self._series(symbol, parse_timeframe(tf))
+        return None if s is None else reads.last_ts(self._connection(), s)
+
+    @_translated
+    def coverage(self, symbol: str, tf: Timeframe | str) -> np.ndarray:
+        """Covered ranges of the series, int64 ``(k, 2)``, merged, ascending, half-open."""
+        tf = parse_timeframe(tf)
+        s = self._series(symbol, tf)
+        if s is None:
+            return EMPTY_RANGES.copy()
+        return read_coverage(self._connection(), self.where, s.sid, symbol, tf.name)
+
+    @_translated
+    def series(self) -> list[tuple[str, str, int, int, int]]:
+        """Every series with candles: ``(symbol, timeframe name, count, first_ts, last_ts)``."""
+        return list_series(self._connection())
+
+    # ------------------------------------------------------------------ change tracking
+    @_translated
+    def data_version(self) -> int:
+        """The database's ``commit_seq``: it changes whenever any host commits a data change
+        (one indexed row read; hosts that subscribe to the change feed need not poll it)."""
+        row = self._connection().execute(_SQL_SEQ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def commit_seq(self) -> int:
+        """How many committed transactions changed the data, counted in ``mds_meta`` by every
+        host: each committed write, delete or quarantine that changed something adds exactly one
+        (once per transaction however many calls it groups; never a rollback or upkeep)."""
+        return self.data_version()
+
+    # ------------------------------------------------------------------ upkeep and checks
+    def maybe_maintain(self) -> bool:
+        """Compress old chunks for a bounded time if ``maintenance_interval_s`` has passed (outside
+        a transaction; a failure is logged and retried next time); whether a step ran."""
+        interval = self.maintenance_interval_s
+        if interval is None or self.readonly or self._depth or self._conn is None:
+            return False
+        now = self._clock()
+        if now < self._next_upkeep_ms:
+            return False
+        self._next_upkeep_ms = now + interval * 1000
+        cutoff = self._compress_cutoff()
+        if cutoff is not None:
+            try:
+                upkeep.compress_old(self._conn, self.where, cutoff, time.perf_counter() + 0.05)
+            except psycopg.Error as exc:
+                self._drop_if_broken()
+                logger.warning("PostgreSQL tier %s: scheduled upkeep failed (will retry): %s", self.where, exc)
+        return True
+
+    @_translated
+    def maintain(self, force: bool = False) -> dict[str, Any]:
+        """Compress old chunks, then VACUUM (when the dead-tuple share passed
+        ``vacuum_threshold``, or ``force``) and ANALYZE the tier's tables on the server.
+
+        Returns ``fragmentation_before``/``_after`` (dead-tuple share of the tables, from the
+        server's statistics), ``vacuumed``, ``analyzed``, ``compressed_chunks``,
+        ``size_before``/``_after`` (bytes), ``problems`` and ``seconds``.
+        """
+        if self._depth:
+            raise InvalidRequestError("maintain() cannot run inside a transaction; call it outside batch()")
+        self._writable()
+        report = upkeep.maintain(
+            self._connection(), self.where, self._compress_cutoff(), self.vacuum_threshold, bool(force)
+        )
+        self._next_upkeep_ms = self._clock() + (self.maintenance_interval_s or 0) * 1000
+        return report
+
+    @_translated
+    def integrity_problems(self) -> list[str]:
+        """Every chunk, tail row and coverage row checked against its checksum, plus the layout's
+        invariants (see :mod:`mds.tiers.postgres`); empty when all is sound. A full pass."""
+        with _Snapshot(self, None) as conn:
+            return invariant_problems(conn)
+
+    @_translated
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready figures: server, sizes, dead-tuple share, series, chunks, tail rows, feed."""
+        out = upkeep.stats(self._connection(), self.where)
+        listener = self._listener
+        out.update(
+            readonly=self.readonly,
+            origin=self.origin,
+            listening=self.listening,
+            feed_reconnects=0 if listener is None else listener.reconnects,
+        )
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The connection, reconnecting after a loss (not inside a transaction: that was lost)."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if self._closed:
+            raise StorageUnavailableError(f"PostgreSQL tier {self.where} is closed")
+        if self._depth:
+            raise StorageUnavailableError(
+                f"PostgreSQL tier {self.where}: the connection was lost inside a transaction; it was rolled back"
+            )
+        close_quietly(conn)
+        self._conn = None
+        self._conn = connect(self.url, timeout_s=self.connect_timeout_s, readonly=self.readonly)
+        listener = self._listener
+        if listener is not None and not listener.connected.is_set():
+            listener.wake()  # the server answers again: the feed need not wait out its backoff
+        return self._conn
+
+    def _drop_if_broken(self) -> bool:
+        """Drop the connection if it is lost (the next use reconnects); whether it was."""
+        conn = self._conn
+        if conn is None or not (conn.closed or conn.broken):
+            return False
+        logger.warning("PostgreSQL tier %s: connection lost; the next call reconnects", self.where)
+        self._conn = None
+        close_quietly(conn)
+        return True
+
+    def _series(self, symbol: str, tf: Timeframe) -> Series | None:
+        sid = self._catalog.sids.get((symbol, tf.name))
+        return Series(sid, symbol, tf) if sid is not None else self._catalog.lookup(self._connection(), symbol, tf)
+
+    def _changed(self, s: Series, start: int, end: int) -> None:
+        self._spans.append(payload(self.origin, s.symbol, s.tf.name, start, end))
+
+    def _compress_cutoff(self) -> int | None:
+        days = self.compress_after_days
+        return None if days is None else int(self._clock() - days * 86_400_000)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StorageUnavailableError(f"PostgreSQL tier {self.where} was opened readonly; writes need a writer")

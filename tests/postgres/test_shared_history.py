@@ -1,0 +1,144 @@
+"""Shared history on PostgreSQL through the public API (DESIGN.md section 7): two hosts, each with
+its own store directory (its own memory and LMDB tiers), over one database.
+
+- Host A backfills five markets from FakeUpbit; host B, another process, then reads the same
+  ranges without one Layer 1 request; A revises a candle and B, which answered the range from its
+  fast tiers before, sees the revision (the change feed moved B's stamps and dropped its LMDB span).
+- The server killed in the middle of a batch: nothing of the batch is stored; after the restart
+  both hosts carry on by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mds
+import mds.store.health
+from mds import Config, StorageUnavailableError
+from mds.layer1 import UpbitRouter
+from mds.testing import FakeUpbit, generate_market
+from mds.timeutil import to_ms
+
+T0 = to_ms("2025-01-06T00:00:00Z")
+MIN = 60_000
+DAY = 86_400_000
+NOW = T0 + DAY + 30_000
+MARKETS = ("KRW-BTC", "KRW-ETH", "KRW-XRP", "KRW-CBK", "KRW-MLK")
+HOST = Path(__file__).with_name("_host.py")
+#: Bound of every wait for the other host (the design asks for 1 s; the measured figure is printed).
+WAIT_S = 20.0
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpbit]:
+    data = {
+        (sym, "1m"): generate_market(sym, "1m", T0, T0 + DAY, liquidity="illiquid" if i > 2 else "liquid", seed=i)
+        for i, sym in enumerate(MARKETS)
+    }
+    with FakeUpbit(data, clock=lambda: NOW, rate_limit=None) as up:
+        yield up
+
+
+def _router(fake: FakeUpbit) -> UpbitRouter:
+    return UpbitRouter(fake.base_url, rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=lambda: NOW)
+
+
+def _open(path: Path, url: str, fake: FakeUpbit | None = None) -> mds.Store:
+    layer1 = None if fake is None else _router(fake)
+    return mds.open(path, layer1=layer1, config=Config(lookup="storage_first"), clock=lambda: NOW, history=url)
+
+
+def test_a_second_host_reads_what_the_first_backfilled_and_sees_its_revision(
+    tmp_path: Path, pg_url: str, fake: FakeUpbit
+) -> None:
+    start, end = T0 + 60 * MIN, T0 + 600 * MIN
+    with _open(tmp_path / "a", pg_url, fake) as a:
+        want = {}
+        for sym in MARKETS:
+            rows = a.candles(sym, "1m", start=start, end=end)
+            want[sym] = [len(rows), float(np.sum(rows["close"]))]
+        fetched = fake.request_count()
+        assert fetched > 0
+
+        args = {
+            "path": str(tmp_path / "b"),
+            "history": pg_url,
+            "layer1": fake.base_url,
+            "now": NOW,
+            "symbols": list(MARKETS),
+            "start": start,
+            "end": end,
+        }
+        b = subprocess.Popen(  # PYTHONPATH points it at the package under test (tests/conftest.py)
+            [sys.executable, str(HOST), json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert b.stdout is not None and b.stdin is not None
+            ready = json.loads(b.stdout.readline() or "{}")
+            assert ready.get("ready"), b.stderr.read() if b.stderr else ""
+            assert ready["sums"] == want  # the same candles, from the shared history
+            assert fake.request_count() == fetched  # and not one Layer 1 request for them
+            assert ready["stats"]["layer1_api"] == 0
+
+            # host A revises a candle B holds in its fast tiers
+            sym = "KRW-BTC"
+            old = a.candles(sym, "1m", start=start + 100 * MIN, end=start + 101 * MIN)
+            assert len(old) == 1
+            new = old.copy()
+            new["close"] = new["open"] = float(old["close"][0]) + 1.0
+            new["high"] = max(float(old["high"][0]), float(new["close"][0]))
+            a.write_candles(sym, "1m", new)
+            b.stdin.write(
+                json.dumps({"symbol": sym, "ts": int(new["ts"][0]), "close": float(new["close"][0]), "wait_s": WAIT_S})
+                + "\n"
+            )
+            b.stdin.flush()
+            seen = json.loads(b.stdout.readline() or "{}")
+            print(f"host B saw host A's revision after {seen.get('seen_after_ms')} ms")
+            assert seen.get("seen_after_ms") is not None, "host B never saw the revision"
+        finally:
+            b.kill()
+            b.wait(timeout=30)
+
+
+def test_server_killed_mid_batch_stores_nothing_and_both_hosts_carry_on(
+    tmp_path: Path, pg_url: str, pg_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)  # retry the tier at once
+    base = generate_market("KRW-BTC", "1m", T0, T0 + 300 * MIN, liquidity="liquid", seed=9)
+    first, batch_a, batch_b, later = base[:100], base[100:150], base[150:200], base[200:300]
+    with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url) as b:
+        a.write_candles("KRW-BTC", "1m", first, complete=(T0, T0 + 100 * MIN))
+        assert b.candles("KRW-BTC", "1m", start=T0, end=T0 + 100 * MIN).tobytes() == first.tobytes()
+
+        def batch_across_a_server_crash() -> None:
+            with a.batch():
+                a.write_candles("KRW-BTC", "1m", batch_a)
+                pg_cluster.stop()
+                a.write_candles("KRW-BTC", "1m", batch_b)
+
+        try:
+            with pytest.raises(StorageUnavailableError):
+                batch_across_a_server_crash()
+        finally:
+            pg_cluster.start()
+        # both hosts reconnect by themselves; nothing of the batch was stored
+        for st in (a, b):
+            got = st.candles("KRW-BTC", "1m", start=T0, end=T0 + 300 * MIN)
+            assert got.tobytes() == first.tobytes()
+        a.write_candles("KRW-BTC", "1m", later, complete=(T0 + 200 * MIN, T0 + 300 * MIN))
+        got = b.candles("KRW-BTC", "1m", start=T0 + 200 * MIN, end=T0 + 300 * MIN)
+        assert got.tobytes() == later.tobytes()
+        assert a.check().ok, a.check().problems
