@@ -50,21 +50,10 @@ def source_series(src: DurableTier) -> list[SeriesSpan]:
     """Every series of ``src`` with candles or coverage, and its span, by symbol and timeframe.
 
     ``DurableTier.series()`` lists series with candles only; a series that holds coverage alone
-    (a span of an illiquid market fetched when nothing traded) is found in the SQLite catalog.
+    (a span of an illiquid market fetched when nothing traded) is in ``known_series()``.
     """
     counts = {(sym, tfname): int(n) for sym, tfname, n, *_ in src.series()}
-    names = set(counts)
-    from mds.tiers.sqlite import SqliteStore
-
-    if isinstance(src, SqliteStore):
-        import apsw
-
-        try:
-            with src.transaction():
-                rows = src._conn.execute("SELECT symbol, timeframe FROM series").fetchall()
-        except apsw.SQLError:  # a layout without a catalog keeps no coverage without candles
-            rows = []
-        names.update((str(sym), str(tfname)) for sym, tfname in rows)
+    names = set(counts) | set(src.known_series())
     out = []
     for sym, tfname in sorted(names):
         tf = parse_timeframe(tfname)

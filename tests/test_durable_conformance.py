@@ -237,3 +237,11 @@ def test_readonly_refuses_writes(open_tier: Any) -> None:
         ro.write(SYM, M1, dense_candles(5, T0, seed=9))
     with pytest.raises(StorageUnavailableError):
         ro.delete(SYM, M1)
+
+
+def test_known_series_lists_series_with_coverage_alone(tier: DurableTier) -> None:
+    # an illiquid span fetched while nothing traded: coverage, no candles (mds migrate needs it)
+    tier.write("KRW-CBK", M1, dense_candles(0, T0), covered=np.array([[T0, T0 + 60 * MINUTE_MS]], np.int64))
+    tier.write(SYM, M1, dense_candles(5, T0))
+    assert [s[:2] for s in tier.series()] == [(SYM, "1m")]
+    assert tier.known_series() == [("KRW-BTC", "1m"), ("KRW-CBK", "1m")]

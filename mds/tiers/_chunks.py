@@ -9,6 +9,7 @@ and a range scan of one key interval walks one series.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from itertools import pairwise
@@ -275,3 +276,15 @@ def coverage_problems(cov: np.ndarray, label: str, tf: Timeframe | None) -> list
     if tf is not None and len(bounds) and not bool(np.all(tf.aligned(bounds))):
         problems.append(f"coverage of {label}: a bound is not aligned to {tf.name}")
     return problems
+
+
+# ------------------------------------------------------------------ coverage rows
+EMPTY_RANGES = np.zeros((0, 2), dtype=np.int64)
+_COV_ROW = struct.Struct("<qqq")
+
+
+def coverage_crc(sid: int, start: int, end: int) -> int:
+    """Checksum of one coverage row, bound to its series: a flipped bit in a bound (which would
+    make never-fetched slots read as no_trades) or a row moved to another series fails it."""
+    digest = hashlib.blake2b(_COV_ROW.pack(sid, start, end), digest_size=8, person=b"mds-coverage").digest()
+    return int.from_bytes(digest, "little", signed=True)

@@ -127,6 +127,11 @@ class DurableTier(Protocol):
         """Every series with candles: ``(symbol, timeframe name, count, first_ts, last_ts)``."""
         ...
 
+    def known_series(self) -> list[tuple[str, str]]:
+        """Every series the tier has a record of, ``(symbol, timeframe name)``, sorted: with
+        candles, with coverage alone, or neither any more."""
+        ...
+
     # change tracking ------------------------------------------------------------------------
     def data_version(self) -> int:
         """A counter that changes whenever another connection commits (cheap, no data read)."""

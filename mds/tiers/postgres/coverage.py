@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from mds import _kernels as _k
+from mds.tiers._chunks import EMPTY_RANGES, coverage_crc
 from mds.tiers.durable import DamagedChunkError
-from mds.tiers.sqlite.coverage import EMPTY_RANGES, coverage_crc
 
 _SQL_READ = "SELECT start_ts, end_ts, crc FROM mds_coverage WHERE sid = %s ORDER BY start_ts"
 

@@ -18,6 +18,7 @@ from mds.tiers._chunks import (
     chunk_key,
     chunk_problems,
     chunk_span,
+    coverage_crc,
     coverage_problems,
     tail_problems,
     tail_row_problem,
@@ -27,7 +28,6 @@ from mds.tiers._chunks import (
 from mds.tiers.durable import DamagedChunkError
 from mds.tiers.postgres.catalog import Series
 from mds.tiers.postgres.coverage import change_coverage, drop_damaged_coverage
-from mds.tiers.sqlite.coverage import coverage_crc
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import iso_utc
 

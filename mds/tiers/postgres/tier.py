@@ -17,7 +17,7 @@ import psycopg
 
 from mds import _kernels as _k
 from mds.errors import InvalidRequestError, MdsError, StorageUnavailableError
-from mds.tiers._chunks import NEG_INF, POS_INF, check_batch, empty
+from mds.tiers._chunks import EMPTY_RANGES, NEG_INF, POS_INF, check_batch, empty
 from mds.tiers.postgres import reads, upkeep
 from mds.tiers.postgres.catalog import Catalog, Series, list_series
 from mds.tiers.postgres.connection import close_quietly, connect, redact, rollback_quietly, translate
@@ -26,7 +26,6 @@ from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
 from mds.tiers.postgres.integrity import invariant_problems, quarantine
 from mds.tiers.postgres.schema import ensure_schema
 from mds.tiers.postgres.writes import delete_rows, write_rows
-from mds.tiers.sqlite.coverage import EMPTY_RANGES
 from mds.timeframes import Timeframe, parse_timeframe
 
 logger = logging.getLogger(__name__)
@@ -443,6 +442,13 @@ class PostgresTier:
     def series(self) -> list[tuple[str, str, int, int, int]]:
         """Every series with candles: ``(symbol, timeframe name, count, first_ts, last_ts)``."""
         return list_series(self._connection())
+
+    @_translated
+    def known_series(self) -> list[tuple[str, str]]:
+        """Every series in the catalog ``(symbol, timeframe name)``, sorted: with candles, with
+        coverage alone (an illiquid span), or neither any more (catalog rows are kept)."""
+        rows = self._connection().execute("SELECT symbol, timeframe FROM mds_series ORDER BY symbol, timeframe")
+        return [(str(sym), str(tfname)) for sym, tfname in rows.fetchall()]
 
     # ------------------------------------------------------------------ change tracking
     @_translated

@@ -5,24 +5,13 @@ ranges, and dropping damaged rows.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from typing import Any
 
 import numpy as np
 
 from mds import _kernels as _k
+from mds.tiers._chunks import EMPTY_RANGES, coverage_crc
 from mds.tiers.durable import DamagedChunkError
-
-EMPTY_RANGES = np.zeros((0, 2), dtype=np.int64)
-_COV_ROW = struct.Struct("<qqq")
-
-
-def coverage_crc(sid: int, start: int, end: int) -> int:
-    """Checksum of one coverage row, bound to its series: a flipped bit in a bound (which would
-    make never-fetched slots read as no_trades) or a row moved to another series fails it."""
-    digest = hashlib.blake2b(_COV_ROW.pack(sid, start, end), digest_size=8, person=b"mds-coverage").digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 def read_coverage(conn: Any, path: str, sid: int) -> np.ndarray:

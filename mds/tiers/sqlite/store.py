@@ -467,6 +467,13 @@ class SqliteStore:
         with self._snapshot():
             return list_series(self._conn)
 
+    @_translated
+    def known_series(self) -> list[tuple[str, str]]:
+        """Every series in the catalog ``(symbol, timeframe name)``, sorted: with candles, with
+        coverage alone (an illiquid span), or neither any more (catalog rows are kept)."""
+        rows = self._conn.execute("SELECT symbol, timeframe FROM series ORDER BY symbol, timeframe").fetchall()
+        return [(str(sym), str(tfname)) for sym, tfname in rows]
+
     # ------------------------------------------------------------------ change tracking
     def data_version(self) -> int:
         """A counter that changes whenever another connection (or process) commits to the file.
