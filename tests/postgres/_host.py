@@ -20,6 +20,9 @@ def main() -> None:
     router = UpbitRouter(args["layer1"], rate_limit=1000, backoff_s=0.01, max_backoff_s=0.05, clock=lambda: now)
     cfg = mds.Config(lookup="storage_first")
     with mds.open(args["path"], layer1=router, config=cfg, clock=lambda: now, history=args["history"]) as st:
+        t0 = time.monotonic()
+        while not st._health.feed_live and time.monotonic() - t0 < 20:  # its fast tiers in use
+            time.sleep(0.01)
         sums = {}
         for sym in args["symbols"]:
             rows = st.candles(sym, "1m", start=args["start"], end=args["end"])

@@ -142,3 +142,67 @@ def test_server_killed_mid_batch_stores_nothing_and_both_hosts_carry_on(
         got = b.candles("KRW-BTC", "1m", start=T0 + 200 * MIN, end=T0 + 300 * MIN)
         assert got.tobytes() == later.tobytes()
         assert a.check().ok, a.check().problems
+
+
+def test_while_the_change_feed_is_down_no_read_is_answered_from_stale_copies(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import psycopg
+
+    import mds.tiers.postgres.feed as feed
+
+    rows = generate_market("KRW-BTC", "1m", T0, T0 + 100 * MIN, liquidity="liquid", seed=11)
+    with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url) as b:
+        _wait_for(lambda: b._health.feed_live)  # B's feed listens: its fast tiers are in use
+        heard = b._remote.received
+        a.write_candles("KRW-BTC", "1m", rows, complete=(T0, T0 + 100 * MIN))
+        _wait_for(lambda: b._remote.received > heard)  # B heard of A's write (and dropped its copies)
+        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == rows[-50:].tobytes()  # fills B's memory
+        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == rows[-50:].tobytes()
+        memory_hits = b.stats()["hits"]["storage_memory"]
+        assert memory_hits >= 1
+
+        # B's feed goes down and cannot come back (its reconnects fail)
+        down = threading.Event()
+        real_connect = feed.connect
+
+        def refuse(*args: Any, **kw: Any) -> Any:
+            down.set()
+            raise StorageUnavailableError("listener refused by the test")
+
+        monkeypatch.setattr(feed, "connect", refuse)
+        btier = b._health.states["sqlite"].obj
+        pid = btier._listener.pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert down.wait(WAIT_S)  # B's listener tried to reconnect and failed
+        assert not btier.listening
+
+        # A revises the newest candle; B hears nothing, yet must not answer from its copies
+        new = rows[-1:].copy()
+        new["close"] = new["open"] = float(rows["close"][-1]) + 1.0
+        new["high"] = max(float(rows["high"][-1]), float(new["close"][0]))
+        a.write_candles("KRW-BTC", "1m", new)
+        got = b.candles("KRW-BTC", "1m", count=50)
+        assert float(got["close"][-1]) == float(new["close"][0])
+        assert b.stats()["hits"]["storage_memory"] == memory_hits  # not one answer from memory since
+
+        # the feed comes back: B's copies are trusted again
+        monkeypatch.setattr(feed, "connect", real_connect)
+        btier._listener.wake()
+        _wait_for(lambda: b._health.feed_live)
+        b.candles("KRW-BTC", "1m", count=50)
+        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == got.tobytes()
+        assert b.stats()["hits"]["storage_memory"] > memory_hits
+
+
+def _wait_for(cond: Any) -> None:
+    """Wait (bounded) until ``cond()`` holds: another thread of the store makes it true."""
+    import time
+
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < WAIT_S, "timed out"
+        time.sleep(0.01)
