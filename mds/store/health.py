@@ -93,7 +93,7 @@ class Tiers:
         self.stamp: Callable[[str, Timeframe], int | None] = lambda sym, tf: None
         self._disk_marked = False
         #: False while a shared durable tier's change feed is down: memory and LMDB are then not
-        #: used (their copies may be stale; see mds.store.remote).
+        #: used while the durable tier answers (see mds.store.remote).
         self.feed_live = True
         #: Called with (name, tier object) each time a tier opens (also on a reopen after a failure).
         self.on_open: list[Callable[[str, Any], None]] = []
@@ -219,7 +219,7 @@ class Tiers:
         state = self.states.get(name)
         if state is None or (name == "memory" and getattr(self.reading, "bypass", False)):
             return None
-        if not self.feed_live and name != "sqlite":
+        if not self.feed_live and name != "sqlite" and not self.durable_down():
             return None
         if state.degraded_at is not None:
             # A tier that could not even open (a full disk, a file being replaced) is tried again
@@ -258,6 +258,11 @@ class Tiers:
             self.degrade(name, exc)
 
     # ------------------------------------------------------------------ the durable tier
+    def durable_down(self) -> bool:
+        """Whether the store has a durable tier that is degraded now."""
+        state = self.states.get("sqlite")
+        return state is not None and state.degraded_at is not None
+
     def db(self) -> DurableTier | None:
         """The durable tier for a read; None when the store has none (memory or disk only).
 

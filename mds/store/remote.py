@@ -5,8 +5,11 @@ change another host commits arrives through the durable tier's change feed
 (:class:`~mds.tiers.durable.ChangeFeed`): the span is dropped from LMDB and the series' change
 stamp moves, so every process on this store directory drops its memory window and cached
 coverage of the series at its next read (a memory hit still costs no server round trip: the
-stamp is local). When the feed was interrupted, or when the store opens (LMDB may hold rows other
-hosts rewrote while it was closed), LMDB is emptied and every stamp moves.
+stamp is local). When the feed listens again after an interruption, or when the store opens
+(LMDB may hold rows other hosts rewrote while it was closed), LMDB is emptied and every stamp
+moves. While the feed is down and the server still answers, the fast tiers are not used (another
+host may write unheard); while the server does not answer either, nobody can write there, so
+what the fast tiers prove is answered.
 """
 
 from __future__ import annotations
@@ -52,10 +55,14 @@ class RemoteChanges:
             if symbol is None or timeframe is None:
                 state = self.tiers.states.get("sqlite")
                 live = bool(getattr(state.obj if state is not None else None, "listening", False))
-                logger.info("change feed %s: dropping this host's copies of durable rows", "up" if live else "down")
-                self._forget_all()
-                # while the feed is down the fast tiers are not used at all: every read asks the
-                # durable tier, so another host's write is never answered stale
+                if live:  # listening again: anything may have changed while it was not
+                    logger.info("change feed up: dropping this host's copies of durable rows")
+                    self._forget_all()
+                else:
+                    logger.info("change feed down: reads ask the server while it answers")
+                # while the feed is down and the server answers, other hosts may write unheard:
+                # the fast tiers are not used (see Tiers.tier); when the server cannot answer
+                # either, nobody writes there, and what the fast tiers prove is answered
                 self.tiers.feed_live = live
                 return
             try:
@@ -64,14 +71,20 @@ class RemoteChanges:
                 logger.warning("change feed: unknown timeframe %r; dropping every copy", timeframe)
                 self._forget_all()
                 return
-            disk = self.tiers.tier("disk")
+            disk = self._disk()
             if disk is not None and self.tiers.guard("disk", disk.delete, symbol, tf, start, end) is None:
                 self._forget_all()  # LMDB could not drop the span: it must not answer it
                 return
             self.slots.touch((symbol, tf.name))
 
+    def _disk(self) -> Any:
+        """The LMDB tier object whether or not reads may use it now (its copies are dropped
+        even while it is not in use: Tiers.tier() would hide it while the feed is down)."""
+        state = self.tiers.states.get("disk")
+        return None if state is None else state.obj
+
     def _forget_all(self) -> None:
-        disk = self.tiers.tier("disk")
+        disk = self._disk()
         if disk is not None:
             self.tiers.guard("disk", disk.clear)
         self.slots.touch_all()

@@ -1,0 +1,265 @@
+"""History on PostgreSQL (issue 16) against the naive approach on the same server, in one run.
+
+Every mds figure goes through the public API (``mds.open(path, config=..., history=url)``,
+``store.write_candles``, ``store.candles``); the server is a throwaway cluster started here (see
+``tests/postgres/pg_cluster.py``: Unix socket only, ``fsync=off``, stopped at the end). Without
+the PostgreSQL binaries or psycopg the benchmarks skip with the reason, unless
+MDS_REQUIRE_POSTGRES=1, where they fail.
+
+- ``pg-ingest``: one ``write_candles`` of 1,000,000 1m candles into a store whose only tier is the
+  durable one on PostgreSQL (``tiers=("sqlite",)``), a fresh database each round, against a row
+  per candle: psycopg's ``executemany`` of a prepared ``INSERT`` of (ts, open, high, low, close,
+  volume, value) into a plain table in one transaction. Target: >= 10x.
+- ``pg-range``: a 1,000-candle range from the middle of a 1M series, fast tiers off (answered by
+  PostgreSQL each call), against ``SELECT ... WHERE ts >= %s AND ts < %s ORDER BY ts`` into a
+  numpy CANDLE_DTYPE array. Target: >= 5x.
+- ``pg-memory-hit``: ``store.candles(count=1000)`` answered by the memory tier (default tiers,
+  ``lookup="storage_first"``, no Layer 1) of a PostgreSQL-backed store against the same on a
+  SQLite-backed store. Target: the same.
+
+The ratios (baseline median / mds median) land in ``extra_info`` of whichever of the pair runs
+second; nothing asserts a time. With ``--benchmark-disable`` (CI: every body once) the ingest
+uses 100,000 candles instead of 1,000,000 (the naive row-per-candle insert of 1M alone takes about
+20 s); the range series stays at 1M (filled once with COPY): the whole file then takes about 10 s.
+Timed, it takes about 70 s (three naive rounds of about 19 s each).
+
+    taskset -c 1 .venv/bin/pytest benches/bench_postgres.py --benchmark-only --benchmark-columns=median,iqr
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mds
+from mds import CANDLE_DTYPE, Config
+from mds.testing import dense_candles
+from mds.timeutil import to_ms
+
+# the tests' throwaway cluster (tests/postgres/pg_cluster.py), one module under one name for both
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "postgres"))
+from pg_cluster import Cluster, fresh_database, running_cluster
+
+MIN = 60_000
+T_END = to_ms("2025-01-06T00:00:00Z")  # the series end here (exclusive)
+NOW = T_END + 30_000  # the stores' fixed clock: no upkeep runs, nothing gets compressed
+SYM = "KRW-BTC"
+N = 1_000_000
+N_DISABLED = 100_000  # ingest size under --benchmark-disable
+RANGE = 1_000
+FIELDS = "ts, open, high, low, close, volume, value"
+NAIVE_DDL = (
+    "CREATE TABLE naive (ts bigint PRIMARY KEY, open float8, high float8, low float8, close float8,"
+    " volume float8, value float8)"
+)
+NAIVE_INSERT = f"INSERT INTO naive ({FIELDS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+NAIVE_RANGE = f"SELECT {FIELDS} FROM naive WHERE ts >= %s AND ts < %s ORDER BY ts"
+HIT_WAIT_S = 20.0  # bound of the wait for the change feed (a PostgreSQL store's memory hits need it)
+
+#: Medians (s) of this run's benchmarks, for the in-run ratios.
+_MEDIANS: dict[str, float] = {}
+
+
+def candles(n: int) -> np.ndarray:
+    return dense_candles(n, T_END - n * MIN, MIN, seed=1)
+
+
+def clock() -> int:
+    return NOW
+
+
+def _ratio(benchmark: Any, key: str, name: str, numerator: str, denominator: str) -> None:
+    """Keep this benchmark's median under ``key``; once both sides of the pair are known, put
+    ``median(numerator) / median(denominator)`` into extra_info as ``name``."""
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    _MEDIANS[key] = float(benchmark.stats.stats.median)
+    benchmark.extra_info["median_s"] = float(f"{_MEDIANS[key]:.4g}")
+    if numerator in _MEDIANS and denominator in _MEDIANS:
+        benchmark.extra_info[name] = float(f"{_MEDIANS[numerator] / _MEDIANS[denominator]:.3g}")
+
+
+def _hits(st: mds.Store) -> dict[str, int]:
+    return {k: int(v) for k, v in st.stats()["hits"].items()}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Cluster]:
+    with running_cluster() as cluster:
+        yield cluster
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-ingest: 1,000,000 candles into an empty database
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def fresh_rounds(
+    benchmark: Any, pg: Cluster, prepare: Callable[[ExitStack, str], Any], run: Callable[[Any], Any], rounds: int
+) -> Iterator[tuple[Any, Any]]:
+    """``benchmark.pedantic(run, ...)`` where each round's untimed setup is ``prepare(stack, url)``
+    on a fresh database; yields the last result and the last prepared object, still open.
+    Everything prepared is closed, and every database dropped, on exit."""
+    prepared: list[Any] = []
+    with ExitStack() as stack:
+
+        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+            prepared.append(prepare(stack, stack.enter_context(fresh_database(pg))))
+            return (prepared[-1],), {}
+
+        result = benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+        yield result, prepared[-1]
+
+
+@pytest.mark.benchmark(group="pg-ingest")
+def test_ingest_1m_store_postgres(benchmark: Any, pg: Cluster, tmp_path: Path) -> None:
+    n = N_DISABLED if benchmark.disabled else N
+    arr = candles(n)
+    names = itertools.count()
+
+    def open_store(stack: ExitStack, url: str) -> mds.Store:
+        cfg = Config(tiers=("sqlite",))
+        return stack.enter_context(mds.open(tmp_path / f"s{next(names)}", config=cfg, clock=clock, history=url))
+
+    def ingest(st: mds.Store) -> Any:
+        return st.write_candles(SYM, "1m", arr)
+
+    with fresh_rounds(benchmark, pg, open_store, ingest, rounds=5) as (result, st):
+        assert (result.inserted, result.updated, result.unchanged) == (n, 0, 0)
+        assert st.candles(SYM, "1m", start=int(arr["ts"][0]), end=T_END).tobytes() == arr.tobytes()
+    benchmark.extra_info.update(candles=n, tiers="sqlite (the durable tier, on PostgreSQL)")
+    _ratio(benchmark, "ingest_store", "naive_over_store", "ingest_naive", "ingest_store")
+    if "ingest_store" in _MEDIANS:
+        benchmark.extra_info["candles_per_s"] = float(f"{n / _MEDIANS['ingest_store']:.3g}")
+
+
+@pytest.mark.benchmark(group="pg-ingest")
+def test_ingest_1m_naive_executemany(benchmark: Any, pg: Cluster) -> None:
+    import psycopg
+
+    n = N_DISABLED if benchmark.disabled else N
+    arr = candles(n)
+
+    def connect(stack: ExitStack, url: str) -> Any:
+        # prepare_threshold=0: the INSERT is a prepared statement from its first execution
+        conn = stack.enter_context(psycopg.connect(url, autocommit=True, prepare_threshold=0))
+        conn.execute(NAIVE_DDL)
+        return conn
+
+    def insert(conn: Any) -> None:  # a row per candle, one transaction
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(NAIVE_INSERT, arr.tolist())
+
+    with fresh_rounds(benchmark, pg, connect, insert, rounds=3) as (_, conn):
+        assert conn.execute("SELECT count(*) FROM naive").fetchone()[0] == n
+    benchmark.extra_info.update(candles=n)
+    _ratio(benchmark, "ingest_naive", "naive_over_store", "ingest_naive", "ingest_store")
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-range: 1,000 candles from the middle of a 1M series, fast tiers off
+# ---------------------------------------------------------------------------------------------
+def naive_range(conn: Any, start: int, end: int) -> np.ndarray:
+    return np.array(conn.execute(NAIVE_RANGE, (start, end)).fetchall(), dtype=CANDLE_DTYPE)
+
+
+@pytest.fixture(scope="module")
+def range_pair(pg: Cluster, tmp_path_factory: Any) -> Iterator[tuple[mds.Store, Any, int, int, np.ndarray]]:
+    """One database holding the same 1M series twice: through a store with only the durable
+    tier, and as a row per candle in ``naive`` (filled with binary COPY, which is quicker)."""
+    import psycopg
+
+    arr = candles(N)
+    i = N // 2 + 123
+    start, end, want = int(arr["ts"][i]), int(arr["ts"][i + RANGE]), arr[i : i + RANGE]
+    path = tmp_path_factory.mktemp("pg-range")
+    with (
+        fresh_database(pg) as url,
+        mds.open(path, config=Config(tiers=("sqlite",)), clock=clock, history=url) as st,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        st.write_candles(SYM, "1m", arr)
+        conn.execute(NAIVE_DDL)
+        with conn.cursor() as cur, cur.copy(f"COPY naive ({FIELDS}) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(["int8"] + ["float8"] * 6)
+            for row in arr.tolist():
+                cp.write_row(row)
+        conn.execute("VACUUM ANALYZE")  # both layouts' tables
+        # once, untimed: both answer the same bytes, the rows written
+        assert st.candles(SYM, "1m", start=start, end=end).tobytes() == want.tobytes()
+        assert naive_range(conn, start, end).tobytes() == want.tobytes()
+        tier = st.stats()["tiers"]["sqlite"]
+        assert tier["backend"] == "postgresql" and tier["chunks_compressed"] == 0
+        yield st, conn, start, end, want
+
+
+@pytest.mark.benchmark(group="pg-range")
+def test_range_1000_store_postgres(benchmark: Any, range_pair: tuple[mds.Store, Any, int, int, np.ndarray]) -> None:
+    st, _, start, end, want = range_pair
+    before = _hits(st)
+    got = benchmark(st.candles, SYM, "1m", start=start, end=end)
+    after = _hits(st)
+    assert got.tobytes() == want.tobytes()
+    # every timed call was answered by PostgreSQL (the durable tier's hit counter), and nothing else
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]}.keys() == {"sqlite_db"}
+    benchmark.extra_info.update(candles=RANGE, series=N, tiers="sqlite (the durable tier, on PostgreSQL)")
+    _ratio(benchmark, "range_store", "naive_over_store", "range_naive", "range_store")
+
+
+@pytest.mark.benchmark(group="pg-range")
+def test_range_1000_naive_select(benchmark: Any, range_pair: tuple[mds.Store, Any, int, int, np.ndarray]) -> None:
+    _, conn, start, end, want = range_pair
+    got = benchmark(naive_range, conn, start, end)
+    assert got.tobytes() == want.tobytes()
+    benchmark.extra_info.update(candles=RANGE, series=N)
+    _ratio(benchmark, "range_naive", "naive_over_store", "range_naive", "range_store")
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-memory-hit: latest 1,000 from the memory tier, history on SQLite vs on PostgreSQL
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def hot_store(request: Any, tmp_path_factory: Any) -> Iterator[tuple[str, mds.Store, np.ndarray]]:
+    """A store (default tiers, storage_first, no Layer 1) whose memory tier answers the latest
+    1,000 of SYM. A PostgreSQL-backed store uses its fast tiers only while the change feed
+    listens, which it starts doing shortly after opening: the first memory hit is waited for."""
+    arr = candles(5_000)
+    want = arr[-1000:]
+    with ExitStack() as stack:
+        url = None
+        if request.param == "postgres":
+            url = stack.enter_context(fresh_database(request.getfixturevalue("pg")))
+        cfg = Config(lookup="storage_first")
+        path = tmp_path_factory.mktemp(f"hot-{request.param}")
+        st = stack.enter_context(mds.open(path, config=cfg, clock=clock, history=url))
+        st.write_candles(SYM, "1m", arr)
+        deadline = time.monotonic() + HIT_WAIT_S
+        while True:
+            before = _hits(st)["storage_memory"]
+            got = st.candles(SYM, "1m", count=1000)
+            assert got.tobytes() == want.tobytes()
+            if _hits(st)["storage_memory"] > before:
+                break
+            assert time.monotonic() < deadline, f"no memory hit within {HIT_WAIT_S} s: {st.stats()['tiers']}"
+            time.sleep(0.01)
+        yield request.param, st, want
+
+
+@pytest.mark.benchmark(group="pg-memory-hit")
+def test_latest_1000_memory_hit(benchmark: Any, hot_store: tuple[str, mds.Store, np.ndarray]) -> None:
+    history, st, want = hot_store
+    before = _hits(st)
+    got = benchmark(st.candles, SYM, "1m", count=1000)
+    after = _hits(st)
+    assert got.tobytes() == want.tobytes()
+    # every timed call was a memory hit
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]}.keys() == {"storage_memory"}
+    benchmark.extra_info.update(history=history, lookup="storage_first", layer1=None)
+    _ratio(benchmark, f"hit_{history}", "postgres_over_sqlite", "hit_postgres", "hit_sqlite")
