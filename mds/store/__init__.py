@@ -98,12 +98,18 @@ class Store:
             writable = check_store_dir(self.path, create=True)
         self._health = Tiers(self.path, cfg, self._clock, writable, history)
         self._slots = ChangeSlots()
-        self._remote = RemoteChanges(self._health, self._slots, self._lock)
+        self._coverage = Coverage(self._health, self._slots)
+        self._remote = RemoteChanges(self._health, self._slots, self._coverage, self._lock)
         self._health.on_open.append(self._remote.opened)
         try:
             if persistent:
                 self._slots.open(self.path / "changes.bin", writable)
             self._health.open(stamp=self._slots.stamp)
+            durable = self._health.states.get("sqlite")
+            if history is not None and durable is not None and durable.obj is None:
+                # a wrong URL, refused credentials, no driver, no server: said at open, not
+                # discovered later as a store that silently passes every read through
+                raise StorageUnavailableError(f"history: {durable.error}")
             if persistent:
                 upkeep.warn_lost_commits(self._health, self._slots)
         except BaseException:
@@ -114,7 +120,6 @@ class Store:
             orderbook_ttl_ms=int(self.config.orderbook_ttl_s * 1000),
             clock=self._clock,
         )
-        self._coverage = Coverage(self._health, self._slots)
         self._writer = Writer(self._health, self._slots, self._coverage, self.config, self._lock)
         self._fetcher: Fetcher | None = None
         if layer1 is not None:

@@ -46,6 +46,8 @@ class ChangeSlots:
         self.seen: dict[tuple[str, str], int] = {}
         self.dirty: set[tuple[str, str]] = set()
         self.slot_of: dict[tuple[str, str], int] = {}
+        #: False when the map is read-only here (a read-only store directory): stamps are read only
+        self.writable = False
 
     def open(self, path: Path, writable: bool) -> None:
         """Map ``path``; blocks are allocated before the map, so a full disk is an error here,
@@ -59,6 +61,7 @@ class ChangeSlots:
             logger.warning("no cross-process change slots (%s): rewrites by other processes show late", exc)
             self.array = None
             return
+        self.writable = writable
         self.array = np.frombuffer(self._map, dtype=np.int64, count=SLOTS)
         # after the hash slots: the highest SQLite commit_seq any store acknowledged on this path
         self.acked = np.frombuffer(self._map, dtype=np.int64, count=1, offset=SLOTS * 8)
@@ -106,12 +109,12 @@ class ChangeSlots:
     def touch(self, key: tuple[str, str]) -> None:
         """Move a series' stamp (final, even) without a write here: what every process on this
         directory caches of the series is dropped at its next read (another host changed it)."""
-        if self.array is not None:
+        if self.array is not None and self.writable:
             self.array[self.slot(key)] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
 
     def touch_all(self) -> None:
         """Move every stamp: anything may have changed."""
-        if self.array is not None:
+        if self.array is not None and self.writable:
             self.array[:] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
 
     def lost_commits(self, have: Callable[[], int]) -> str | None:

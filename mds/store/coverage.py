@@ -37,12 +37,14 @@ class Coverage:
     def of(self, symbol: str, tf: Timeframe) -> np.ndarray:
         """Coverage of a series, cached; the cache is dropped when another process writes it."""
         key = (symbol, tf.name)
-        cov = self.ranges.get(key)
+        live = self.tiers.copies_usable()  # else another host may change it unheard: not cached
+        cov = self.ranges.get(key) if live else None
         if cov is None:
             db = self.tiers.db()
             cov = EMPTY_RANGES if db is None else np.asarray(self.tiers.ask_db(db.coverage, symbol, tf), np.int64)
             cov = cov.reshape(-1, 2)
-            self.set(key, cov)
+            if live:
+                self.set(key, cov)
         if not self.tiers.durable and len(cov):
             # Without a durable tier, coverage proves only what the fast tiers still hold: a
             # candle they evicted (memory keeps the newest memory_candles, LMDB disk_days) is
@@ -124,7 +126,7 @@ class Coverage:
     def frontier(self, sym: str, tf: Timeframe) -> int | None:
         """Where stored data of a series ends (coverage end or last candle + 1 interval)."""
         key = (sym, tf.name)
-        if key in self.frontiers:
+        if key in self.frontiers and self.tiers.copies_usable():
             return self.frontiers[key]
         ends: list[int] = []
         cov = self.of(sym, tf)
@@ -142,7 +144,7 @@ class Coverage:
                 if held is not None and len(held):
                     ends.append(int(np.asarray(held, dtype=np.int64).reshape(-1, 2)[-1, 1]))
         front = max(ends) if ends else None
-        if self.tiers.durable:
+        if self.tiers.durable and self.tiers.copies_usable():
             self.frontiers[key] = front
         return front
 

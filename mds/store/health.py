@@ -95,6 +95,10 @@ class Tiers:
         #: False while a shared durable tier's change feed is down: memory and LMDB are then not
         #: used while the durable tier answers (see mds.store.remote).
         self.feed_live = True
+        #: Whether the fast tiers' copies may answer while the feed is down and the durable tier
+        #: does not answer either: True until the durable tier answers while the feed is down
+        #: (then other hosts may have written unheard); set again when the feed listens again.
+        self.copies_trusted = True
         #: Called with (name, tier object) each time a tier opens (also on a reopen after a failure).
         self.on_open: list[Callable[[str, Any], None]] = []
 
@@ -219,7 +223,7 @@ class Tiers:
         state = self.states.get(name)
         if state is None or (name == "memory" and getattr(self.reading, "bypass", False)):
             return None
-        if not self.feed_live and name != "sqlite" and not self.durable_down():
+        if not self.feed_live and name != "sqlite" and not self.copies_usable():
             return None
         if state.degraded_at is not None:
             # A tier that could not even open (a full disk, a file being replaced) is tried again
@@ -258,6 +262,12 @@ class Tiers:
             self.degrade(name, exc)
 
     # ------------------------------------------------------------------ the durable tier
+    def copies_usable(self) -> bool:
+        """Whether what this host holds of the durable tier (fast tiers, cached coverage) may
+        answer: while the change feed listens, or while neither it nor the server answers and the
+        server did not answer since the feed went down (nobody can have written unheard)."""
+        return self.feed_live or (self.copies_trusted and self.durable_down())
+
     def durable_down(self) -> bool:
         """Whether the store has a durable tier that is degraded now."""
         state = self.states.get("sqlite")
@@ -284,12 +294,15 @@ class Tiers:
         call. Anything else degrades it.
         """
         try:
-            return fn(*args)
+            answer = fn(*args)
         except DamagedChunkError as exc:  # damaged rows, not a broken tier: never served
             raise StorageDown(reason=str(exc), damaged=exc) from exc
         except BACKEND_ERRORS as exc:
             self.failed("sqlite", exc)
             raise StorageDown(reason=f"the {self.durable_name} tier could not answer: {exc}") from exc
+        if not self.feed_live:
+            self.copies_trusted = False  # the server answers: other hosts may write unheard
+        return answer
 
     def first_stored(self, sym: str, tf: Timeframe) -> int | None:
         """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""

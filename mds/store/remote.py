@@ -19,6 +19,7 @@ from typing import Any
 
 from mds.errors import InvalidRequestError
 from mds.store.changes import ChangeSlots
+from mds.store.coverage import Coverage
 from mds.store.health import Tiers
 from mds.timeframes import parse_timeframe
 
@@ -28,9 +29,10 @@ logger = logging.getLogger(__name__)
 class RemoteChanges:
     """Subscribes to a shared durable tier's change feed each time the tier opens."""
 
-    def __init__(self, tiers: Tiers, slots: ChangeSlots, lock: Any) -> None:
+    def __init__(self, tiers: Tiers, slots: ChangeSlots, coverage: Coverage, lock: Any) -> None:
         self.tiers = tiers
         self.slots = slots
+        self.coverage = coverage
         self.lock = lock
         self.received = 0  # changes applied (for stats and tests)
 
@@ -58,6 +60,7 @@ class RemoteChanges:
                 if live:  # listening again: anything may have changed while it was not
                     logger.info("change feed up: dropping this host's copies of durable rows")
                     self._forget_all()
+                    self.tiers.copies_trusted = True
                 else:
                     logger.info("change feed down: reads ask the server while it answers")
                 # while the feed is down and the server answers, other hosts may write unheard:
@@ -75,7 +78,7 @@ class RemoteChanges:
             if disk is not None and self.tiers.guard("disk", disk.delete, symbol, tf, start, end) is None:
                 self._forget_all()  # LMDB could not drop the span: it must not answer it
                 return
-            self.slots.touch((symbol, tf.name))
+            self._forget((symbol, tf.name), symbol, tf)
 
     def _disk(self) -> Any:
         """The LMDB tier object whether or not reads may use it now (its copies are dropped
@@ -83,8 +86,21 @@ class RemoteChanges:
         state = self.tiers.states.get("disk")
         return None if state is None else state.obj
 
+    def _forget(self, key: tuple[str, str], symbol: str, tf: Any) -> None:
+        """Every process on this directory drops the series at its next read (the stamp); this
+        one at once (also where the stamps cannot be written: a read-only directory)."""
+        self.slots.touch(key)
+        self.coverage.drop(key)
+        mem = self.tiers.states.get("memory")
+        if mem is not None:
+            mem.obj.invalidate(symbol, tf)
+
     def _forget_all(self) -> None:
         disk = self._disk()
         if disk is not None:
             self.tiers.guard("disk", disk.clear)
         self.slots.touch_all()
+        self.coverage.drop()
+        mem = self.tiers.states.get("memory")
+        if mem is not None:
+            mem.obj.clear()

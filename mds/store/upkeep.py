@@ -43,7 +43,9 @@ def check(tiers: Tiers, slots: ChangeSlots) -> CheckReport:
     problems = [f"{name}: degraded ({s.error})" for name, s in tiers.states.items() if s.degraded_at is not None]
     db = tiers.tier("sqlite")
     if db is not None:
-        problems += checked("sqlite", lambda: [f"sqlite: {p}" for p in db.integrity_problems()])
+        name = tiers.durable_name.lower()
+        problems += checked(name, lambda: [f"{name}: {p}" for p in db.integrity_problems()])
+    if db is not None and tiers.history is None:  # a file this directory owns (see Writer._stamp_final)
         try:
             lost = slots.lost_commits(db.commit_seq)
         except BACKEND_ERRORS as exc:
@@ -107,7 +109,7 @@ def warn_lost_commits(tiers: Tiers, slots: ChangeSlots) -> None:
     """At open: log a warning when the durable tier holds fewer commits than were acknowledged
     (``check()`` reports it as a problem; an unreadable sequence is left to the tier's reads)."""
     state = tiers.states.get("sqlite")
-    if state is None or state.obj is None:
+    if state is None or state.obj is None or tiers.history is not None:
         return
     try:
         lost = slots.lost_commits(state.obj.commit_seq)

@@ -133,8 +133,15 @@ class Writer:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
                 except BACKEND_ERRORS as exc:
                     tiers.failed("sqlite", exc)  # busy is not broken: reads go on
+                    if tiers.history is not None:
+                        # a server may have committed before its answer was lost: this host's
+                        # copies of the spans must not outlive the write if it did
+                        for s, e in _spans(tf, closed, covered).tolist():
+                            self.invalidate_fast(sym, tf, s, e)
                     self.end_changes()
                     raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
+                if not tiers.feed_live:
+                    tiers.copies_trusted = False  # the server answers: other hosts may write unheard
                 self.end_changes()
             if len(covered):
                 self.coverage.add(sym, tf, covered)
@@ -161,7 +168,10 @@ class Writer:
         if not self.slots.dirty:
             return  # nothing stamped in progress: no commit to acknowledge
         state = self.tiers.states.get("sqlite")
-        self.slots.end(None if state is None or state.obj is None else state.obj.last_commit_seq)
+        # the acknowledged commit_seq vouches for a file this directory owns; a server's counter
+        # is shared by every host, so it proves nothing about this host's writes
+        owned = self.tiers.history is None and state is not None and state.obj is not None
+        self.slots.end(state.obj.last_commit_seq if owned and state is not None else None)
 
     def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.

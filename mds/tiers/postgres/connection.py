@@ -73,6 +73,10 @@ def connect(url: str, *, timeout_s: float, readonly: bool, application: str = "m
     if readonly:
         options += " -c default_transaction_read_only=on"
     try:
+        # the URL's own options (a search_path, a statement_timeout) are kept, ours follow them
+        given = psycopg.conninfo.conninfo_to_dict(url).get("options")
+        if given:
+            options = f"{given} {options}"
         conn = psycopg.connect(
             url,
             autocommit=True,
