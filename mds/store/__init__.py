@@ -338,7 +338,7 @@ class Store:
         """Integrity of every tier: SQLite integrity and coverage vs data, LMDB vs SQLite."""
         self._check_open()
         with self._lock:
-            return upkeep.check(self._health, self._slots)
+            return upkeep.check(self._health, self._slots, self._lock)
 
     # ------------------------------------------------------------------ realtime
     def put_ticker(self, ticker: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ def maintain(tiers: Tiers, force: bool) -> MaintenanceReport:
     return MaintenanceReport(before, after, vacuumed, analyzed, purged)
 
 
-def check(tiers: Tiers, slots: ChangeSlots) -> CheckReport:
+def check(tiers: Tiers, slots: ChangeSlots, lock: Any = None) -> CheckReport:
     """See ``Store.check`` (call under the store lock, after listing degraded tiers)."""
     problems = [f"{name}: degraded ({s.error})" for name, s in tiers.states.items() if s.degraded_at is not None]
     db = tiers.tier("sqlite")
@@ -61,12 +61,13 @@ def check(tiers: Tiers, slots: ChangeSlots) -> CheckReport:
     if disk is not None:
         problems += checked("disk", lambda: [f"disk: {p}" for p in disk.check()])
         if db is not None:
-            problems += checked("disk vs sqlite", lambda: _disk_vs_durable(tiers, slots, db, disk))
+            problems += checked("disk vs sqlite", lambda: _disk_vs_durable(tiers, slots, db, disk, lock))
     return CheckReport(not problems, tuple(problems))
 
 
-def _disk_vs_durable(tiers: Tiers, slots: ChangeSlots, db: DurableTier, disk: Any) -> list[str]:
+def _disk_vs_durable(tiers: Tiers, slots: ChangeSlots, db: DurableTier, disk: Any, lock: Any) -> list[str]:
     problems: list[str] = []
+    shared = tiers.history is not None and lock is not None
     # every series either tier knows: a series only LMDB holds is compared too (the durable tier
     # then answers nothing there, so any row LMDB would serve is reported)
     names = {(sym, tfname) for sym, tfname, *_ in db.series()}
@@ -86,6 +87,8 @@ def _disk_vs_durable(tiers: Tiers, slots: ChangeSlots, db: DurableTier, disk: An
                 time.sleep(0.005)
                 continue
             found = _compare(tiers, db, disk, sym, tf)
+            if found and shared and _moved_after_release(lock, slots, sym, tf, token):
+                continue  # another host's change was waiting for the lock to drop the span: again
             if slots.stamp(sym, tf) == token:
                 problems += found
                 break
@@ -98,11 +101,34 @@ def _compare(tiers: Tiers, db: DurableTier, disk: Any, sym: str, tf: Timeframe) 
         return []
     out: list[str] = []
     for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2).tolist():
-        a = tiers.guard("disk", disk.get_range, sym, tf, s, e)
+        # the durable tier first: a change committed after this read cannot reach LMDB before the
+        # compare (its feed callback waits for the store lock), so both sides are of one moment
         b = db.read_range(sym, tf, s, e)
+        a = tiers.guard("disk", disk.get_range, sym, tf, s, e)
         if a is not None and (len(a) != len(b) or a.tobytes() != b.tobytes()):
-            out.append(f"disk: {sym} {tf.name} [{s}, {e}) differs from SQLite")
+            out.append(f"disk: {sym} {tf.name} [{s}, {e}) differs from {tiers.durable_name}")
     return out
+
+
+#: How long check() lets a shared durable tier's pending change reach this host before it reports
+#: a difference between LMDB and the server.
+_FEED_GRACE_S = 0.5
+
+
+def _moved_after_release(lock: Any, slots: ChangeSlots, sym: str, tf: Timeframe, token: int | None) -> bool:
+    """Release the store lock for a moment so that a change another host committed before the
+    compare (its feed callback waits for the lock) can drop the span; whether the series' stamp
+    moved meanwhile (then the difference was that change on its way, not a defect)."""
+    held = lock._release_save()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < _FEED_GRACE_S:
+            if slots.stamp(sym, tf) != token:
+                return True
+            time.sleep(0.01)
+        return False
+    finally:
+        lock._acquire_restore(held)
 
 
 def warn_lost_commits(tiers: Tiers, slots: ChangeSlots) -> None:

@@ -347,13 +347,6 @@ def test_feed_down_before_the_server_then_local_tiers_answer_what_was_revised_me
 
 
 # ---------------------------------------------------------------------------- check()
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open: check() compares LMDB with the server under the store lock, so a remote commit in be"
-        "tween is reported as a difference"
-    ),
-)
 def test_check_reports_a_difference_when_another_host_commits_during_it(
     tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
