@@ -252,10 +252,6 @@ def stopped() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGCONT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("open: the change feed has no liveness check (a hung listener backend is trusted)"),
-)
 def test_a_feed_that_hears_nothing_is_trusted_and_memory_answers_stale(
     tmp_path: Path, pg_url: str, stopped: list[int]
 ) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,17 @@ _SQL_LISTEN = f"LISTEN {CHANNEL}"
 #: Backoff between reconnect attempts: from the first to the last, doubling.
 BACKOFF_S = (0.05, 1.0)
 _POLL_S = 0.25  # how often the listener looks at the stop flag while no notification arrives
+#: The listener sends itself a heartbeat this often, through another connection, on a channel of
+#: its own ...
+HEARTBEAT_S = 0.5
+#: ... and counts itself deaf (its server process hangs, or the path drops silently until TCP
+#: keepalives would notice) when none came back for this long: it then reconnects.
+DEAF_AFTER_S = 2.0
+_SQL_PING = "SELECT pg_notify(%s, %s)"
+
+
+class _Deaf(Exception):
+    """The listener's own heartbeats stopped arriving."""
 
 Callback = Callable[[str | None, str | None, int, int], None]
 
@@ -59,6 +72,8 @@ class Listener:
         self._stop = threading.Event()
         self._wake = threading.Event()  # cuts a backoff wait short (the server is back, or stop)
         self._conn: psycopg.Connection[Any] | None = None
+        self._pinger: psycopg.Connection[Any] | None = None
+        self._ping_channel = f"mds_ping_{uuid.uuid4().hex}"  # a letter, then hex: a plain identifier
         self.connected = threading.Event()
         #: How many times the connection was re-established after a loss.
         self.reconnects = 0
@@ -77,6 +92,18 @@ class Listener:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
+
+    def _ping(self) -> None:
+        """Send this listener a heartbeat through its own other connection (the listening one may
+        hang without an error). A failure is left to the missing heartbeat to tell."""
+        try:
+            if self._pinger is None or self._pinger.closed:
+                self._pinger = connect(self._url, timeout_s=self._timeout_s, readonly=False, application="mds-ping")
+            self._pinger.execute(_SQL_PING, (self._ping_channel, ""))
+        except (psycopg.Error, StorageUnavailableError) as exc:
+            logger.debug("PostgreSQL tier %s: heartbeat not sent: %s", self._where, exc)
+            close_quietly(self._pinger)
+            self._pinger = None
 
     def wake(self) -> None:
         """Retry a lost connection now instead of after the rest of the backoff (the tier's own
@@ -106,6 +133,7 @@ class Listener:
             listened = False
             try:
                 conn.execute(_SQL_LISTEN)
+                conn.execute(f"LISTEN {self._ping_channel}")
                 self._conn = conn
                 self.connected.set()
                 listened = True
@@ -120,16 +148,35 @@ class Listener:
             except psycopg.Error as exc:
                 if not self._stop.is_set():
                     logger.warning("PostgreSQL tier %s: change feed lost its connection: %s", self._where, exc)
+            except _Deaf:
+                logger.warning(
+                    "PostgreSQL tier %s: change feed heard nothing for %.1f s (not even its heartbeat): reconnecting",
+                    self._where,
+                    DEAF_AFTER_S,
+                )
             finally:
                 self.connected.clear()
                 self._conn = None
                 close_quietly(conn)
             if listened and not self._stop.is_set():
                 self._deliver(None, None, 0, 0)  # not listening any more: changes may go unreported
+        close_quietly(self._pinger)
+        self._pinger = None
 
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
+        heard = sent = time.monotonic()
+        self._ping()
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now - sent >= HEARTBEAT_S:
+                self._ping()
+                sent = now
+            if now - heard > DEAF_AFTER_S:
+                raise _Deaf()
             for note in conn.notifies(timeout=_POLL_S):
+                if note.channel == self._ping_channel:
+                    heard = time.monotonic()
+                    continue
                 fields = parse(note.payload)
                 if fields is None:
                     logger.warning("PostgreSQL tier %s: malformed change payload %r", self._where, note.payload)
