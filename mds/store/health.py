@@ -118,6 +118,10 @@ class Tiers:
             self.states["disk"] = TierState("disk", None)
             if self._try_open("disk"):
                 self._drop_stale_disk()
+                if self.history is not None:
+                    # LMDB now holds rows of a shared history: a store opened later on this
+                    # directory with its own SQLite file must not answer them
+                    self.mark_disk_stale()
         if "memory" in cfg.tiers:
             from mds.tiers.memory import MemoryTier
 

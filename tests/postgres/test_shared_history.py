@@ -232,3 +232,17 @@ def test_server_down_reads_the_local_tiers_prove_still_answer(
         _wait_for(lambda: b._health.feed_live)  # the feed is back by itself
         assert b.candles("KRW-BTC", "1m", count=50).tobytes() == want.tobytes()
         assert "sqlite" not in b.stats()["degraded"]
+
+
+def test_a_directory_used_with_a_shared_history_then_without_it_answers_no_server_rows(
+    tmp_path: Path, pg_url: str
+) -> None:
+    rows = generate_market("KRW-BTC", "1m", T0, T0 + 100 * MIN, liquidity="liquid", seed=13)
+    path = tmp_path / "s"
+    with _open(path, pg_url) as st:
+        st.write_candles("KRW-BTC", "1m", rows, complete=(T0, T0 + 100 * MIN))
+        assert len(st.candles("KRW-BTC", "1m", start=T0, end=T0 + 100 * MIN)) == 100  # LMDB holds them
+    with mds.open(path, config=Config(lookup="storage_first"), clock=lambda: NOW) as st:  # its SQLite file
+        assert len(st.candles("KRW-BTC", "1m", start=T0, end=T0 + 100 * MIN)) == 0
+        assert st.coverage("KRW-BTC", "1m") == []
+        assert st.check().ok, st.check().problems
