@@ -39,8 +39,9 @@ from mds._migrate import WINDOW as MIGRATE_WINDOW
 from mds.convert import candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
 from mds.symbols import validate_symbol
+from mds.tiers.durable import is_server_url, shown_url
 from mds.timeframes import DAY_MS, MINUTE_MS, Timeframe, parse_timeframe
-from mds.timeutil import iso_utc, now_ms, to_ms
+from mds.timeutil import iso_utc_z, now_ms, to_ms
 
 if TYPE_CHECKING:
     pass
@@ -136,8 +137,6 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 def _history(args: argparse.Namespace) -> str | None:
     """The history URL: ``--history``, else ``$MDS_HISTORY``; None (SQLite under --path) without."""
-    from mds.tiers.durable import is_server_url
-
     given = getattr(args, "history", None)
     url = given if given is not None else os.environ.get("MDS_HISTORY", "")
     url = url.strip()
@@ -147,15 +146,8 @@ def _history(args: argparse.Namespace) -> str | None:
         return None
     if not is_server_url(url):
         origin = "--history" if given is not None else "MDS_HISTORY"
-        raise BadInput(f"{origin} must be a postgresql:// URL, not {_shown_url(url)}")
+        raise BadInput(f"{origin} must be a postgresql:// URL, not {shown_url(url)}")
     return url
-
-
-def _shown_url(url: str) -> str:
-    """A URL for a message, without its password."""
-    from mds.tiers.durable import _shown
-
-    return _shown(url)
 
 
 def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: Any = None, **kw: Any) -> Any:
@@ -183,12 +175,12 @@ def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: An
 
 def _history_error(url: str, error: str) -> StorageUnavailableError:
     """The error of a history that cannot be used, naming it (without its password) once."""
-    shown = _shown_url(url)
+    shown = shown_url(url)
     return StorageUnavailableError(error if shown in error else f"history at {shown}: {error}")
 
 
 def _fmt_time(ms: int) -> str:
-    return iso_utc(ms) + "Z"
+    return iso_utc_z(ms)
 
 
 def _fmt_num(v: float) -> str:
@@ -775,7 +767,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Copy the SQLite history under --path into PostgreSQL, resumably; then verify it."""
     from mds import _migrate as migration
     from mds.models import Config
-    from mds.tiers.durable import is_server_url, open_durable
+    from mds.tiers.durable import open_durable
     from mds.tiers.sqlite import SqliteStore
 
     env = os.environ.get("MDS_HISTORY", "").strip()
@@ -783,12 +775,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not url:
         raise BadInput("give --to postgresql://... (or set MDS_HISTORY)")
     if not is_server_url(url):
-        raise BadInput(f"--to must be a postgresql:// URL, not {_shown_url(url)}")
+        raise BadInput(f"--to must be a postgresql:// URL, not {shown_url(url)}")
     path = _store_path(args)
     db = path / "candles.sqlite3"
     if not db.is_file():
         raise BadInput(f"no SQLite history at {db} (give --path)")
-    shown = _shown_url(url)
+    shown = shown_url(url)
     pause_after = int(os.environ.get(_MIGRATE_PAUSE_ENV, "0") or 0)
     progress = _Progress(sys.stderr)
     done = migration.Copied()

@@ -89,9 +89,7 @@ class AsyncApi:
                 pending.append(sym)
                 continue
             try:
-                arr, src = self.reader.read(
-                    sym, tf, req.count, req.start_time, req.end_time, False, allow_layer1=False
-                )
+                arr, src = self.reader.read(sym, tf, req.count, req.start_time, req.end_time, False, allow_layer1=False)
             except (NeedsLayer1, StorageDown):
                 pending.append(sym)
                 continue

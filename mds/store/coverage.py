@@ -104,11 +104,16 @@ class Coverage:
         stamp = slots.changed(key)
         if stamp is None:
             return False
-        self.drop(key)
+        self.forget(sym, tf)
+        return bool(stamp & 1) and key not in slots.dirty
+
+    def forget(self, sym: str, tf: Timeframe) -> None:
+        """Drop what this process holds of a series besides the shared tiers: its cached
+        coverage and frontier, and its memory window."""
+        self.drop((sym, tf.name))
         state = self.tiers.states.get("memory")
         if state is not None:
             state.obj.invalidate(sym, tf)
-        return bool(stamp & 1) and key not in slots.dirty
 
     def _refresh_shared(self) -> None:
         """Drop all cached coverage if another connection changed the durable tier since the last

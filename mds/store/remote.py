@@ -78,22 +78,16 @@ class RemoteChanges:
             if disk is not None and self.tiers.guard("disk", disk.delete, symbol, tf, start, end) is None:
                 self._forget_all()  # LMDB could not drop the span: it must not answer it
                 return
-            self._forget((symbol, tf.name), symbol, tf)
+            # every process on this directory drops the series at its next read (the stamp); this
+            # one at once (also where the stamps cannot be written: a read-only directory)
+            self.slots.touch((symbol, tf.name))
+            self.coverage.forget(symbol, tf)
 
     def _disk(self) -> Any:
         """The LMDB tier object whether or not reads may use it now (its copies are dropped
         even while it is not in use: Tiers.tier() would hide it while the feed is down)."""
         state = self.tiers.states.get("disk")
         return None if state is None else state.obj
-
-    def _forget(self, key: tuple[str, str], symbol: str, tf: Any) -> None:
-        """Every process on this directory drops the series at its next read (the stamp); this
-        one at once (also where the stamps cannot be written: a read-only directory)."""
-        self.slots.touch(key)
-        self.coverage.drop(key)
-        mem = self.tiers.states.get("memory")
-        if mem is not None:
-            mem.obj.invalidate(symbol, tf)
 
     def _forget_all(self) -> None:
         disk = self._disk()

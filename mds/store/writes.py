@@ -168,10 +168,12 @@ class Writer:
         if not self.slots.dirty:
             return  # nothing stamped in progress: no commit to acknowledge
         state = self.tiers.states.get("sqlite")
+        seq = None
         # the acknowledged commit_seq vouches for a file this directory owns; a server's counter
         # is shared by every host, so it proves nothing about this host's writes
-        owned = self.tiers.history is None and state is not None and state.obj is not None
-        self.slots.end(state.obj.last_commit_seq if owned and state is not None else None)
+        if self.tiers.history is None and state is not None and state.obj is not None:
+            seq = state.obj.last_commit_seq
+        self.slots.end(seq)
 
     def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.

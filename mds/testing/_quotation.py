@@ -396,4 +396,3 @@ def _trades_from_candle(row: np.void, tf: Timeframe, now: int) -> np.ndarray:
     out["side"] = np.where(rng.random(n) < 0.5, 1, -1)
     out["sequential_id"] = out["ts"] * 1000 + np.arange(n)
     return out
-

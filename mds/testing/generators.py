@@ -204,7 +204,6 @@ def generate_market(
     return out
 
 
-
 def dense_candles(n: int, start: int, step: int = 60_000, seed: int = 0) -> np.ndarray:
     """``n`` valid candles every ``step`` ms from ``start``, no gaps: a seeded random walk with
     KRW-BTC-like prices on a 1,000-won tick (for benchmarks and bulk tests; see

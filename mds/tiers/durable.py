@@ -23,6 +23,7 @@ Conventions every implementation keeps (the Store relies on them):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -33,7 +34,7 @@ from mds.errors import InvalidRequestError, StorageUnavailableError
 from mds.models import Config
 from mds.timeframes import Timeframe
 
-__all__ = ["ChangeFeed", "DamagedChunkError", "DurableTier", "is_server_url", "open_durable"]
+__all__ = ["ChangeFeed", "DamagedChunkError", "DurableTier", "is_server_url", "open_durable", "redact", "shown_url"]
 
 
 class DamagedChunkError(StorageUnavailableError):
@@ -206,7 +207,7 @@ def open_durable(
     if history is not None:
         if not is_server_url(history):
             raise InvalidRequestError(
-                f"history must be None (SQLite under the store path) or a postgresql:// URL, not {_shown(history)}"
+                f"history must be None (SQLite under the store path) or a postgresql:// URL, not {shown_url(history)}"
             )
         try:
             from mds.tiers.postgres import PostgresTier
@@ -235,11 +236,16 @@ def open_durable(
     )
 
 
-def _shown(url: str) -> str:
-    """A URL for an error message, without its password."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        cred, _, host = rest.rpartition("@")
-        user = cred.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in cred else url
-    return repr(url[:80])
+_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@|(password\s*=\s*)('[^']*'|[^\s&]+)", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password (``user:password@`` or ``password=``) replaced by ``***``, for
+    messages and logs."""
+    return _PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", url)
+
+
+def shown_url(url: str) -> str:
+    """A URL for an error message: redacted, and quoted and cut when it is no URL with a host."""
+    _, sep, rest = url.partition("://")
+    return redact(url) if sep and "@" in rest else repr(redact(url)[:80])

@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from contextlib import suppress
 from typing import Any
 
 import psycopg
 
 from mds.errors import StorageUnavailableError
+from mds.tiers.durable import redact
 
 logger = logging.getLogger(__name__)
 
 #: How long a write waits for another host's lock on the same series before it fails.
 LOCK_TIMEOUT_MS = 30_000
-_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@|(password\s*=\s*)('[^']*'|[^\s&]+)", re.IGNORECASE)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and logs)."""
-    return _PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", url)
 
 
 def translate(exc: BaseException, where: str) -> StorageUnavailableError:

@@ -41,6 +41,7 @@ _SQL_PING = "SELECT pg_notify(%s, %s)"
 class _Deaf(Exception):
     """The listener's own heartbeats stopped arriving."""
 
+
 Callback = Callable[[str | None, str | None, int, int], None]
 
 

@@ -18,9 +18,10 @@ import psycopg
 from mds import _kernels as _k
 from mds.errors import InvalidRequestError, MdsError, StorageUnavailableError
 from mds.tiers._chunks import EMPTY_RANGES, NEG_INF, POS_INF, check_batch, empty
+from mds.tiers.durable import redact
 from mds.tiers.postgres import reads, upkeep
 from mds.tiers.postgres.catalog import Catalog, Series, list_series
-from mds.tiers.postgres.connection import close_quietly, connect, redact, rollback_quietly, translate
+from mds.tiers.postgres.connection import close_quietly, connect, rollback_quietly, translate
 from mds.tiers.postgres.coverage import change_coverage, read_coverage
 from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
 from mds.tiers.postgres.integrity import invariant_problems, quarantine
