@@ -1,11 +1,13 @@
 """Type stubs of the compiled kernels (mds/_core.pyx); mds/_pycore.py holds the same names."""
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
+
+_T = TypeVar("_T")
 
 IMPLEMENTATION: Final[str]
 REASONS: dict[int, str]
@@ -35,6 +37,13 @@ def validate(
     is_month: bool,
     now_ms: int | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]: ...
+def prepare(
+    candles: np.ndarray,
+    interval_ms: int,
+    origin_ms: int,
+    is_month: bool,
+    now_ms: int | None = None,
+) -> tuple[np.ndarray | None, npt.NDArray[np.int64], npt.NDArray[np.uint8]]: ...
 def sort_dedup(batch: np.ndarray) -> np.ndarray: ...
 def merge(series: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, int, int, int]: ...
 def merge_into(buf: np.ndarray, n: int, batch: np.ndarray) -> tuple[int, int, int, int]: ...
@@ -50,6 +59,7 @@ def interval_normalize(a: Any) -> npt.NDArray[np.int64]: ...
 def interval_union(a: Any, b: Any) -> npt.NDArray[np.int64]: ...
 def interval_subtract(a: Any, b: Any) -> npt.NDArray[np.int64]: ...
 def interval_contains(a: Any, start: int, end: int) -> bool: ...
+def label_gaps(holes: Any, cov: Any, cls: Callable[..., _T]) -> list[_T]: ...
 
 @disjoint_base
 class SeriesBuffer:

@@ -14,7 +14,7 @@ Import kernels through :mod:`mds._kernels`; see docs/ARCHITECTURE.md, "Kernel in
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
-from cpython.object cimport PyObject, PyTypeObject
+from cpython.object cimport PyObject, PyObject_GenericSetAttr, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_REFCNT
 from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.string cimport memcpy, memcmp, memmove
@@ -363,6 +363,47 @@ def validate(candles, interval_ms, origin_ms, is_month, now_ms=None):
     return idx[:k].copy(), reason[:k].copy()
 
 
+_NO_ROWS = np.zeros(0, np.int64)
+_NO_ROWS.flags.writeable = False
+_NO_REASONS = np.zeros(0, np.uint8)
+_NO_REASONS.flags.writeable = False
+
+
+def prepare(candles, interval_ms, origin_ms, is_month, now_ms=None):
+    """Check a batch and make the private copy a store keeps: ``(rows, idx, reason)``.
+
+    See ``mds._pycore.prepare``. One call where a write used three (copy, validate, sort): the
+    rows are copied first and the copy is checked, in one pass that also sees whether it is
+    already sorted; only an unsorted batch pays for :func:`sort_dedup`.
+    """
+    arr = _candles(candles, "candles")
+    cdef int64_t iv, org
+    cdef bint month
+    iv, org, month = _grid(interval_ms, origin_ms, is_month)
+    cdef bint has_now = now_ms is not None
+    cdef int64_t now = now_ms if has_now else 0
+    cdef Py_ssize_t n = arr.shape[0], i, bad = 0
+    out = np.empty(n, _CANDLE)
+    if n == 0:
+        return out, _NO_ROWS, _NO_REASONS
+    cdef Candle* dst = <Candle*>cnp.PyArray_DATA(out)
+    cdef const Candle* src = <const Candle*>cnp.PyArray_DATA(arr)
+    cdef int64_t om = 0 if month else _fmod(org, iv)
+    cdef int64_t ref = 0
+    cdef bint has_ref = False, strict = True
+    with nogil:
+        memcpy(dst, src, n * sizeof(Candle))
+        for i in range(n):
+            if _reason(&dst[i], iv, om, month, has_now, now, &ref, &has_ref):
+                bad += 1
+            if i and dst[i].ts <= dst[i - 1].ts:
+                strict = False
+    if bad:
+        idx, reason = validate(out, interval_ms, origin_ms, is_month, now_ms)
+        return None, idx, reason
+    return (out if strict else sort_dedup(out)), _NO_ROWS, _NO_REASONS
+
+
 # ---------------------------------------------------------------------------------------------
 # sort / dedup / merge
 # ---------------------------------------------------------------------------------------------
@@ -707,6 +748,65 @@ def interval_contains(a, start, end):
             else:
                 hi = mid
     return lo > 0 and rv[lo - 1, 1] >= e
+
+
+cdef str _MISSING = "missing"
+cdef str _NO_TRADES = "no_trades"
+cdef str _START = "start"
+cdef str _END = "end"
+cdef str _KIND = "kind"
+
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
+
+
+cdef inline object _labelled(object new, object cls, int64_t s, int64_t e, str kind):
+    # What a frozen dataclass's own __init__ does (object.__setattr__ per field), without the
+    # Python-level call: a list of 10,000 gaps costs about a third of calling the class.
+    g = new(cls)
+    PyObject_GenericSetAttr(g, _START, s)
+    PyObject_GenericSetAttr(g, _END, e)
+    PyObject_GenericSetAttr(g, _KIND, kind)
+    # It holds two ints and a str and has no __dict__, so it can never be part of a cycle: the
+    # cycle collector need not walk it (10,000 tracked gaps made each gaps() call pay for
+    # collections of the whole heap, about as much as building them).
+    PyObject_GC_UnTrack(<void*>g)
+    return g
+
+
+def label_gaps(holes, cov, cls):
+    """``holes`` cut at the edges of ``cov``, as ``cls(start, end, kind)`` in ascending order.
+
+    One pass over both range sets: pieces inside ``cov`` are ``"no_trades"``, the rest
+    ``"missing"``. See ``mds._pycore.label_gaps``.
+    """
+    h = interval_normalize(holes)
+    c = interval_normalize(cov)
+    cdef const int64_t[:, ::1] hv = h
+    cdef const int64_t[:, ::1] cv = c
+    cdef Py_ssize_t i, j = 0, jj, nH = hv.shape[0], nC = cv.shape[0]
+    cdef int64_t s, e, cur, lo, hi
+    out = []
+    new = cls.__new__
+    for i in range(nH):
+        s = hv[i, 0]
+        e = hv[i, 1]
+        while j < nC and cv[j, 1] <= s:
+            j += 1
+        cur = s
+        jj = j
+        while jj < nC and cv[jj, 0] < e:
+            lo = cv[jj, 0] if cv[jj, 0] > s else s
+            hi = cv[jj, 1] if cv[jj, 1] < e else e
+            if lo > cur:
+                out.append(_labelled(new, cls, cur, lo, _MISSING))
+            out.append(_labelled(new, cls, lo, hi, _NO_TRADES))
+            cur = hi
+            jj += 1
+        if cur < e:
+            out.append(_labelled(new, cls, cur, e, _MISSING))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

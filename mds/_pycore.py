@@ -23,7 +23,7 @@ import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,14 +43,18 @@ __all__ = [
     "interval_normalize",
     "interval_subtract",
     "interval_union",
+    "label_gaps",
     "merge",
     "merge_into",
+    "prepare",
     "sort_dedup",
     "validate",
     "walk_chunks",
 ]
 
 IMPLEMENTATION = "numpy"
+
+_T = TypeVar("_T")
 
 #: Reason codes of :func:`validate` (code -> name).
 REASONS: dict[int, str] = {
@@ -259,6 +263,43 @@ def sort_dedup(batch: np.ndarray) -> np.ndarray:
     keep[:-1] = st[1:] != st[:-1]
     keep[-1] = True
     return _raw(arr)[order[keep]].view(CANDLE_DTYPE)
+
+
+def prepare(
+    candles: np.ndarray,
+    interval_ms: int,
+    origin_ms: int,
+    is_month: bool,
+    now_ms: int | None = None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Check a batch and make the private copy a store keeps.
+
+    Parameters
+    ----------
+    candles : ndarray of CANDLE_DTYPE
+        The batch as given (any order, duplicates allowed).
+    interval_ms, origin_ms, is_month, now_ms
+        As for :func:`validate`.
+
+    Returns
+    -------
+    rows : ndarray of CANDLE_DTYPE or None
+        A new C-contiguous array, sorted by ``ts`` without duplicates (the last occurrence wins);
+        None when any row is invalid.
+    idx, reason : ndarray
+        As :func:`validate` returns them, for the rows in the order given (empty when valid).
+
+    Notes
+    -----
+    The rows are copied before they are checked, so what a store keeps is exactly what was
+    checked, even if the caller's array changes meanwhile.
+    """
+    arr = _candles(candles, "candles")
+    copy = _raw(arr).copy().view(CANDLE_DTYPE)
+    idx, reason = validate(copy, interval_ms, origin_ms, is_month, now_ms)
+    if len(idx):
+        return None, idx, reason
+    return (copy if _is_strict(copy["ts"]) else sort_dedup(copy)), idx, reason
 
 
 def _is_strict(ts: np.ndarray) -> bool:
@@ -532,6 +573,32 @@ def interval_contains(a: Any, start: int, end: int) -> bool:
     r = interval_normalize(a)
     i = int(np.searchsorted(r[:, 0], start, side="right")) - 1
     return i >= 0 and int(r[i, 1]) >= end
+
+
+def label_gaps(holes: Any, cov: Any, cls: Callable[..., _T]) -> list[_T]:
+    """``holes`` cut at the edges of ``cov``, as ``cls(start, end, kind)`` in ascending order.
+
+    Parameters
+    ----------
+    holes, cov : int64 ranges, shape (k, 2)
+        Range sets (normalised here): the runs of absent candles and the covered ranges.
+    cls : callable
+        Called as ``cls(start, end, kind)`` for each piece (:class:`mds.Gap`).
+
+    Returns
+    -------
+    list
+        Pieces of ``holes`` inside ``cov`` with kind ``"no_trades"``, the rest ``"missing"``,
+        ordered by start; their union is ``holes``.
+    """
+    h = interval_normalize(holes)
+    outside = interval_subtract(h, cov)
+    inside = interval_subtract(h, outside)
+    runs = np.concatenate((inside, outside))
+    kinds = ["no_trades"] * len(inside) + ["missing"] * len(outside)
+    order = np.argsort(runs[:, 0], kind="stable").tolist()
+    rows = runs.tolist()
+    return [cls(rows[i][0], rows[i][1], kinds[i]) for i in order]
 
 
 # --------------------------------------------------------------------------------------------

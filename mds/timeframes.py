@@ -157,7 +157,11 @@ def parse_timeframe(value: str | Timeframe) -> Timeframe:
     InvalidRequestError
         For anything that is not an Upbit timeframe.
     """
-    if isinstance(value, Timeframe):
+    if value.__class__ is str:
+        tf = TIMEFRAMES.get(value)  # a canonical name: every hot path's case
+        if tf is not None:
+            return tf
+    elif isinstance(value, Timeframe):
         return value
     if not isinstance(value, str):
         raise InvalidRequestError(f"timeframe must be a string, got {type(value).__name__}")

@@ -14,6 +14,7 @@ Hypothesis profile: ``core`` (modest, the default) or ``core-stress`` with
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -335,6 +336,37 @@ def test_interval_compiled_equals_twin(a: list[tuple[int, int]], b: list[tuple[i
     assert P.interval_contains(aa, s, e) == C.interval_contains(aa, s, e)
     na = P.interval_normalize(aa)
     assert P.interval_contains(na, s, e) == C.interval_contains(na, s, e)
+
+
+def _labelled(pieces: list[Any]) -> list[tuple[int, int, str]]:
+    return [(p.start, p.end, p.kind) for p in pieces]
+
+
+@PROFILE
+@given(small_ranges, small_ranges)
+def test_label_gaps_twin_matches_point_sets(holes: list[tuple[int, int]], cov: list[tuple[int, int]]) -> None:
+    from mds.models import Gap
+
+    got = _labelled(P.label_gaps(_as_array(holes), _as_array(cov), Gap))
+    assert [g[:2] for g in got] == sorted(g[:2] for g in got)  # ascending, and pieces never overlap
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(got))
+    inside = {x for s, e, k in got if k == "no_trades" for x in range(s, e)}
+    outside = {x for s, e, k in got if k == "missing" for x in range(s, e)}
+    assert inside == _points(holes) & _points(cov)
+    assert outside == _points(holes) - _points(cov)
+
+
+@needs_core
+@PROFILE
+@given(any_ranges, any_ranges)
+def test_label_gaps_compiled_equals_twin(holes: list[tuple[int, int]], cov: list[tuple[int, int]]) -> None:
+    from mds.models import Gap
+
+    hh, cc = _as_array(holes), _as_array(cov)
+    p, c = P.label_gaps(hh, cc, Gap), C.label_gaps(hh, cc, Gap)
+    assert _labelled(p) == _labelled(c)
+    assert p == c and all(type(g) is Gap for g in c)  # real Gaps: equal, hashable, frozen
+    assert {hash(g) for g in c} == {hash(g) for g in p}
 
 
 # --------------------------------------------------------------------------------------------

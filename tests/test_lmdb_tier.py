@@ -405,6 +405,7 @@ def test_garbage_chunk_value_is_not_parsed(tier: LmdbTier) -> None:
     _refill_and_read(tier, a, s, e)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot delete a mapped LMDB file")
 def test_deleted_data_file_while_open_is_recreated(tmp_path: Path, clock: Clock) -> None:
     t, a, s, e = _filled(tmp_path / "lmdb", clock)
     os.unlink(tmp_path / "lmdb" / "data.mdb")
@@ -414,6 +415,9 @@ def test_deleted_data_file_while_open_is_recreated(tmp_path: Path, clock: Clock)
     t.close()
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="Windows cannot delete a mapped LMDB file, and has no POSIX modes"
+)
 def test_deleted_directory_while_open_is_recreated(tmp_path: Path, clock: Clock) -> None:
     import shutil
 

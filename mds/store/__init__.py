@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from mds import _kernels as K
 from mds._files import check_store_dir
 from mds.errors import InvalidRequestError, StorageUnavailableError
 from mds.models import CheckReport, Config, Gap, MaintenanceReport, StorageRequest, StorageResponse, WriteResult
@@ -218,10 +217,10 @@ class Store:
         tf = parse_timeframe(timeframe)
         arr = Writer.candles_in(candles)
         now = int(self._clock())
-        Writer.validate(arr, tf, now)
+        rows = Writer.prepared(arr, tf, now)
         self._writer.check_writable()
         covered = Writer.complete_range(complete, tf, now)
-        return self._writer.store(sym, tf, K.sort_dedup(arr), covered, now)
+        return self._writer.store(sym, tf, rows, covered, now)
 
     def candles(
         self,
@@ -262,12 +261,13 @@ class Store:
             Storage could not answer and there is no Layer 1 to pass the read through to.
         """
         t0 = time.perf_counter()
-        self._check_open()
-        sym = self._sym(symbol)
+        if self._closed:  # _check_open and _sym written out: this is the memory hit's path
+            raise StorageUnavailableError("the store is closed")
+        sym = symbol if symbol.__class__ is str and symbol in self._symbols_ok else self._sym(symbol)
         tf = parse_timeframe(timeframe)
         with self._lock:
             arr = None
-            if start is None and end is None and not include_partial and count.__class__ is int and count > 0:
+            if count.__class__ is int and count > 0 and start is None and end is None and not include_partial:
                 arr = self._reader.fast_latest(sym, tf, count)
             if arr is not None:
                 source = "storage_memory"

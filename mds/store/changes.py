@@ -41,6 +41,8 @@ class ChangeSlots:
 
     def __init__(self) -> None:
         self.array: np.ndarray | None = None
+        #: The same stamps as a memoryview: reading one as an int costs half a numpy element
+        self.words: memoryview | None = None
         self.acked: np.ndarray | None = None
         self._map: Any = None
         self.seen: dict[tuple[str, str], int] = {}
@@ -63,12 +65,16 @@ class ChangeSlots:
             return
         self.writable = writable
         self.array = np.frombuffer(self._map, dtype=np.int64, count=SLOTS)
+        self.words = memoryview(self._map)[: SLOTS * 8].cast("q")
         # after the hash slots: the highest SQLite commit_seq any store acknowledged on this path
         self.acked = np.frombuffer(self._map, dtype=np.int64, count=1, offset=SLOTS * 8)
 
     def close(self) -> None:
         if self._map is not None:
             self.array = self.acked = None  # views into the map: it cannot close while they live
+            if self.words is not None:
+                self.words.release()
+                self.words = None
             with contextlib.suppress(BufferError, ValueError):
                 self._map.close()
             self._map = None

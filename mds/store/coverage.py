@@ -160,7 +160,7 @@ class Coverage:
         tiers = self.tiers
         db = tiers.db()
         if db is not None:
-            return np.ascontiguousarray(tiers.ask_db(db.read_range, sym, tf, lo, hi)["ts"])
+            return tiers.ask_db(db.read_range, sym, tf, lo, hi)["ts"]
         for name in ("disk", "memory"):
             t = tiers.tier(name)
             if t is None:
@@ -178,7 +178,7 @@ class Coverage:
                     "disk", t.get_range, sym, tf, max(lo, int(held_ranges[0][0])), min(hi, int(held_ranges[-1][1]))
                 )
             if rows is not None:
-                return np.ascontiguousarray(rows["ts"])
+                return rows["ts"]  # a strided view: find_gaps reads it as it is
         return np.zeros(0, dtype=np.int64)
 
 
@@ -216,20 +216,7 @@ def gap_kinds(data: np.ndarray, cov: np.ndarray, tf: Timeframe, s: int | None, e
             return []
         e = max(lasts)
     s = tf.ceil(s)
-    holes = K.find_gaps(data, *tf.kernel_args, s, e)
-    if not len(holes):
-        return []
-    out: list[Gap] = []
-    for hs, he in holes.tolist():
-        piece = np.array([[hs, he]], dtype=np.int64)
-        inside = K.interval_normalize(intersect(piece, cov))
-        outside = K.interval_subtract(piece, cov)
-        for a, b in inside.tolist():
-            out.append(Gap(int(a), int(b), "no_trades"))
-        for a, b in outside.tolist():
-            out.append(Gap(int(a), int(b), "missing"))
-    out.sort(key=lambda g: g.start)
-    return out
+    return K.label_gaps(K.find_gaps(data, *tf.kernel_args, s, e), cov, Gap)
 
 
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:

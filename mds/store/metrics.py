@@ -68,11 +68,21 @@ class Metrics:
         ring.add(ms)
 
     def served(self, source: str, api: str, ms: float) -> None:
-        """One request answered from ``source`` by ``api`` in ``ms``."""
+        """One request answered from ``source`` by ``api`` in ``ms`` (on every read: the two
+        ring updates are written out here, half the cost of two :meth:`lat` calls)."""
         self.requests += 1
         self.hits[source] += 1
-        self.lat(api, ms)
-        self.lat(source, ms)
+        latency = self.latency
+        ring = latency.get(api)
+        if ring is None:
+            ring = latency[api] = _Latency()
+        ring.buf[ring.n % ring.size] = ms
+        ring.n += 1
+        ring = latency.get(source)
+        if ring is None:
+            ring = latency[source] = _Latency()
+        ring.buf[ring.n % ring.size] = ms
+        ring.n += 1
 
     def stats(
         self, tiers: Tiers, lock: Any, realtime: Any, connector_figures: Callable[[], Any] | None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,8 @@ class Reader:
     metrics: Metrics
     config: Config
     clock: Callable[[], int]
+    #: The interval of the last fast read, ``(timeframe, start, end)``: its floor, reused within it.
+    _interval: tuple[Timeframe | None, int, int] = field(default=(None, 0, 0), init=False)
 
     def fast_latest(self, sym: str, tf: Timeframe, n: int) -> np.ndarray | None:
         """The memory hit of a latest-N read, with the same checks as the general path, in few
@@ -62,20 +64,32 @@ class Reader:
             return None
         key = (sym, tf.name)
         slots = self.slots
-        changes = slots.array
+        changes = slots.words
         if changes is not None:
             slot = slots.slot_of.get(key)
             if slot is None or slots.seen.get(key) != changes[slot]:
                 return None
-        end = tf.floor(self.clock())
+        now = self.clock()
+        interval = self._interval
+        if interval[0] is tf and interval[1] <= now < interval[2]:
+            end = interval[1]
+        else:
+            end = tf.floor(now)
+            self._interval = (tf, end, tf.add(end, 1))
         mem = state.obj
         if self.fetcher is None:
             # Stored data may end before now: the frontier (cached; dropped with the change stamp)
             # is where a complete answer ends.
-            front = self.coverage.frontiers.get(key) if changes is not None else None
+            if changes is not None:
+                front = self.coverage.frontiers.get(key)
+            elif len(tiers.states) == 1:
+                # memory is the whole store: the newest it holds are the newest stored
+                return mem.latest_at(key, n, end, now, bound=True)
+            else:  # no durable tier, so no stamp to cache by: ask the fast tiers
+                front = self.coverage.frontier(sym, tf)
             if front is not None and front < end:
                 end = front
-            return mem.latest(sym, tf, n, end)
+            return mem.latest_at(key, n, end, now)
         if self.config.lookup == "layer1_first":
             return None
         last = self.coverage.last.get(key)
@@ -84,7 +98,7 @@ class Reader:
         held = mem.held(sym, tf)
         if held is None or held[0] < last[0]:
             return None
-        return mem.latest(sym, tf, n, end)
+        return mem.latest_at(key, n, end, now)
 
     def read(
         self, sym: str, tf: Timeframe, count: Any, start: Any, end: Any, include_partial: bool, *, allow_layer1: bool

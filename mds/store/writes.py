@@ -42,7 +42,8 @@ class Writer:
         self.coverage = coverage
         self.config = config
         self.depth = 0  # open batch() blocks
-        self._deferred: list[tuple[str, Timeframe, np.ndarray]] = []
+        #: fills of the fast tiers waiting for the batch to commit: _fill_fast_tiers' arguments
+        self._deferred: list[tuple[str, Timeframe, np.ndarray, np.ndarray | None, bool]] = []
         self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
 
     def in_batch(self) -> bool:
@@ -51,7 +52,8 @@ class Writer:
     # ------------------------------------------------------------------ input
     @staticmethod
     def candles_in(candles: Any) -> np.ndarray:
-        """A new CANDLE_DTYPE array from what a caller passed (array or Upbit dicts)."""
+        """A CANDLE_DTYPE array from what a caller passed (array or Upbit dicts); a CANDLE_DTYPE
+        array itself, not a copy (:meth:`prepared` makes the copy the store keeps)."""
         if isinstance(candles, np.ndarray):
             if candles.ndim != 1:
                 raise InvalidCandleError(f"candles must be a 1-D CANDLE_DTYPE array, got {candles.ndim}-D")
@@ -62,7 +64,7 @@ class Writer:
                     return candles.astype(CANDLE_DTYPE)
                 except (TypeError, ValueError) as exc:
                     raise InvalidCandleError(f"cannot convert candles to CANDLE_DTYPE: {exc}") from None
-            return np.array(candles, dtype=CANDLE_DTYPE, copy=True)
+            return candles
         if isinstance(candles, (str, bytes, Mapping)):
             raise InvalidCandleError("candles must be a CANDLE_DTYPE array or an iterable of Upbit candle dicts")
         try:
@@ -72,17 +74,19 @@ class Writer:
         return candles_from_upbit(rows)
 
     @staticmethod
-    def validate(arr: np.ndarray, tf: Timeframe, now: int) -> None:
-        """Raise InvalidCandleError naming the bad rows, if any."""
-        idx, reason = K.validate(arr, *tf.kernel_args, now)
-        if len(idx):
-            names = [K.REASONS.get(int(r), str(int(r))) for r in reason[:20]]
-            shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(idx[:5], names[:5]))
-            raise InvalidCandleError(
-                f"{len(idx)} invalid candle(s), nothing stored ({shown})",
-                rows=[int(i) for i in idx],
-                reasons=[K.REASONS.get(int(r), str(int(r))) for r in reason],
-            )
+    def prepared(arr: np.ndarray, tf: Timeframe, now: int) -> np.ndarray:
+        """The batch checked, as the store's own copy sorted by ``ts`` without duplicates (the
+        last wins); InvalidCandleError naming the bad rows, if any."""
+        rows, idx, reason = K.prepare(arr, *tf.kernel_args, now)
+        if rows is not None:
+            return rows
+        names = [K.REASONS.get(int(r), str(int(r))) for r in reason[:20]]
+        shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(idx[:5], names[:5]))
+        raise InvalidCandleError(
+            f"{len(idx)} invalid candle(s), nothing stored ({shown})",
+            rows=[int(i) for i in idx],
+            reasons=[K.REASONS.get(int(r), str(int(r))) for r in reason],
+        )
 
     @staticmethod
     def complete_range(complete: Any, tf: Timeframe, now: int) -> np.ndarray:
@@ -111,23 +115,29 @@ class Writer:
         """Write a validated, sorted, unique batch: the durable tier first, then LMDB and memory."""
         self.check_writable()  # also for Layer 1 fills: a read-only store answers them unstored
         tiers = self.tiers
+        ts = arr["ts"]
         forming = tf.floor(now)
-        partial = arr[arr["ts"] >= forming]
-        closed = arr[arr["ts"] < forming]
+        if len(ts) and int(ts[-1]) >= forming:  # arr is sorted: the forming candle is last
+            cut = int(ts.searchsorted(forming))
+            partial, closed = arr[cut:], arr[:cut]
+        else:
+            partial, closed = EMPTY_CANDLES, arr
         with self.lock:
             self.coverage.sync(sym, tf)
             counts: tuple[int, int, int] | None = None
             db = tiers.tier("sqlite")
+            spans, to_disk = EMPTY_RANGES, True
             if tiers.durable:
                 if db is None:
                     raise StorageUnavailableError(
                         f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
                     )
+                spans = _spans(tf, closed, covered)
                 self.slots.begin(sym, tf)
                 if tiers.tier("disk") is None:
                     tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
-                else:
-                    self._unhold_disk(sym, tf, _spans(tf, closed, covered))
+                elif not self.depth:  # a batch looks at LMDB once, before it commits
+                    to_disk = not self._unhold_disk(sym, tf, spans)
                 self.coverage.frontiers.pop((sym, tf.name), None)
                 try:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
@@ -136,7 +146,7 @@ class Writer:
                     if tiers.history is not None:
                         # a server may have committed before its answer was lost: this host's
                         # copies of the spans must not outlive the write if it did
-                        for s, e in _spans(tf, closed, covered).tolist():
+                        for s, e in spans.tolist():
                             self.invalidate_fast(sym, tf, s, e)
                     self.end_changes()
                     raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
@@ -145,19 +155,27 @@ class Writer:
                 self.end_changes()
             if len(covered):
                 self.coverage.add(sym, tf, covered)
-            spans = _spans(tf, closed, covered)
             mem = tiers.tier("memory")
-            if counts is None:
+            if counts is None and mem is not None and tiers.tier("disk") is None:
+                counts = _write_memory(mem, sym, tf, closed, covered)  # memory is the whole store
+            elif db is None:  # no durable tier: the fast tiers are the store
                 counts = _memory_counts(mem, sym, tf, closed)
-            if len(spans):
-                if self.depth and db is not None:
-                    self._deferred.append((sym, tf, spans))  # filled after the batch commits
+                spans = _spans(tf, closed, covered)
+                if len(spans):
+                    self._fill_fast_tiers(sym, tf, spans, closed)
+            elif len(spans):
+                # The batch is all the durable tier holds in its span when it fills the span
+                # densely: the fast tiers take it as it is, without reading it back.
+                exact = closed if not len(covered) and self._exact_fill_ok() and _dense(tf, closed) else None
+                if self.depth:
+                    self._deferred.append((sym, tf, spans, exact, to_disk))  # filled after the batch commits
                 else:
-                    self._fill_fast_tiers(sym, tf, spans, closed if db is None else None)
+                    self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
             if len(partial) and mem is not None:
                 mem.set_partial(sym, tf, partial[-1:].copy())
             self.maybe_maintain()
-        return WriteResult(*(int(c) for c in counts))
+        assert counts is not None  # every branch above counted
+        return WriteResult(int(counts[0]), int(counts[1]), int(counts[2]))
 
     def end_changes(self) -> None:
         """Final stamps for the series written, unless a batch still holds them open."""
@@ -175,38 +193,92 @@ class Writer:
             seq = state.obj.last_commit_seq
         self.slots.end(seq)
 
-    def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
+    def _unhold_batch(self) -> None:
+        """:meth:`_unhold_disk` for every write of the batch, before it commits, with what LMDB
+        holds of each series read in one transaction; decides which fills LMDB takes."""
+        disk = self.tiers.tier("disk")
+        if disk is None or not self._deferred:
+            return
+        series = list({(sym, tf.name): (sym, tf) for sym, tf, *_ in self._deferred}.values())
+        got = self.tiers.guard("disk", disk.held_many, series)
+        if got is None:
+            return  # LMDB failed: degraded, and emptied before it is used again
+        held = {(sym, tf.name): h for (sym, tf), h in zip(series, got)}
+        for i, (sym, tf, spans, exact, _) in enumerate(self._deferred):
+            append = self._unhold_disk(sym, tf, spans, held[(sym, tf.name)])
+            self._deferred[i] = (sym, tf, spans, exact, not append)
+
+    def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray, held: np.ndarray | None = None) -> bool:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.
 
         If the process dies between the durable commit and the LMDB update, LMDB then simply does
         not hold those spans (a miss), instead of holding rows older than the durable tier's.
         Inside a batch the ranges it stopped holding are remembered, so a rolled-back batch gives
         back exactly those.
+
+        Returns True for an append: LMDB holds the series and the spans start at or after the
+        end of what it holds. Appends at the live edge are not copied to LMDB (a chunk rewrite
+        for every new candle would cost many times the durable write itself); memory and the
+        durable tier answer them, and LMDB takes them from the first read that the durable tier
+        answers.
         """
         tiers = self.tiers
         disk = tiers.tier("disk")
         if disk is None or not len(spans):
-            return
-        held = tiers.guard("disk", disk.held, sym, tf)
+            return False
+        if held is None:
+            held = tiers.guard("disk", disk.held, sym, tf)
         if held is None or not len(held):
-            return
-        overlap = intersect(spans, np.asarray(held, dtype=np.int64).reshape(-1, 2))
+            return False
+        held = np.asarray(held, dtype=np.int64).reshape(-1, 2)
+        if int(spans[0, 0]) >= int(held[-1, 1]):
+            return True
+        overlap = intersect(spans, held)
         if self.depth and len(overlap):
             self._unheld.append((sym, tf, overlap))
         for s, e in overlap.tolist():
             if tiers.guard("disk", disk.delete, sym, tf, s, e) is None and tiers.states["disk"].degraded_at is not None:
                 self.invalidate_fast(sym, tf, s, e, only="disk")
+        return False
+
+    def _unexact(self, key: tuple[str, str]) -> None:
+        """Rows are removed from a series inside a batch: its waiting fills read the committed
+        rows back instead of taking their batches as they were written."""
+        self._deferred = [(d[0], d[1], d[2], None if (d[0], d[1].name) == key else d[3], d[4]) for d in self._deferred]
+
+    def _exact_fill_ok(self) -> bool:
+        """Whether the fast tiers may take a dense batch as the durable tier's rows: a history
+        on a server may change under this host at any time, and without change stamps a guard
+        cannot tell whether the series changed since this commit."""
+        return self.tiers.history is None and self.slots.array is not None
 
     # ------------------------------------------------------------------ the fast tiers
-    def _fill_fast_tiers(self, sym: str, tf: Timeframe, spans: np.ndarray, batch: np.ndarray | None) -> None:
-        """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written)."""
+    def _fill_fast_tiers(
+        self,
+        sym: str,
+        tf: Timeframe,
+        spans: np.ndarray,
+        batch: np.ndarray | None,
+        exact: np.ndarray | None = None,
+        to_disk: bool = True,
+    ) -> None:
+        """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written).
+
+        ``batch``: without a durable tier, the rows written (merged with what the fast tiers
+        hold). ``exact``: the rows the durable tier holds in the one span, as this store committed
+        them (no read back). ``to_disk`` False: an append that LMDB does not take.
+        """
         tiers = self.tiers
         db = tiers.tier("sqlite")
         if tiers.tier("disk") is None and tiers.tier("memory") is None:
             return
         for s, e in spans.tolist():
-            guard = None
-            if db is not None:
+            guard: Callable[[], bool] | None = None
+            rows: np.ndarray | None
+            if exact is not None:
+                guard = self._committed_guard(sym, tf)
+                rows = exact
+            elif db is not None:
                 # Another store (thread or process) may commit the same series between this read
                 # and the LMDB write: the guard, checked inside LMDB's write transaction, then
                 # refuses the fill, so LMDB never keeps the earlier of two commits.
@@ -217,7 +289,8 @@ class Writer:
                     continue
             else:
                 rows = self._merge_with_fast(sym, tf, s, e, batch)
-            self.put_disk(sym, tf, s, e, rows, guard)
+            if to_disk:
+                self.put_disk(sym, tf, s, e, rows, guard)
             mem = tiers.tier("memory")
             if mem is not None:
                 cap = self.config.memory_candles
@@ -250,6 +323,12 @@ class Writer:
             return np.ascontiguousarray(part)
         merged, *_ = K.merge(np.ascontiguousarray(held), part)
         return merged
+
+    def _committed_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool]:
+        """A guard for filling LMDB with the rows this store just committed (not read back): it
+        holds only while the series' stamp is still the one this commit left."""
+        token = self.slots.seen.get((sym, tf.name))
+        return lambda: token is not None and self.slots.stamp(sym, tf) == token
 
     def fill_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool] | None:
         """A guard for filling LMDB with rows this process just read from the durable tier: it
@@ -311,6 +390,7 @@ class Writer:
         key = (sym, tf.name)
         self.check_writable()
         with self.lock:
+            self._unexact(key)
             disk = tiers.tier("disk")
             if disk is not None:
                 try:
@@ -361,6 +441,7 @@ class Writer:
             return False
         tf = parse_timeframe(damage.timeframe)
         sym = damage.symbol
+        self._unexact((sym, tf.name))
         self.slots.begin(sym, tf)
         try:
             spans = db.quarantine_damaged(sym, tf, *damage.span)
@@ -392,6 +473,8 @@ class Writer:
                             self._deferred.clear()
                             self._unheld.clear()
                         yield
+                        if outer:
+                            self._unhold_batch()
             except BaseException:
                 if outer:
                     self._stamp_final()
@@ -410,8 +493,8 @@ class Writer:
                 self._unheld.clear()
             if outer and self._deferred:
                 work, self._deferred = self._deferred, []
-                for sym, tf, spans in work:
-                    self._fill_fast_tiers(sym, tf, spans, None)
+                for sym, tf, spans, exact, to_disk in work:
+                    self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
                 self.maybe_maintain()
 
     def maybe_maintain(self) -> None:
@@ -420,6 +503,26 @@ class Writer:
         db = self.tiers.tier("sqlite")
         if db is not None:
             self.tiers.guard("sqlite", db.maybe_maintain)
+
+
+def _write_memory(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> tuple[int, int, int]:
+    """Memory is the whole store: merge the batch into its window, span by span, in place (the
+    counts come from that merge: no second merge to count, no copy of the window)."""
+    if not len(covered):  # the usual write: one span, the rows' own
+        if not len(closed):
+            return (0, 0, 0)
+        ts = closed["ts"]
+        got = mem.write_range(sym, tf, int(ts[0]), tf.add(int(ts[-1]), 1), closed)
+        return (len(closed), 0, 0) if got is None else got  # None: older than the window, not kept
+    spans = _spans(tf, closed, covered)
+    counts = [0, 0, 0]
+    bounds = np.searchsorted(closed["ts"], spans.ravel()).tolist()
+    for k, (s, e) in enumerate(spans.tolist()):
+        part = closed[bounds[2 * k] : bounds[2 * k + 1]]
+        got = mem.write_range(sym, tf, s, e, part)
+        for i, c in enumerate((len(part), 0, 0) if got is None else got):
+            counts[i] += c
+    return counts[0], counts[1], counts[2]
 
 
 def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
@@ -432,7 +535,23 @@ def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tup
     return (ins, upd, unch)
 
 
+def _dense(tf: Timeframe, rows: np.ndarray) -> bool:
+    """Whether sorted unique aligned ``rows`` fill every interval from the first to the last."""
+    n = len(rows)
+    if n <= 1:
+        return n == 1
+    if tf.is_month:
+        return False  # months differ in length; a batch of them takes the general path
+    ts = rows["ts"]
+    return int(ts[-1]) - int(ts[0]) == (n - 1) * tf.interval_ms
+
+
 def _spans(tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    if not len(covered):  # the usual write: the rows' own span, nothing to merge
+        if not len(closed):
+            return EMPTY_RANGES
+        ts = closed["ts"]
+        return np.array(((int(ts[0]), tf.add(int(ts[-1]), 1)),), dtype=np.int64)
     parts = [covered]
     if len(closed):
         parts.append(np.array([[int(closed["ts"][0]), tf.add(int(closed["ts"][-1]), 1)]], dtype=np.int64))

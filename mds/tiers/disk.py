@@ -347,9 +347,15 @@ class LmdbTier:
 
         Staleness is not considered (a stale chunk's range is still listed).
         """
-        flat = self._read(lambda h, txn: _held_of(h, txn, self._prefix(symbol, tf)))
-        flat = _subtract(flat or [], -(1 << 62), self._cutoff(self.clock()))
-        return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+        return self.held_many([(symbol, tf)])[0]
+
+    def held_many(self, series: list[tuple[str, Timeframe]]) -> list[np.ndarray]:
+        """:meth:`held` of several series, read in one transaction (a batch's writes look at
+        LMDB once before they commit)."""
+        prefixes = [self._prefix(symbol, tf) for symbol, tf in series]
+        flats = self._read(lambda h, txn: [_held_of(h, txn, p) for p in prefixes]) or [[] for _ in prefixes]
+        cutoff = self._cutoff(self.clock())
+        return [np.asarray(_subtract(flat, -(1 << 62), cutoff), dtype=np.int64).reshape(-1, 2) for flat in flats]
 
     # -- writes -----------------------------------------------------------------------------------
     def put_range(

@@ -161,10 +161,12 @@ class MemoryTier:
 
     def _read(self, symbol: str, tf: str | Timeframe) -> _Entry | None:
         """The entry for a read (marked as read now), or None after counting a miss."""
-        now = self._clock()
+        return self._read_at((symbol, tf.name if tf.__class__ is Timeframe else _name(tf)), self._clock())
+
+    def _read_at(self, key: tuple[str, str], now: int) -> _Entry | None:
         if now >= self._next_sweep:
             self._sweep(now)
-        e = self._entries.get((symbol, tf.name if tf.__class__ is Timeframe else _name(tf)))
+        e = self._entries.get(key)
         if e is None or not e.holds:
             self._misses += 1
             return None
@@ -201,52 +203,72 @@ class MemoryTier:
         InvalidRequestError
             ``start >= end``, a wrong dtype, or a candle outside ``[start, end)``.
         """
+        return self._put(symbol, tf, start, end, candles, merge=False) is not None
+
+    def write_range(
+        self, symbol: str, tf: str | Timeframe, start: int, end: int, candles: np.ndarray
+    ) -> tuple[int, int, int] | None:
+        """Write ``candles`` into the series as a store without a durable tier does: as
+        :meth:`put_range`, but candles held in ``[start, end)`` that ``candles`` lacks stay
+        (on an equal ``ts`` the new candle wins).
+
+        Returns
+        -------
+        tuple of int or None
+            ``(inserted, updated, unchanged)`` of the merge, or None when the tier did not take
+            the range (disjoint and older than the held window).
+        """
+        return self._put(symbol, tf, start, end, candles, merge=True)
+
+    def _put(
+        self, symbol: str, tf: str | Timeframe, start: int, end: int, candles: np.ndarray, merge: bool
+    ) -> tuple[int, int, int] | None:
         start, end = int(start), int(end)
         if start >= end:
-            raise InvalidRequestError(f"put_range needs start < end, got [{start}, {end})")
+            raise InvalidRequestError(f"a memory range needs start < end, got [{start}, {end})")
         if not isinstance(candles, np.ndarray) or candles.dtype != CANDLE_DTYPE:
-            raise InvalidRequestError("put_range takes a CANDLE_DTYPE array")
+            raise InvalidRequestError("a memory range takes a CANDLE_DTYPE array")
         ts = candles["ts"]
-        if len(ts) and (int(ts[0]) < start or int(ts[-1]) >= end):
-            raise InvalidRequestError(f"put_range: candles outside [{start}, {end})")
+        lowest = int(ts[0]) if len(ts) else None  # oldest row offered to the buffer
+        if lowest is not None and (lowest < start or int(ts[-1]) >= end):
+            raise InvalidRequestError(f"memory range: candles outside [{start}, {end})")
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
         e = self._entry(symbol, tf, now)
-        before = e.nbytes
         buf = e.buf
+        before = buf.nbytes
         hs, he = e.held_start, e.held_end
-        lowest = int(ts[0]) if len(ts) else None  # oldest row offered to the buffer
         if not e.holds or start > he:
             if len(buf):
                 buf.clear()
-            buf.write(candles)
+            counts = buf.write(candles)
             e.holds, e.held_start, e.held_end = True, start, end
         elif end < hs:
-            return False
+            return None
         else:
             old_first = buf.first_ts
             if old_first is not None and (lowest is None or old_first < lowest):
                 lowest = old_first
-            inside = buf.range(start, end)
-            if len(inside) and (len(inside) > len(ts) or not np.isin(inside["ts"], ts, assume_unique=True).all()):
+            if not merge and _lacks(buf.range(start, end), ts):
                 # The held rows in [start, end) include candles the new range says do not exist.
                 rows = np.concatenate([buf.range(-(2**62), start), candles, buf.range(end, 2**62)])
-                del inside
                 buf.clear()
-                buf.write(rows)
+                counts = buf.write(rows)
             else:
-                del inside
-                buf.write(candles)
+                counts = buf.write(candles)
             e.held_start, e.held_end = min(hs, start), max(he, end)
         first = buf.first_ts
         if lowest is not None and first is not None and lowest < first:
             e.held_start = first  # rows fell out of the capacity window
+        freed = 0
         if e.partial is not None and int(e.partial["ts"][0]) < e.held_end:
+            freed = e.partial.nbytes
             e.partial = None
-        self._bytes += e.nbytes - before
-        self._fit()
-        return True
+        self._bytes += buf.nbytes - before - freed
+        if self._bytes > self.max_bytes:
+            self._fit()
+        return counts
 
     def set_partial(self, symbol: str, tf: str | Timeframe, row: Any) -> None:
         """Keep ``row`` as the still-forming candle of the series, replacing the previous one.
@@ -307,12 +329,26 @@ class MemoryTier:
             afterwards; None when the held window does not reach ``end`` or does not reach far
             enough back to prove these are the newest ``n``.
         """
-        e = self._read(symbol, tf)
-        if e is None:
+        return self.latest_at((symbol, tf.name if tf.__class__ is Timeframe else _name(tf)), n, end, self._clock())
+
+    def latest_at(
+        self, key: tuple[str, str], n: int, end: int | None, now: int, *, bound: bool = False
+    ) -> np.ndarray | None:
+        """:meth:`latest` of series ``key`` (``(symbol, timeframe name)``) read at ``now`` (the
+        tier's clock, already asked): the store's memory hit, without building either again.
+        With ``bound``, ``end`` only bounds the answer: a window ending before it answers too
+        (for a store whose memory tier is all it holds)."""
+        if now >= self._next_sweep:  # _read_at written out: this is the store's memory hit
+            self._sweep(now)
+        e = self._entries.get(key)
+        if e is None or not e.holds:
+            self._misses += 1
             return None
+        e.read = now
+        self._lru.touch(e.id)
         buf = e.buf
         if end is None or end >= e.held_end:
-            if end is not None and end > e.held_end:
+            if end is not None and end > e.held_end and not bound:
                 self._misses += 1
                 return None
             if len(buf) >= n:
@@ -398,6 +434,11 @@ class MemoryTier:
             "evicted_lru": self._evicted_lru,
             "evicted_ttl": self._evicted_ttl,
         }
+
+
+def _lacks(inside: np.ndarray, ts: np.ndarray) -> bool:
+    """Whether held rows ``inside`` a range include one whose ``ts`` is not in ``ts``."""
+    return bool(len(inside)) and (len(inside) > len(ts) or not np.isin(inside["ts"], ts, assume_unique=True).all())
 
 
 def _is_candle(row: Any) -> bool:

@@ -29,6 +29,9 @@ import mds
 from mds import _kernels as K
 from mds.timeframes import parse_timeframe
 
+# TerminateProcess is another crash model, and SIGKILL does not exist there
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signal.SIGKILL does not exist on Windows")
+
 WORKER = str(Path(__file__).parent / "_rel_worker.py")
 
 

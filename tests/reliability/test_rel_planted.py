@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import _relutil as R
@@ -174,6 +175,9 @@ def test_path_that_is_not_a_directory_is_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="no POSIX modes on Windows: os.stat reports 0o777 for every directory"
+)
 def test_own_directory_open_to_everyone_is_made_private(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
@@ -185,6 +189,7 @@ def test_own_directory_open_to_everyone_is_made_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(store.stat().st_mode) == 0o700
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no sticky bit and no POSIX modes")
 def test_directory_in_a_parent_anyone_can_rename_in_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -526,6 +526,7 @@ def test_an_empty_page_contradicted_by_stored_candles_proves_nothing(tmp_path: P
         _no_false_no_trades(st, truth)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd and /proc/self/maps (Linux)")
 def test_close_releases_every_file(tmp_path: Path) -> None:
     """Hostile review: close() left changes.bin mapped and open (a second view kept the map
     alive), so the file system stayed busy after a clean close."""

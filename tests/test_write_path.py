@@ -1,0 +1,220 @@
+"""The shorter write and read paths of issue 20 give the same answers as the general ones.
+
+- A memory-only store merges writes into its window in place and counts them there.
+- At the live edge a durable store takes a dense batch as the durable tier's rows (no read back)
+  and does not copy an append past what LMDB holds into LMDB; LMDB takes it from a later read.
+- Inside a batch, a delete after a write makes the waiting fills read the committed rows back.
+- gaps() labels holes in one pass; latest-N on a memory-only store takes the memory hit.
+All against real tiers (SQLite file, LMDB environment), no Layer 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mds
+from mds import Config
+from mds.testing import dense_candles
+from mds.timeframes import TIMEFRAMES
+
+M = 60_000
+T0 = 1_700_000_040_000 // M * M
+TF = TIMEFRAMES["1m"]
+SYM = "KRW-BTC"
+
+
+class Clock:
+    def __init__(self, t: int) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def _lmdb_held(st: mds.Store, sym: str = SYM) -> list[tuple[int, int]]:
+    disk = st._health.tier("disk")
+    return [(int(a), int(b)) for a, b in disk.held(sym, TF).tolist()]
+
+
+def _brute_gaps(ts: np.ndarray, cov: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int, str]]:
+    """One slot at a time: absent slots in [start, end), labelled by coverage, runs merged."""
+    have = set(ts.tolist())
+    out: list[tuple[int, int, str]] = []
+    for t in range(start, end, M):
+        if t in have:
+            continue
+        kind = "no_trades" if any(a <= t < b for a, b in cov) else "missing"
+        if out and out[-1][1] == t and out[-1][2] == kind:
+            out[-1] = (out[-1][0], t + M, kind)
+        else:
+            out.append((t, t + M, kind))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# memory-only stores
+# ---------------------------------------------------------------------------------------------
+def test_memory_only_counts_equal_a_full_store(tmp_path: Path) -> None:
+    """The same writes (new, overlapping, corrected, unchanged, out of order with duplicates)
+    count the same in a memory-only store as in one with every tier, and read back the same."""
+    a = dense_candles(3_000, T0, seed=3)
+    clock = Clock(T0 + 3_000 * M)
+    full = mds.open(tmp_path / "full", clock=clock)
+    mem = mds.open(tmp_path / "mem", config=Config(tiers=("memory",), memory_candles=10_000), clock=clock)
+    changed = a[1_500:1_700].copy()
+    changed["close"] = changed["low"]  # still valid, different bytes
+    shuffled = np.concatenate([a[2_900:], a[2_950:2_960]])[::-1].copy()
+    for batch in (a[:1_000], a[800:2_000], a[800:2_000], changed, a[2_000:2_900], shuffled):
+        assert mem.write_candles(SYM, "1m", batch) == full.write_candles(SYM, "1m", batch)
+    want = np.concatenate([a[:1_500], changed, a[1_700:]])
+    for st in (mem, full):
+        assert st.candles(SYM, "1m", start=T0, end=T0 + 3_000 * M).tobytes() == want.tobytes()
+    full.close()
+    mem.close()
+
+
+def test_memory_only_latest_is_a_memory_hit_with_the_clock_ahead(tmp_path: Path) -> None:
+    a = dense_candles(500, T0, seed=4)
+    clock = Clock(T0 + 10_000 * M)  # stored data ends long before now (no Layer 1 to ask)
+    st = mds.open(tmp_path, config=Config(tiers=("memory",)), clock=clock)
+    st.write_candles(SYM, "1m", a, complete=(T0, T0 + 600 * M))  # coverage reaches past the data
+    before = st.stats()["tiers"]["memory"]["misses"]
+    for n in (1, 10, 500):
+        got = st.candles(SYM, "1m", count=n)
+        assert got.tobytes() == a[-n:].tobytes() and not got.flags.writeable
+    assert st.stats()["tiers"]["memory"]["misses"] == before  # each answered by the memory hit
+    assert st.candles(SYM, "1m", count=501).tobytes() == a.tobytes()  # fewer held: all of them
+    st.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the live edge of a durable store
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def edge(tmp_path: Path) -> tuple[mds.Store, Clock, np.ndarray]:
+    hist = dense_candles(2_000, T0, seed=5)
+    clock = Clock(T0 + 2_000 * M)
+    st = mds.open(tmp_path, clock=clock)
+    st.write_candles(SYM, "1m", hist)
+    return st, clock, hist
+
+
+def test_appends_skip_lmdb_and_a_later_read_fills_it(edge: tuple[mds.Store, Clock, np.ndarray], tmp_path: Path) -> None:
+    st, clock, hist = edge
+    held = _lmdb_held(st)
+    assert held and held[-1][1] == T0 + 2_000 * M
+    new = dense_candles(5, T0 + 2_000 * M, seed=6)
+    for i in range(5):
+        clock.t = T0 + (2_001 + i) * M + 1_000
+        with st.batch():
+            r = st.write_candles(SYM, "1m", new[i : i + 1])
+        assert (r.inserted, r.updated, r.unchanged) == (1, 0, 0)
+    assert _lmdb_held(st) == held  # LMDB was not rewritten for each new minute
+    want = np.concatenate([hist, new])
+    assert st.candles(SYM, "1m", count=1_000).tobytes() == want[-1_000:].tobytes()  # memory
+    # another store on the directory (memory empty) reads the durable tier, and fills LMDB
+    other = mds.open(tmp_path, clock=clock)
+    assert other.candles(SYM, "1m", count=1_005).tobytes() == want[-1_005:].tobytes()
+    assert _lmdb_held(other)[-1][1] == T0 + 2_005 * M
+    got = other.candles(SYM, "1m", start=T0 + 1_990 * M, end=T0 + 2_005 * M)
+    assert got.tobytes() == want[1_990:].tobytes()
+    other.close()
+    st.close()
+
+
+def test_a_correction_at_the_edge_reaches_every_tier(edge: tuple[mds.Store, Clock, np.ndarray], tmp_path: Path) -> None:
+    """A rewrite of candles LMDB holds is not an append: LMDB drops and refills the span."""
+    st, clock, hist = edge
+    fix = hist[-3:].copy()
+    fix["volume"] += 1.0  # every row's bytes change
+    fix["value"] += 1.0
+    with st.batch():
+        r = st.write_candles(SYM, "1m", fix)
+    assert (r.inserted, r.updated, r.unchanged) == (0, 3, 0)
+    want = np.concatenate([hist[:-3], fix])
+    assert st.candles(SYM, "1m", count=100).tobytes() == want[-100:].tobytes()
+    disk = st._health.tier("disk")
+    assert disk.get_range(SYM, TF, T0 + 1_997 * M, T0 + 2_000 * M).tobytes() == fix.tobytes()
+    other = mds.open(tmp_path, config=Config(tiers=("sqlite",)), clock=clock)
+    assert other.candles(SYM, "1m", count=100).tobytes() == want[-100:].tobytes()
+    other.close()
+    st.close()
+
+
+def test_write_then_delete_in_one_batch_leaves_no_copy(
+    edge: tuple[mds.Store, Clock, np.ndarray], tmp_path: Path
+) -> None:
+    st, clock, hist = edge
+    clock.t = T0 + 2_003 * M
+    new = dense_candles(2, T0 + 2_000 * M, seed=7)
+    with st.batch():
+        st.write_candles(SYM, "1m", new)
+        st.delete(SYM, "1m", start=T0 + 2_001 * M, end=T0 + 2_002 * M)
+    assert st.candles(SYM, "1m", count=2).tobytes() == np.concatenate([hist[-1:], new[:1]]).tobytes()
+    assert st.candles(SYM, "1m", start=T0 + 2_001 * M, end=T0 + 2_002 * M).tobytes() == b""
+    other = mds.open(tmp_path, config=Config(tiers=("sqlite",)), clock=clock)
+    assert other.candles(SYM, "1m", start=T0 + 1_999 * M, end=T0 + 2_002 * M).tobytes() == (
+        np.concatenate([hist[-1:], new[:1]]).tobytes()
+    )
+    other.close()
+    st.close()
+
+
+def test_two_writes_of_one_minute_in_a_batch_the_last_wins(edge: tuple[mds.Store, Clock, np.ndarray]) -> None:
+    st, clock, _ = edge
+    clock.t = T0 + 2_001 * M + 1_000
+    first = dense_candles(1, T0 + 2_000 * M, seed=8)
+    second = first.copy()
+    second["volume"] += 1.0
+    second["value"] += 1.0
+    with st.batch():
+        st.write_candles(SYM, "1m", first)
+        r = st.write_candles(SYM, "1m", second)
+    assert (r.inserted, r.updated, r.unchanged) == (0, 1, 0)
+    assert st.candles(SYM, "1m", count=1).tobytes() == second.tobytes()
+    assert st._health.db().read_range(SYM, TF, T0 + 2_000 * M, T0 + 2_001 * M).tobytes() == second.tobytes()
+    st.close()
+
+
+def test_a_rolled_back_batch_leaves_every_tier_as_it_was(edge: tuple[mds.Store, Clock, np.ndarray]) -> None:
+    st, clock, hist = edge
+    clock.t = T0 + 2_002 * M + 1_000
+    held = _lmdb_held(st)
+    def failing_batch() -> None:
+        with st.batch():
+            st.write_candles(SYM, "1m", dense_candles(2, T0 + 2_000 * M, seed=9))
+            raise RuntimeError("the strategy failed mid-batch")
+
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        failing_batch()
+    assert _lmdb_held(st) == held
+    assert st.candles(SYM, "1m", count=1_000).tobytes() == hist[-1_000:].tobytes()
+    assert st.candles(SYM, "1m", start=T0 + 2_000 * M, end=T0 + 2_002 * M).tobytes() == b""
+    disk = st._health.tier("disk")  # the reads above may fill LMDB: with what is stored, nothing
+    assert disk.get_range(SYM, TF, T0 + 1_999 * M, T0 + 2_002 * M).tobytes() == hist[-1:].tobytes()
+    st.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps in one pass
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tiers", [("memory",), ("memory", "disk", "sqlite"), ("sqlite",)])
+def test_gaps_equal_a_slot_by_slot_answer(tmp_path: Path, tiers: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(11)
+    a = dense_candles(3_000, T0, seed=10)
+    a = np.delete(a, rng.choice(np.arange(1, 2_999), 300, replace=False))
+    clock = Clock(T0 + 3_100 * M)
+    st = mds.open(tmp_path, config=Config(tiers=tiers, memory_candles=5_000), clock=clock)
+    covs = [(T0 + 100 * M, T0 + 900 * M), (T0 + 1_500 * M, T0 + 1_501 * M), (T0 + 2_000 * M, T0 + 3_050 * M)]
+    st.write_candles(SYM, "1m", a)
+    for c in covs:
+        st.write_candles(SYM, "1m", a[(a["ts"] >= c[0]) & (a["ts"] < c[1])], complete=c)
+    cov = st.coverage(SYM, "1m")
+    for lo, hi in ((T0, T0 + 3_050 * M), (T0 + 850 * M, T0 + 2_100 * M), (T0 + 1_500 * M, T0 + 1_502 * M)):
+        got = [(g.start, g.end, g.kind) for g in st.gaps(SYM, "1m", start=lo, end=hi)]
+        assert got == _brute_gaps(a["ts"], cov, lo, hi)
+    assert {g.kind for g in st.gaps(SYM, "1m")} == {"missing", "no_trades"}
+    st.close()
