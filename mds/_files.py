@@ -131,13 +131,16 @@ def check_private_dir(path: str | os.PathLike[str], *, create: bool) -> bool:
     Notes
     -----
     A directory of ours open to group or others (0777 in a shared ``/tmp``) is made 0700 rather
-    than refused: nobody else can add an entry from then on, and the entries that are there are
-    checked by :func:`check_entries`. On a read-only file system the mode cannot change, but
-    nobody can add an entry either, so it is left as it is.
+    than refused when mds created it, when it is empty or when it holds a store: nobody else can
+    add an entry from then on, and the entries that are there are checked by
+    :func:`check_entries`. Any other directory keeps its mode (``mds stats --path ~`` must not
+    change a home directory); one that group or others can write is refused. On a read-only file
+    system the mode cannot change, but nobody can add an entry either, so it is left as it is.
     """
     p = os.fspath(path)
     if not p or "\0" in p:
         raise InvalidRequestError(f"bad store path {p!r}")
+    created = False
     try:
         st = os.lstat(p)
     except FileNotFoundError:
@@ -147,6 +150,7 @@ def check_private_dir(path: str | os.PathLike[str], *, create: bool) -> bool:
             parent = os.path.dirname(os.path.abspath(p))
             os.makedirs(parent, exist_ok=True)
             os.mkdir(p, 0o700)
+            created = True
         except FileExistsError:
             pass  # created meanwhile (by us or by someone else): the checks below decide
         except OSError as exc:
@@ -171,9 +175,31 @@ def check_private_dir(path: str | os.PathLike[str], *, create: bool) -> bool:
             "use a directory of your own (for example under your home directory)",
         )
     writable = _writable(p)
-    _make_private(p, st, 0o700, writable)
+    if st.st_mode & _GROUP_OTHER and not created and not _ours_to_change(p):
+        # A directory mds did not create and that holds no store (a home directory, say): its
+        # mode is its owner's choice. Only one others could plant entries in is refused.
+        if st.st_mode & _GROUP_OTHER_WRITE:
+            raise _refuse(
+                p,
+                f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}) and holds no mds store",
+                "mds changes the mode only of a directory it created or one holding a store: "
+                "use a new directory, or chmod go-w it yourself",
+            )
+    else:
+        _make_private(p, st, 0o700, writable)
     _check_parent(p)
     return writable
+
+
+def _ours_to_change(path: str) -> bool:
+    """Whether mds may make the existing directory ``path`` private: it is empty (nothing of
+    anyone's to expose or protect) or holds an mds store or LMDB environment (created by mds,
+    opened up since)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return not names or any(name.rsplit("/", 1)[-1] in names for name in STORE_ENTRIES)
 
 
 def _make_private(path: str, st: os.stat_result, mode: int, writable: bool) -> None:

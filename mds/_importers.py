@@ -25,7 +25,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
@@ -34,10 +34,10 @@ from mds import _kernels as K
 from mds._dtypes import CANDLE_DTYPE
 from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError
-from mds.timeframes import Timeframe
-from mds.timeutil import now_ms, to_ms
+from mds.timeframes import TIMEFRAMES, Timeframe
+from mds.timeutil import iso_utc_z, now_ms, to_ms
 
-__all__ = ["BATCH_ROWS", "IMPORT_FORMATS", "MAX_LINE", "BadInput", "CandleFile"]
+__all__ = ["BATCH_ROWS", "IMPORT_FORMATS", "MAX_LINE", "BadInput", "CandleFile", "infer_timeframe"]
 
 IMPORT_FORMATS = ("auto", "upbit-json", "upbit-csv", "pyupbit-csv", "ccxt-csv")
 #: Rows per batch handed to the store (one ``write_candles`` call each).
@@ -68,10 +68,83 @@ _OBJ = r'\{[^{}\[\]"]*(?:' + _STR + r'[^{}\[\]"]*)*\}'
 _RUN = re.compile(_OBJ + r"(?:[ \t\n\r]*,[ \t\n\r]*" + _OBJ + r")*")
 _TOKEN = re.compile(_STR + r"|[\[\]{}]")
 _EPOCH = re.compile(r"-?[0-9]+(?:\.0*)?")
+#: Times gathered before a file whose neighbours are never one interval apart is taken as coarser
+#: candles (a daily file imported as 1m); fewer when the file holds fewer.
+_INTERVAL_EVIDENCE = 1000
+#: Epoch milliseconds below this (1973-03-03) are epoch seconds in any candle file (seconds up to
+#: the year 5138): Upbit opened in 2017.
+_SECONDS_BELOW = 100_000_000_000
 
 
 class BadInput(MdsError, ValueError):
     """Bad command-line input or an unreadable/invalid file: exit status 2."""
+
+
+def interval_steps(tf: Timeframe, ts: np.ndarray) -> np.ndarray | None:
+    """Intervals of ``tf`` between neighbours of the sorted unique times ``ts`` (calendar months
+    for ``1M``); None when a time is not on ``tf``'s grid."""
+    if not bool(tf.aligned(ts).all()):
+        return None
+    if tf.is_month:
+        months = ts.astype("datetime64[ms]").astype("datetime64[M]").astype(np.int64)
+        return np.diff(months)
+    return np.diff(ts) // tf.interval_ms
+
+
+def infer_timeframe(ts: np.ndarray) -> Timeframe | None:
+    """The timeframe of candles opening at ``ts``: the one whose single interval is the most common
+    positive difference between neighbouring times and on whose grid every time lies (calendar
+    rules for weeks, which open on Mondays, and months, which open on the 1st: a month is 28 to 31
+    days). None for fewer than two times or when no timeframe fits.
+    """
+    u = np.unique(np.asarray(ts, dtype=np.int64))
+    if len(u) < 2:
+        return None
+    for tf in TIMEFRAMES.values():
+        steps = interval_steps(tf, u)
+        if steps is None:
+            continue
+        values, counts = np.unique(steps, return_counts=True)
+        if int(values[int(np.argmax(counts))]) == 1:  # ties: the smallest step wins
+            return tf
+    return None
+
+
+#: Fields only Upbit's realtime messages carry (REST and WebSocket, DEFAULT and SIMPLE formats).
+_REALTIME_FIELDS = (
+    ("orderbook", ("orderbook_units", "obu", "total_ask_size", "tas")),
+    ("trade", ("sequential_id", "sid", "ask_bid", "ab")),
+    ("ticker", ("acc_trade_price_24h", "atp24h", "signed_change_rate", "scr", "change")),
+)
+
+
+def _realtime_kind(obj: dict[str, Any]) -> str | None:
+    """``"ticker"``, ``"orderbook"`` or ``"trade"`` for a realtime message, None for anything else
+    (a candle, an error document)."""
+    if "candle_date_time_utc" in obj:
+        return None
+    kind = obj.get("type", obj.get("ty"))
+    if kind in ("ticker", "orderbook", "trade"):
+        return str(kind)
+    for name, fields in _REALTIME_FIELDS:
+        if any(f in obj for f in fields):
+            return name
+    return None
+
+
+def _seconds_hint(n: int) -> str:
+    return (
+        f"timestamps look like epoch seconds ({n} is {iso_utc_z(n * 1000)} in seconds, 1970 in milliseconds); "
+        "expected milliseconds (multiply the column by 1000)"
+    )
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000), ("second", 1000)):
+        if ms % size == 0:
+            n = ms // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{ms} ms"
 
 
 def _json_int(text: str) -> int | float:
@@ -163,6 +236,8 @@ class CandleFile:
         self.superseded = 0
         #: True when the file has no quote volume column (``value`` estimated as close * volume).
         self.value_estimated = False
+        #: Times gathered for the check for coarser candles (None: decided, the file is not coarser).
+        self._coarse_seen: np.ndarray | None = np.empty(0, dtype=np.int64)
         self._rd = _Reader(_open_regular(path), path)
         try:
             head = self._first_char()
@@ -237,6 +312,7 @@ class CandleFile:
                 keep = ~same
                 if keep.any():
                     yield head[keep], w_head[keep]
+        self._interval_end()
         if parts:
             yield np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -263,6 +339,7 @@ class CandleFile:
                     raise self._bad(int(where[i]), f"{f} {v!r} is not a positive price")
                 if v < 0:
                     raise self._bad(int(where[i]), f"{f} {v!r} is negative")
+        self._check_interval(ts)
         # the store's own check, here too: the line is named, and a file refused in its first
         # batch creates no store
         idx, reason = K.validate(arr, *self.tf.kernel_args, now_ms())
@@ -270,6 +347,56 @@ class CandleFile:
             name = K.REASONS.get(int(reason[0]), str(int(reason[0])))
             raise self._bad(int(where[int(idx[0])]), f"invalid candle: {name}")
         return arr, where
+
+    def _check_interval(self, ts: np.ndarray) -> None:
+        """Refuse candles of another interval than ``-t`` (a wrong ``-t`` would otherwise store
+        daily candles as 1m ones: hundreds of thousands of phantom missing minutes).
+
+        Finer candles (times off the grid of ``-t``, on the grid of a finer timeframe) are looked
+        for in every piece. Coarser ones need more evidence, gathered over the first pieces (in
+        any order): the file holds coarser candles when no two of its first
+        :data:`_INTERVAL_EVIDENCE` times (or all of them) are one interval apart, every one lies on
+        a coarser timeframe's grid, and that timeframe's interval is the most common step. An
+        illiquid market's sparse file has some neighbours one interval apart, or times off any
+        coarser grid, and is taken.
+        """
+        u = np.unique(ts)
+        if not len(u):
+            return
+        if bool(self.tf.aligned(u).all()):
+            if self._coarse_seen is not None:
+                seen = np.union1d(self._coarse_seen, u)
+                steps = interval_steps(self.tf, seen)
+                if steps is not None and bool((steps == 1).any()):
+                    self._coarse_seen = None  # neighbours one interval apart: not coarser
+                elif len(seen) >= _INTERVAL_EVIDENCE:
+                    self._coarse_seen = None
+                    self._refuse_interval(seen, coarser_only=True)
+                else:
+                    self._coarse_seen = seen
+            return
+        if len(u) >= 2:
+            self._refuse_interval(u, coarser_only=False)
+
+    def _interval_end(self) -> None:
+        """At the end of the file: decide on the times gathered for the coarser check."""
+        seen, self._coarse_seen = self._coarse_seen, None
+        if seen is not None and len(seen) >= 2:
+            self._refuse_interval(seen, coarser_only=True)
+
+    def _refuse_interval(self, u: np.ndarray, *, coarser_only: bool) -> None:
+        """Raise when the sorted unique times ``u`` are candles of another timeframe than
+        ``-t``; return when they fit none (the row checks name what is wrong, if anything)."""
+        found = infer_timeframe(u)
+        if found is None or found == self.tf or (coarser_only and found.interval_ms <= self.tf.interval_ms):
+            return
+        values, counts = np.unique(np.diff(u), return_counts=True)
+        common = int(values[int(np.argmax(counts))])
+        raise self._bad(
+            None,
+            f"the file holds {found.name} candles (most often {_duration(common)} apart), not {self.tf.name} "
+            f"(give -t {found.name}); nothing was stored",
+        )
 
     def _check_units(self, units: set[Any], at: int | None) -> None:
         if not units:
@@ -301,6 +428,12 @@ class CandleFile:
                     f"{self.path}: Upbit JSON must hold candle objects (dicts with candle_date_time_utc, "
                     "opening_price, ...)"
                 )
+            kind = _realtime_kind(rows[0])
+            if kind is not None:
+                raise BadInput(
+                    f"{self.path}: holds {kind} messages: realtime data (ticker/orderbook/trades) is not "
+                    "persisted, mds import takes candles (Upbit candle JSON or CSV)"
+                )
             try:
                 units = {r["unit"] for r in rows if "unit" in r}
             except TypeError:
@@ -309,16 +442,34 @@ class CandleFile:
             where = np.arange(first, first + len(rows), dtype=np.int64)
             return self._checked(self._from_upbit(rows, where, self.symbol), where)
 
-        js.skip_ws()
-        head = js.peek()
-        if head == "{":  # one candle, or an error document such as {"error": {...}}
-            obj = js.value()
-            js.end()
-            yield piece([obj])
-            return
-        if head != "[":
-            js.value()  # raises "not valid JSON" for garbage
-            raise BadInput(f"{self.path}: Upbit JSON must be a list of candles or a list of pages (lists of candles)")
+        # The file: one JSON value, or several separated by white space (JSON Lines, as
+        # ``mds export --out x.jsonl`` writes them): candle objects, or lists (pages) of them.
+        objs: list[Any] = []
+        while True:
+            js.skip_ws()
+            head = js.peek()
+            if head == "{":  # a candle, or an error document such as {"error": {...}}
+                objs.append(js.value())
+                if len(objs) >= _PIECE_ROWS:
+                    yield piece(objs)
+                    objs = []
+                continue
+            if objs:
+                yield piece(objs)
+                objs = []
+            if not head:
+                return
+            if head != "[":
+                js.value()  # raises "not valid JSON" for garbage
+                raise BadInput(
+                    f"{self.path}: Upbit JSON must be a list of candles or a list of pages (lists of candles)"
+                )
+            yield from self._json_list(js, piece)
+
+    def _json_list(
+        self, js: _JsonScanner, piece: Callable[[list[Any]], tuple[np.ndarray, np.ndarray]]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The pieces of the list at ``js.pos``: candle objects, or pages (lists) of them."""
         js.pos += 1
         depth = 1  # 1: in the file's list, 2: in a page
         expect = "first"  # "first": a value or ']'; "value": a value; "next": ',' or ']'
@@ -346,7 +497,7 @@ class CandleFile:
                 if depth == 2:
                     raise BadInput(
                         f"{self.path}: Upbit JSON must hold candle objects or pages (lists) of them; "
-                        f"found a list nested deeper at character {js.offset}"
+                        f"found a list nested deeper at {js.where()}"
                     )
                 js.pos += 1
                 depth = 2
@@ -355,7 +506,6 @@ class CandleFile:
                 js.fail("a value was expected")
             else:
                 yield piece([js.value()])  # not a candle object: refused by piece()
-        js.end()
 
     # ------------------------------------------------------------------ CSV
     def _csv_pieces(self) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
@@ -547,6 +697,8 @@ class CandleFile:
             except (ValueError, OverflowError, TypeError):
                 pass
             else:
+                if len(out) and 0 <= int(out.max()) < _SECONDS_BELOW:
+                    raise self._bad(int(lines[0]), _seconds_hint(int(out[0])))
                 if not len(out) or (int(out.min()) >= _MIN_MS and int(out.max()) <= _MAX_MS):
                     return out
         out = np.empty(len(col), dtype=np.int64)
@@ -555,7 +707,10 @@ class CandleFile:
             shown = t if len(t) <= 40 else t[:40] + "..."
             try:
                 if allow_epoch and _EPOCH.fullmatch(t):
-                    out[i] = to_ms(int(t.split(".", 1)[0]), name="time")
+                    n = int(t.split(".", 1)[0])
+                    if 0 <= n < _SECONDS_BELOW:
+                        raise self._bad(int(lines[i]), _seconds_hint(n))
+                    out[i] = to_ms(n, name="time")
                     continue
                 dt = _dt.datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
                 out[i] = to_ms(dt, name="time") - (naive_offset_ms if dt.tzinfo is None else 0)
@@ -575,12 +730,17 @@ class _JsonScanner:
         self.buf = ""
         self.pos = 0
         self.base = 0  # characters dropped from the front of buf
+        self.lines_base = 0  # line breaks in them
         self.eof = False
 
-    @property
-    def offset(self) -> int:
-        """Position in the file, in characters."""
-        return self.base + self.pos
+    def where(self, pos: int | None = None) -> str:
+        """``line L, column C`` (both 1-based) of buffer position ``pos`` (default: pos)."""
+        at = self.pos if pos is None else pos
+        line = self.lines_base + self.buf.count("\n", 0, at) + 1
+        nl = self.buf.rfind("\n", 0, at)
+        if nl < 0 and self.base:  # the line starts in text already dropped: its column is unknown
+            return f"line {line}"
+        return f"line {line}, column {at - nl}"
 
     def fill(self, need: int) -> None:
         """Make the buffer hold ``need`` characters after pos, or all that is left."""
@@ -590,6 +750,7 @@ class _JsonScanner:
                 self.eof = True
                 break
             self.base += self.pos
+            self.lines_base += self.buf.count("\n", 0, self.pos)
             self.buf = self.buf[self.pos :] + s
             self.pos = 0
 
@@ -605,12 +766,7 @@ class _JsonScanner:
         return self.buf[self.pos] if self.pos < len(self.buf) else ""
 
     def fail(self, why: str) -> NoReturn:
-        raise BadInput(f"{self.path}: not valid JSON at character {self.offset}: {why}")
-
-    def end(self) -> None:
-        self.skip_ws()
-        if self.peek():
-            self.fail("extra data after the document")
+        raise BadInput(f"{self.path}: not valid JSON at {self.where()}: {why}")
 
     def run(self) -> list[Any]:
         """Decode the run of flat objects starting at pos (at least one object)."""
@@ -642,8 +798,8 @@ class _JsonScanner:
                     depth += 1
                     if depth > MAX_DEPTH:
                         raise BadInput(
-                            f"{self.path}: JSON nested deeper than {MAX_DEPTH} levels at character "
-                            f"{self.base + tok.start()}: not Upbit candles"
+                            f"{self.path}: JSON nested deeper than {MAX_DEPTH} levels at "
+                            f"{self.where(tok.start())}: not Upbit candles"
                         )
                 else:
                     depth -= 1
@@ -652,9 +808,7 @@ class _JsonScanner:
                         break
             if end is None:
                 if stop < len(self.buf) or not self.eof:
-                    raise BadInput(
-                        f"{self.path}: a JSON value at character {self.offset} is longer than {MAX_LINE} characters"
-                    )
+                    raise BadInput(f"{self.path}: a JSON value at {self.where()} is longer than {MAX_LINE} characters")
                 self.fail("the file ends inside a value")
         try:
             obj, used = json.JSONDecoder(parse_int=_json_int).raw_decode(self.buf[self.pos : end or stop])

@@ -1,15 +1,20 @@
-"""The ``mds`` command: demo, backfill, get, gaps, import, export, stats, maintain, check, plot,
-migrate.
+"""The ``mds`` command: demo, backfill, list, get, gaps, import, export, delete, stats, maintain,
+check, plot, fake-upbit, migrate.
 
-Every command takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``). Every command that opens a
-store also takes ``--history URL`` (default ``$MDS_HISTORY``): a ``postgresql://`` URL puts the
-history there instead of the SQLite file under ``--path`` (memory and LMDB stay under ``--path``).
-The demo never does (its candles are generated, they have no place in a shared history). ``migrate``
-copies the SQLite history under ``--path`` into a PostgreSQL database. Times on the command line
-are ISO-8601 dates or times (UTC unless an offset is given) or epoch milliseconds. Errors are one
-line on stderr: exit 2 for bad input (arguments, symbols, timeframes, ranges, unreadable or
-invalid import files, a history that is not a postgresql:// URL), 1 for everything else (storage,
-server or Layer 1 failures, ``check`` problems, a ``migrate`` whose verification found differences).
+Every command but ``fake-upbit`` takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``; the
+demo's default is a temporary directory). Reading commands need a store there and never create
+one; ``import``, ``backfill`` and ``demo`` create one in a new or empty directory, never in one
+holding something else. Every command that opens a store also takes ``--history URL`` (default
+``$MDS_HISTORY``): a ``postgresql://`` URL puts the history there instead of the SQLite file under
+``--path`` (memory and LMDB stay under ``--path``). The demo never does (its candles are
+generated, they have no place in a shared history). ``migrate`` copies the SQLite history under
+``--path`` into a PostgreSQL database. Times on the command line are ISO-8601 dates or times (UTC
+unless an offset is given) or epoch milliseconds. Errors are one line on stderr: exit 2 for bad
+input (arguments, symbols, timeframes, ranges, series that are not stored, unreadable or invalid
+import files, output files of an unknown format or that exist, a history that is not a
+postgresql:// URL), 1 for everything else (storage, server or Layer 1 failures, ``check``
+problems, a ``migrate`` whose verification found differences), 130 after Ctrl-C. Progress (on
+stderr) and tables are drawn by rich on a terminal and are plain lines otherwise.
 """
 
 from __future__ import annotations
@@ -22,29 +27,29 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
 from mds import _importers, _kernels as K
+from mds._cli_output import Progress, fmt_bytes, number_column, out_path, print_table, write_atomically
 from mds._dtypes import CANDLE_DTYPE
+from mds._files import STORE_ENTRIES
 from mds._importers import IMPORT_FORMATS, BadInput, CandleFile
 from mds._migrate import WINDOW as MIGRATE_WINDOW
 from mds.convert import candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
 from mds.symbols import validate_symbol
 from mds.tiers.durable import is_server_url, shown_url
-from mds.timeframes import DAY_MS, MINUTE_MS, Timeframe, parse_timeframe
+from mds.timeframes import DAY_MS, TIMEFRAMES, Timeframe, parse_timeframe
 from mds.timeutil import iso_utc_z, now_ms, to_ms
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["main"]
 
@@ -53,21 +58,6 @@ logger = logging.getLogger(__name__)
 _PAGE = 200
 _PRICE_FIELDS = ("open", "high", "low", "close", "volume", "value")
 _NO_CANDLES = np.empty(0, dtype=CANDLE_DTYPE)
-
-#: Demo markets, liquid and illiquid interleaved so that any ``--markets N`` mixes both.
-_DEMO_MARKETS = (
-    ("KRW-BTC", "liquid"),
-    ("KRW-MED", "illiquid"),
-    ("KRW-ETH", "liquid"),
-    ("KRW-GRS", "illiquid"),
-    ("KRW-XRP", "liquid"),
-    ("KRW-STRAX", "illiquid"),
-    ("KRW-SOL", "liquid"),
-    ("KRW-LAMB", "illiquid"),
-)
-#: The demo's simulated "now" at the end of the backfill (2025-01-27 00:00 UTC): fixed, so the
-#: output is the same on every machine for the same seed.
-_DEMO_ANCHOR_MS = 1_737_936_000_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,19 +140,51 @@ def _history(args: argparse.Namespace) -> str | None:
     return url
 
 
-def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: Any = None, **kw: Any) -> Any:
+def _store_state(path: Path) -> str:
+    """``"missing"``, ``"empty"`` (an empty directory), ``"store"`` (a directory holding an mds
+    store's files) or ``"other"`` (a file, or a directory holding something else)."""
+    try:
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "other"
+    except OSError:
+        return "store"  # unreadable: mds.open says why, in its own words
+    if not names:
+        return "empty"
+    return "store" if any(name in names for name in STORE_ENTRIES if "/" not in name) else "other"
+
+
+def _checked_path(args: argparse.Namespace, *, create: bool) -> Path:
+    """The store path of a command, checked before anything is opened or created there.
+
+    Reading commands need a store there. Writing commands (``create``) may also create one in a
+    new or empty directory, never in a directory holding something else (a home directory).
+    With a history on a server the path holds only the local tiers: a reading command may
+    create it too, but not in a directory holding something else either.
+    """
+    path = _store_path(args)
+    state = _store_state(path)
+    if state == "store" or (state in ("missing", "empty") and (create or _history(args) is not None)):
+        return path
+    if create and state == "other":
+        what = "is not a directory" if path.exists() and not path.is_dir() else "is not empty and holds no mds store"
+        raise BadInput(f"{path} {what}: give --path a new or empty directory, or an mds store")
+    raise BadInput(f"no store at {path} (create one with 'mds backfill' or 'mds import', or give --path)")
+
+
+def _open_store(args: argparse.Namespace, *, create: bool = False, layer1: Any = None, **kw: Any) -> Any:
     """The one place the commands open a store: ``--path`` and ``--history`` (or ``$MDS_HISTORY``).
 
-    With a history on a server, ``--path`` holds only the local tiers (created when missing), and
-    a server that cannot be reached fails here, with one line, rather than leaving the command a
-    store whose history tier is degraded.
+    Only writing commands pass ``create`` (see :func:`_checked_path`). With a history on a
+    server, a server that cannot be reached fails here, with one line, rather than leaving the
+    command a store whose history tier is degraded.
     """
     import mds
 
-    path = _store_path(args)
+    path = _checked_path(args, create=create)
     history = _history(args)
-    if history is None and must_exist and not path.is_dir():
-        raise BadInput(f"no store at {path} (create one with 'mds backfill' or 'mds import', or give --path)")
     store = mds.open(path, layer1=layer1, history=history, **kw)
     if history is not None:
         state = store.stats()["tiers"].get("sqlite", {})
@@ -171,6 +193,76 @@ def _open_store(args: argparse.Namespace, *, must_exist: bool = True, layer1: An
             error = str(state.get("error") or "unavailable").removeprefix("StorageUnavailableError: ")
             raise _history_error(history, error)
     return store
+
+
+#: One stored series: symbol, timeframe name, candles, first and last open time (None: only
+#: coverage is stored, a span where nothing traded).
+SeriesRow = tuple[str, str, int, "int | None", "int | None"]
+
+
+def _stored_series(args: argparse.Namespace) -> list[SeriesRow]:
+    """Every series of the store's history, sorted: with candles, or with coverage alone.
+
+    Read from the durable tier, read-only (the Store has no public list of its series).
+    """
+    from mds.models import Config
+    from mds.tiers.durable import open_durable
+
+    path = _checked_path(args, create=False)
+    history = _history(args)
+    if history is None and not (path / "candles.sqlite3").is_file():
+        return []
+    try:
+        db = open_durable(path, Config(), readonly=True, clock=now_ms, history=history)
+    except StorageUnavailableError as exc:
+        raise (_history_error(history, str(exc)) if history is not None else exc) from exc
+    try:
+        rows = {(sym, tfname): (int(n), int(a), int(b)) for sym, tfname, n, a, b in db.series()}
+        names = set(rows)
+        for sym, tfname in db.known_series():  # without candles: stored if it holds coverage
+            if (sym, tfname) not in rows and tfname in TIMEFRAMES and len(db.coverage(sym, TIMEFRAMES[tfname])):
+                names.add((sym, tfname))
+    finally:
+        db.close()
+    out: list[SeriesRow] = []
+    for sym, tfname in sorted(names, key=lambda k: (k[0], _TF_ORDER.get(k[1], 99))):
+        n, first, last = rows.get((sym, tfname), (0, None, None))
+        out.append((sym, tfname, n, first, last))
+    return out
+
+
+_TF_ORDER = {name: i for i, name in enumerate(TIMEFRAMES)}
+
+
+def _shown_series(series: Sequence[SeriesRow], symbol: str | None = None) -> str:
+    names = [f"{sym} {tfname}" for sym, tfname, *_ in series if symbol is None or sym == symbol]
+    if not names:
+        return "none" if symbol is None else f"no series of {symbol}"
+    more = f" and {len(names) - 12} more" if len(names) > 12 else ""
+    return ", ".join(names[:12]) + more
+
+
+def _resolve_series(args: argparse.Namespace) -> tuple[str, Timeframe]:
+    """The series a reading command names; it must be stored (candles or coverage).
+
+    Without ``--timeframe`` the symbol's one stored timeframe is used (said on stderr): reading
+    the only series there is is what a user asks for, while a guess among several would print
+    candles of a timeframe nobody named. Several, or none: exit 2, naming what is stored.
+    """
+    sym = validate_symbol(args.symbol)
+    tf = parse_timeframe(args.timeframe) if args.timeframe is not None else None
+    series = _stored_series(args)
+    if tf is not None:
+        if any(s == sym and t == tf.name for s, t, *_ in series):
+            return sym, tf
+        raise BadInput(f"no such series: {sym} {tf.name} (no stored candles); stored: {_shown_series(series)}")
+    mine = [t for s, t, *_ in series if s == sym]
+    if len(mine) == 1:
+        sys.stderr.write(f"mds: {sym}: using {mine[0]}, its only stored timeframe (give -t to choose)\n")
+        return sym, parse_timeframe(mine[0])
+    if mine:
+        raise BadInput(f"{sym} is stored in several timeframes ({', '.join(mine)}): give -t TIMEFRAME")
+    raise BadInput(f"no such series: {sym} (no stored candles); stored: {_shown_series(series)}")
 
 
 def _history_error(url: str, error: str) -> StorageUnavailableError:
@@ -183,267 +275,45 @@ def _fmt_time(ms: int) -> str:
     return iso_utc_z(ms)
 
 
-def _fmt_num(v: float) -> str:
-    return f"{v:.10g}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO) -> None:
-    """A plain text table: first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, r in enumerate(cells):
-        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        out.write("  ".join(parts).rstrip() + "\n")
-        if n == 0:
-            out.write("  ".join("-" * w for w in widths) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Backfill and read seeded markets served by a local FakeUpbit, then print what happened."""
-    import mds
-    from mds.layer1.router import UpbitRouter
-    from mds.testing import FakeUpbit, generate_market
-
-    if args.markets > len(_DEMO_MARKETS):
-        raise BadInput(f"--markets must be at most {len(_DEMO_MARKETS)}")
-    if args.days > 30:
-        raise BadInput("--days must be at most 30 (FakeUpbit serves 10 requests a second, as Upbit does)")
-    if args.reads_per_minute > 60:
-        raise BadInput("--reads-per-minute must be at most 60")
-    out = sys.stdout
-    t_start = time.perf_counter()
-    markets = _DEMO_MARKETS[: args.markets]
-    now = [_DEMO_ANCHOR_MS]
-
-    def clock() -> int:
-        return now[0]
-
-    start = _DEMO_ANCHOR_MS - args.days * DAY_MS
-    gen_start = start - DAY_MS  # the fake holds one more day than is backfilled: "missing" in the store
-    gen_end = _DEMO_ANCHOR_MS + (args.minutes + 2) * MINUTE_MS
-    data = {
-        (sym, "1m"): generate_market(sym, "1m", gen_start, gen_end, liquidity=liq, seed=args.seed)
-        for sym, liq in markets
-    }
-    rng = np.random.default_rng(args.seed)
-    config = mds.Config(lookup="storage_first")
-
-    with contextlib.ExitStack() as stack:
-        if args.path:
-            path = Path(args.path).expanduser()
-        else:
-            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mds-demo-")))
-        fake = stack.enter_context(FakeUpbit(data, clock=clock))
-        router = UpbitRouter(base_url=fake.base_url, clock=clock)
-        store = stack.enter_context(mds.open(path, layer1=router, config=config, clock=clock))
-        n_liquid = sum(1 for _, liq in markets if liq == "liquid")
-        out.write(
-            f"mds demo: {len(markets)} markets ({n_liquid} liquid, {len(markets) - n_liquid} illiquid), "
-            f"{args.days} days of 1m candles, then {args.minutes} simulated minutes x "
-            f"{args.reads_per_minute} reads of latest 200 and 1000 per market (seed {args.seed})\n"
-        )
-        out.write(f"FakeUpbit at {fake.base_url} (10 requests/s per group), store at {path}\n")
-        out.write(
-            "config: lookup=storage_first; memory keeps 1000 candles a series, disk (LMDB) 31 days, SQLite all; "
-            "a second reader opens the same store with SQLite only\n\n"
-        )
-
-        phases: list[list[Any]] = []
-
-        def phase(name: str, reads: int, fn: Any) -> None:
-            req0, l1c0 = fake.request_count(), store.stats()["layer1"]["candles_fetched"]
-            t0 = time.perf_counter()
-            fn()
-            st = store.stats()
-            phases.append(
-                [
-                    name,
-                    reads,
-                    f"{time.perf_counter() - t0:.2f}",
-                    fake.request_count() - req0,
-                    st["layer1"]["candles_fetched"] - l1c0,
-                ]
-            )
-
-        def backfill() -> None:
-            for sym, _ in markets:
-                store.candles(sym, "1m", start=start, end=_DEMO_ANCHOR_MS)
-
-        step = MINUTE_MS // args.reads_per_minute
-
-        def workload() -> None:
-            for _minute in range(args.minutes):
-                for _tick in range(args.reads_per_minute):
-                    now[0] += step
-                    for sym, _ in markets:
-                        store.candles(sym, "1m", count=200)
-                        store.candles(sym, "1m", count=1000)
-                now[0] = _DEMO_ANCHOR_MS + (_minute + 1) * MINUTE_MS
-
-        history_windows = 8
-        lo_min = start // MINUTE_MS
-        hi_min = max(lo_min + 1, (_DEMO_ANCHOR_MS - 1060 * MINUTE_MS) // MINUTE_MS)
-        windows = [
-            (sym, int(m) * MINUTE_MS, int(m) * MINUTE_MS + 60 * MINUTE_MS)
-            for sym, _ in markets
-            for m in rng.integers(lo_min, hi_min, history_windows)
-        ]
-
-        def history() -> None:  # older than the memory tier holds: answered by LMDB
-            for sym, s, e in windows:
-                store.candles(sym, "1m", start=s, end=e)
-
-        reader_stats: dict[str, Any] = {}
-
-        def reader() -> None:  # another reader of the same files, storage only, SQLite only
-            with mds.open(path, config=mds.Config(tiers=("sqlite",)), clock=clock) as other:
-                for sym, s, e in windows:
-                    other.candles(sym, "1m", start=s, end=e)
-                for sym, _ in markets:
-                    other.candles(sym, "1m", count=1000)
-                reader_stats.update(other.stats())
-
-        phase("backfill", len(markets), backfill)
-        hits0 = dict(store.stats()["hits"])
-        phase("strategy reads", 2 * len(markets) * args.minutes * args.reads_per_minute, workload)
-        hits1 = dict(store.stats()["hits"])
-        phase("history reads (1 h windows)", len(windows), history)
-        phase("2nd reader, SQLite only", len(windows) + len(markets), reader)
-
-        _table(["phase", "reads", "wall s", "Layer 1 requests", "candles fetched"], phases, out)
-
-        st = store.stats()
-        work_hits = {k: hits1[k] - hits0.get(k, 0) for k in hits1}
-        served = sum(work_hits.values())
-        work_rate = (served - work_hits.get("layer1_api", 0)) / served if served else 0.0
-        out.write(
-            f"\nrequests {st['requests']}, hit rate {_pct(st['hit_rate'])} overall, "
-            f"{_pct(work_rate)} during the strategy reads "
-            f"(a Layer 1 fetch only when a new minute has closed)\n\n"
-        )
-        rows = []
-        labels = {
-            "storage_memory": "memory",
-            "layer1_cache": "layer1 cache",
-            "storage_disk": "disk (LMDB)",
-            "sqlite_db": "SQLite",
-            "layer1_api": "Layer 1 API",
-        }
-        for key, label in labels.items():
-            lat = st["latency"].get(key)
-            if not st["hits"].get(key) and lat is None:
-                continue
-            lat = lat or {"p50_ms": 0.0, "p99_ms": 0.0}
-            rows.append([label, st["hits"].get(key, 0), f"{lat['p50_ms']:.4f}", f"{lat['p99_ms']:.4f}"])
-        lat = reader_stats.get("latency", {}).get("sqlite_db")
-        if lat:
-            rows.append(
-                [
-                    "SQLite (2nd reader)",
-                    reader_stats["hits"]["sqlite_db"],
-                    f"{lat['p50_ms']:.4f}",
-                    f"{lat['p99_ms']:.4f}",
-                ]
-            )
-        api = st["latency"].get("api.candles")
-        if api:
-            rows.append(["all reads", api["count"], f"{api['p50_ms']:.4f}", f"{api['p99_ms']:.4f}"])
-        _table(["answered by", "reads", "p50 ms", "p99 ms"], rows, out)
-        l1 = st["layer1"]
-        out.write(
-            f"\nLayer 1: {fake.request_count()} HTTP requests served by FakeUpbit, {l1['calls']} calls, "
-            f"{l1['candles_fetched']} candles fetched, {l1['errors']} errors\n\n"
-        )
-
-        gap_end = parse_timeframe("1m").floor(now[0])
-        grows = []
-        for sym, liq in markets:
-            gaps = store.gaps(sym, "1m", start=gen_start, end=gap_end)
-            miss = [g for g in gaps if g.kind == "missing"]
-            notr = [g for g in gaps if g.kind == "no_trades"]
-            miss_min = sum((g.end - g.start) // MINUTE_MS for g in miss)
-            notr_min = sum((g.end - g.start) // MINUTE_MS for g in notr)
-            n = (gap_end - gen_start) // MINUTE_MS - miss_min - notr_min
-            grows.append([sym, liq, n, len(notr), notr_min, len(miss), miss_min])
-        out.write(
-            f"gaps from {_fmt_time(gen_start)} to {_fmt_time(gap_end)} "
-            "(missing: never fetched; no_trades: fetched, nothing traded)\n"
-        )
-        _table(
-            ["market", "liquidity", "candles", "no_trades runs", "no_trades min", "missing runs", "missing min"],
-            grows,
-            out,
-        )
-        st = store.stats()
-        tiers = st["tiers"]
-        srows = []
-        if "sqlite" in tiers:
-            t = tiers["sqlite"]
-            srows.append(["SQLite", _fmt_bytes(t.get("size_bytes", 0)), f"{t.get('series', 0)} series"])
-        if "disk" in tiers:
-            t = tiers["disk"]
-            srows.append(["disk (LMDB)", _fmt_bytes(t.get("bytes", 0)), f"{t.get('entries', 0)} chunks"])
-        if "memory" in tiers:
-            t = tiers["memory"]
-            srows.append(["memory", _fmt_bytes(t.get("bytes", 0)), f"{t.get('candles', 0)} candles"])
-        out.write("\n")
-        _table(["store", "size", "holds"], srows, out)
-        report = store.check()
-        out.write(f"\ncheck: {'ok' if report.ok else '; '.join(report.problems)}\n")
-        out.write(f"core: {st['core']}, wall time {time.perf_counter() - t_start:.1f} s\n")
-        if args.path:
-            out.write(f"store kept at {path}\n")
-    return 0 if report.ok else 1
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100.0 * v:.1f} %"
-
-
 # ---------------------------------------------------------------------------------------------
 # backfill
 # ---------------------------------------------------------------------------------------------
 
 
-class _Progress:
-    """A progress bar on a terminal; otherwise plain lines: one per series, and one every
-    ``_PLAIN_EVERY_S`` seconds while a long one runs."""
+class _Interrupted(Exception):
+    """Ctrl-C was pressed during a command that stops at its next safe point."""
 
-    _PLAIN_EVERY_S = 30.0
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last_line = time.monotonic()
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """While inside, the first Ctrl-C (SIGINT) only sets the event it yields: the command stops
+    at its next safe point, between two store calls, so no Layer 1 request or store write is cut
+    in the middle (a KeyboardInterrupt raised inside a store call would leave its event-loop
+    tasks pending). A second Ctrl-C interrupts at once. Outside the main thread: a plain event."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
 
-    def update(self, label: str, done: int, total: int, candles: int, final: bool = False, extra: str = "") -> None:
-        share = min(1.0, done / total) if total else 1.0
-        bar = "#" * int(share * 30)
-        line = f"{label} [{bar:<30}] {100 * share:5.1f} % {candles} candles{extra}"
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))  # erase a longer line's rest
-            self.stream.flush()
-        elif final or time.monotonic() - self._last_line >= self._PLAIN_EVERY_S:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self._last_line = time.monotonic()
+    def handler(signum: int, frame: Any) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    """Fetch and store a time range for each symbol; covered parts are skipped (resumable)."""
+    """Fetch and store a time range for each symbol; covered parts are skipped (resumable).
+
+    Ctrl-C stops after the current step (at most ten requests): the progress display ends its
+    line, ``interrupted`` is said once on stderr with what was stored, and the exit status is
+    130. What was stored is kept and covered; the same command resumes.
+    """
     from mds.layer1.router import UpbitRouter
     from mds.models import Config
 
@@ -463,33 +333,49 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if end <= start:
         raise BadInput("the range holds no closed candle yet")
     router = UpbitRouter(base_url=args.base_url)
-    progress = _Progress(sys.stderr)
-    chunk = _PAGE * 10  # ten requests between progress updates
-    with _open_store(args, must_exist=False, layer1=router, config=Config(lookup="storage_first")) as store:
-        for sym in symbols:
-            cov = np.asarray(store.coverage(sym, tf), dtype=np.int64).reshape(-1, 2)
-            todo = K.interval_subtract(np.array([[start, end]], dtype=np.int64), cov)
-            todo_n = sum(tf.count(int(a), int(b)) for a, b in todo.tolist())
-            span = tf.count(start, end)
-            st0 = store.stats()["layer1"]
-            label = f"{sym} {tf.name}"
-            done = got = 0
-            progress.update(label, 0, span, 0)
-            t = end
-            while t > start:  # newest first, as Upbit pages; covered chunks cost no request
-                s = max(start, tf.add(t, -chunk))
-                got += len(store.candles(sym, tf, start=s, end=t))
-                done += tf.count(s, t)
-                progress.update(label, done, span, got)
-                t = s
-            progress.update(label, span, span, got, final=True)
-            st1 = store.stats()["layer1"]
-            sys.stdout.write(
-                f"{sym} {tf.name}: {got} candles in [{_fmt_time(start)}, {_fmt_time(end)}); "
-                f"{span - todo_n} of {span} intervals were already covered; "
-                f"{st1['candles_fetched'] - st0['candles_fetched']} candles fetched in "
-                f"{st1['calls'] - st0['calls']} Layer 1 calls\n"
+    chunk = _PAGE * 10  # ten requests between progress updates (and chances to stop)
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(_deferred_interrupt())
+        store = stack.enter_context(
+            _open_store(args, create=True, layer1=router, config=Config(lookup="storage_first"))
+        )
+        progress = stack.enter_context(Progress(sys.stderr))
+        try:
+            for sym in symbols:
+                cov = np.asarray(store.coverage(sym, tf), dtype=np.int64).reshape(-1, 2)
+                todo = K.interval_subtract(np.array([[start, end]], dtype=np.int64), cov)
+                todo_n = sum(tf.count(int(a), int(b)) for a, b in todo.tolist())
+                span = tf.count(start, end)
+                st0 = store.stats()["layer1"]
+                label = f"{sym} {tf.name}"
+                done = got = 0
+                progress.update(label, 0, span, 0)
+                t = end
+                while t > start:  # newest first, as Upbit pages; covered chunks cost no request
+                    if stop.is_set():
+                        raise _Interrupted
+                    s = max(start, tf.add(t, -chunk))
+                    got += len(store.candles(sym, tf, start=s, end=t))
+                    done += tf.count(s, t)
+                    progress.update(label, done, span, got)
+                    t = s
+                progress.update(label, span, span, got, final=True)
+                st1 = store.stats()["layer1"]
+                sys.stdout.write(
+                    f"{sym} {tf.name}: {got} candles in [{_fmt_time(start)}, {_fmt_time(end)}); "
+                    f"{span - todo_n} of {span} intervals were already covered; "
+                    f"{st1['candles_fetched'] - st0['candles_fetched']} candles fetched in "
+                    f"{st1['calls'] - st0['calls']} Layer 1 calls\n"
+                )
+        except _Interrupted:
+            progress.close()  # the display ends its line before the message
+            fetched = store.stats()["layer1"]["candles_fetched"]
+            sys.stdout.flush()
+            sys.stderr.write(
+                f"mds backfill: interrupted; {fetched} candles fetched and stored in this run are kept "
+                "(run the same command again to resume)\n"
             )
+            return 130
     return 0
 
 
@@ -498,22 +384,23 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(store: Any, sym: str, tf: Timeframe, args: argparse.Namespace, default_count: int | None = None) -> Any:
+def _read_args(args: argparse.Namespace, default_count: int | None = None) -> tuple[int | None, int | None, int | None]:
+    """``(count, start, end)`` of a reading command, checked before any store is opened."""
     start, end, count = args.start, args.end, getattr(args, "count", None)
     _check_range(start, end)
     if count is None and start is None:
         if default_count is None:
             raise BadInput("give --count N or --start (with an optional --end)")
         count = default_count
-    return store.candles(sym, tf, count=count, start=start, end=end)
+    return count, start, end
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Print stored candles as a table, CSV or JSON (Upbit field names)."""
-    sym, tf = _series(args.symbol, args.timeframe)
-    _check_range(args.start, args.end)
+    count, start, end = _read_args(args)
+    sym, tf = _resolve_series(args)
     with _open_store(args) as store:
-        arr = _read(store, sym, tf, args)
+        arr = store.candles(sym, tf, count=count, start=start, end=end)
     out = sys.stdout
     if args.format == "json":
         json.dump(candles_to_upbit(arr, sym, tf), out, indent=1)
@@ -521,22 +408,23 @@ def cmd_get(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         _write_csv(arr, out)
     else:
-        rows = [[_fmt_time(int(r["ts"]))] + [_fmt_num(float(r[f])) for f in _PRICE_FIELDS] for r in arr]
-        _table(["time_utc", *_PRICE_FIELDS], rows, out)
-        out.write(f"{len(arr)} candles\n")
+        cols = [number_column(arr[f].tolist()) for f in _PRICE_FIELDS]
+        rows = [[_fmt_time(int(t)), *(c[i] for c in cols)] for i, t in enumerate(arr["ts"].tolist())]
+        print_table(["time_utc", *_PRICE_FIELDS], rows, out)
+        out.write(f"{sym} {tf.name}: {len(arr)} candles\n")
     return 0
 
 
 def cmd_gaps(args: argparse.Namespace) -> int:
     """List runs of absent candles: missing (never fetched) or no_trades (fetched, nothing traded)."""
-    sym, tf = _series(args.symbol, args.timeframe)
     _check_range(args.start, args.end)
+    sym, tf = _resolve_series(args)
     with _open_store(args) as store:
         gaps = store.gaps(sym, tf, start=args.start, end=args.end)
     rows = [[_fmt_time(g.start), _fmt_time(g.end), g.kind, tf.count(g.start, g.end)] for g in gaps]
     out = sys.stdout
     if rows:
-        _table(["start", "end", "kind", "candles"], rows, out)
+        print_table(["start", "end", "kind", "candles"], rows, out)
     totals = {k: sum(r[3] for r in rows if r[2] == k) for k in ("missing", "no_trades")}
     runs = {k: sum(1 for r in rows if r[2] == k) for k in ("missing", "no_trades")}
     out.write(
@@ -560,6 +448,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     the store is opened, so a file refused at once creates no store.
     """
     sym, tf = _series(args.symbol, args.timeframe)
+    if args.file.lower().endswith(".parquet"):
+        raise BadInput(
+            f"{args.file}: mds import reads Upbit JSON, JSON Lines and CSV files, not Parquet "
+            "(write the table as CSV first)"
+        )
+    _checked_path(args, create=True)  # a path that can hold no store is said before the file is read
     with CandleFile(args.file, args.format, sym, tf) as src:
         batches = src.batches()
         first = next(batches, None)
@@ -571,7 +465,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         overlap = False
         todo = itertools.chain([first], batches)
         del first  # the chain holds it only until it has been written
-        with _open_store(args, must_exist=False) as store, store.batch():
+        with _open_store(args, create=True) as store, store.batch():
             for arr, where in todo:
                 ts = arr["ts"]
                 b_lo, b_hi = int(ts.min()), int(ts.max())
@@ -642,30 +536,49 @@ def _write_csv(arr: np.ndarray, out: TextIO) -> None:
         w.writerow([t, _fmt_time(t), *(repr(c[i]) for c in cols)])
 
 
+#: ``export --out`` formats, by the file name's extension.
+_EXPORT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+#: ``plot --out`` formats (what matplotlib writes without extra packages), by extension.
+_PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a series (or a range of it) to CSV or Parquet."""
-    sym, tf = _series(args.symbol, args.timeframe)
+    """Write a series (or a range of it) to CSV, Upbit JSON, JSON Lines or Parquet, by extension."""
     _check_range(args.start, args.end)
-    parquet = args.out.lower().endswith(".parquet")
-    if parquet:
+    path = out_path(args.out, tuple(_EXPORT_FORMATS), "export", args.force)
+    fmt = _EXPORT_FORMATS[path.suffix.lower()]
+    if fmt == "parquet":
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise MdsError("Parquet export needs pyarrow (pip install pyarrow); or export to a .csv file") from None
+            raise BadInput(
+                "Parquet export needs pyarrow: pip install 'upbit-mds[parquet]' (or export to .csv, .json or .jsonl)"
+            ) from None
+    sym, tf = _resolve_series(args)
+    existed = path.exists()
     with _open_store(args) as store:
         start = args.start if args.start is not None else 0
         arr = store.candles(sym, tf, start=start, end=args.end)
-    if parquet:
-        table = pa.table({"ts": arr["ts"], **{f: arr[f] for f in _PRICE_FIELDS}})
-        pq.write_table(table, args.out)
-    else:
-        try:
-            with open(args.out, "w", newline="", encoding="utf-8") as fh:
+
+    def write(tmp: str) -> None:
+        if fmt == "parquet":
+            pq.write_table(pa.table({"ts": arr["ts"], **{f: arr[f] for f in _PRICE_FIELDS}}), tmp)
+            return
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            if fmt == "csv":
                 _write_csv(arr, fh)
-        except OSError as exc:
-            raise MdsError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    sys.stdout.write(f"{sym} {tf.name}: {len(arr)} candles written to {args.out}\n")
+            elif fmt == "json":
+                json.dump(candles_to_upbit(arr, sym, tf), fh, indent=1)
+                fh.write("\n")
+            else:
+                for row in candles_to_upbit(arr, sym, tf):
+                    fh.write(json.dumps(row) + "\n")
+
+    write_atomically(path, write)
+    sys.stdout.write(
+        f"{sym} {tf.name}: {len(arr)} candles written to {path} ({fmt}{', overwritten' if existed else ''})\n"
+    )
     return 0
 
 
@@ -679,14 +592,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_maintain(args: argparse.Namespace) -> int:
-    """Run maintenance now (VACUUM past the threshold, or always with --force)."""
+    """Run maintenance now (VACUUM past the threshold, or always with --force); say what was done
+    and the sizes before and after."""
     with _open_store(args) as store:
+        before = store.stats()["tiers"]
         rep = store.maintain(force=args.force)
-    sys.stdout.write(
-        f"fragmentation {100 * rep.fragmentation_before:.1f} % -> {100 * rep.fragmentation_after:.1f} %, "
-        f"vacuumed: {'yes' if rep.vacuumed else 'no'}, analyzed: {'yes' if rep.analyzed else 'no'}, "
-        f"disk entries purged: {rep.disk_entries_purged}\n"
-    )
+        after = store.stats()["tiers"]
+    out = sys.stdout
+    db0, db1 = before.get("sqlite", {}), after.get("sqlite", {})
+    if db0:
+        raw0, raw1 = int(db0.get("chunks_raw", 0)), int(db1.get("chunks_raw", 0))
+        packed = int(db1.get("chunks_compressed", 0))
+        out.write(
+            f"history: {max(0, raw0 - raw1)} chunks compressed now ({packed} compressed, {raw1} raw in all); "
+            f"size {fmt_bytes(db0.get('size_bytes', 0))} -> {fmt_bytes(db1.get('size_bytes', 0))}; "
+            f"vacuumed: {'yes' if rep.vacuumed else 'no'}"
+            f"{'' if rep.vacuumed or args.force else ' (few free pages; --force vacuums anyway)'}; "
+            f"analyzed: {'yes' if rep.analyzed else 'no'}; free pages {100 * rep.fragmentation_before:.1f} % -> "
+            f"{100 * rep.fragmentation_after:.1f} %\n"
+        )
+    if "disk" in after:
+        out.write(
+            f"disk (LMDB): {rep.disk_entries_purged} expired entries purged, "
+            f"{fmt_bytes(before.get('disk', {}).get('bytes', 0))} -> {fmt_bytes(after['disk'].get('bytes', 0))}\n"
+        )
     return 0
 
 
@@ -705,10 +634,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw candles with missing and no-trade intervals shaded."""
-    sym, tf = _series(args.symbol, args.timeframe)
-    _check_range(args.start, args.end)
+    count, start, end = _read_args(args, default_count=300)
+    path = out_path(args.out, _PLOT_FORMATS, "plot", args.force, default_ext=".png")
+    sym, tf = _resolve_series(args)
+    existed = path.exists()
     with _open_store(args) as store:
-        arr = _read(store, sym, tf, args, default_count=300)
+        arr = store.candles(sym, tf, count=count, start=start, end=end)
         if not len(arr):
             raise BadInput(f"no stored candles of {sym} {tf.name} in that range")
         lo = int(arr["ts"][0]) if args.start is None else tf.ceil(args.start)
@@ -745,12 +676,69 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.autofmt_xdate()
     fig.tight_layout()
     try:
-        fig.savefig(args.out)
-    except (OSError, ValueError) as exc:
-        raise MdsError(f"cannot write {args.out}: {exc}") from None
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:].lower()))
+    except ValueError as exc:
+        raise MdsError(f"cannot write {path}: {exc}") from None
     finally:
         plt.close(fig)
-    sys.stdout.write(f"{sym} {tf.name}: {len(arr)} candles, {len(gaps)} gaps, plot written to {args.out}\n")
+    sys.stdout.write(
+        f"{sym} {tf.name}: {len(arr)} candles, {len(gaps)} gaps, plot written to {path}"
+        f"{' (overwritten)' if existed else ''}\n"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# list, delete
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the series stored: symbol, timeframe, first and last candle, candles."""
+    series = _stored_series(args)
+    if args.symbol is not None:
+        series = [r for r in series if r[0] == validate_symbol(args.symbol)]
+    rows = [
+        [sym, tfname, "-" if a is None else _fmt_time(a), "-" if b is None else _fmt_time(b), n]
+        for sym, tfname, n, a, b in series
+    ]
+    out = sys.stdout
+    if rows:
+        print_table(["symbol", "timeframe", "first", "last", "candles"], rows, out)
+    total = sum(r[2] for r in series)
+    out.write(f"{len(series)} series, {total} candles\n")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a series (every timeframe of the symbol without -t), or a range of it, from every
+    tier; its coverage goes with it. Asks first unless --yes (and refuses to ask a non-terminal)."""
+    _check_range(args.start, args.end)
+    sym = validate_symbol(args.symbol)
+    series = _stored_series(args)
+    tfs = [t for s_, t, *_ in series if s_ == sym]
+    if args.timeframe is not None:
+        tf = parse_timeframe(args.timeframe)
+        if tf.name not in tfs:
+            raise BadInput(f"no such series: {sym} {tf.name}; stored: {_shown_series(series)}")
+        tfs = [tf.name]
+    elif not tfs:
+        raise BadInput(f"no such series: {sym}; stored: {_shown_series(series)}")
+    counts = {t: n for s_, t, n, *_ in series if s_ == sym and t in tfs}
+    span = "" if args.start is None and args.end is None else " in the range given"
+    what = ", ".join(f"{sym} {t} ({counts[t]} candles)" for t in tfs)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise BadInput(f"would delete {what}{span}: give --yes to delete without asking")
+        sys.stderr.write(f"delete {what}{span}, with its coverage? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            sys.stderr.write("mds delete: nothing deleted\n")
+            return 1
+    with _open_store(args) as store:
+        for t in tfs:
+            n = store.delete(sym, t, start=args.start, end=args.end)
+            sys.stdout.write(f"{sym} {t}: {n} candles deleted{span}, with their coverage\n")
     return 0
 
 
@@ -782,7 +770,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise BadInput(f"no SQLite history at {db} (give --path)")
     shown = shown_url(url)
     pause_after = int(os.environ.get(_MIGRATE_PAUSE_ENV, "0") or 0)
-    progress = _Progress(sys.stderr)
+    progress = Progress(sys.stderr)
     done = migration.Copied()
     t0 = time.perf_counter()
 
@@ -800,6 +788,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             sys.stdin.read()  # until the test kills this process (or closes stdin: then go on)
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(progress)
         src = SqliteStore(db, readonly=True)
         stack.callback(src.close)
         origin = f"{socket.gethostname()}:mds-migrate:{os.getpid()}"
@@ -823,6 +812,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 on_series=lambda i, s, totals: show(i, s, s.candles, totals, final=True),
             )
         except KeyboardInterrupt:
+            progress.close()
             sys.stderr.write(
                 f"mds migrate: interrupted after {done.candles} candles copied; run the same command again to resume\n"
             )
@@ -893,19 +883,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     def series(sp: argparse.ArgumentParser, ranged: bool = True) -> None:
         sp.add_argument("symbol", metavar="SYMBOL", help="Upbit market code, e.g. KRW-BTC")
-        sp.add_argument("--timeframe", "-t", default="1m", help="1s, 1m 3m 5m 10m 15m 30m, 1h, 4h, 1d, 1w, 1M")
+        sp.add_argument(
+            "--timeframe",
+            "-t",
+            default=None,
+            help="1s, 1m 3m 5m 10m 15m 30m, 1h, 4h, 1d, 1w, 1M (default: the symbol's only stored timeframe)",
+        )
         if ranged:
             sp.add_argument("--start", type=_time_arg, help="range start (inclusive)")
             sp.add_argument("--end", type=_time_arg, help="range end (exclusive)")
 
-    d = add(
+    d = sub.add_parser(
         "demo",
-        "offline demo: FakeUpbit, backfill, strategy-like reads, gaps, statistics",
-        "Runs offline: a local FakeUpbit with seeded liquid and illiquid markets, a store in a temporary "
-        "directory (or --path), a backfill of 1m candles through UpbitRouter, strategy-like reads while a "
-        "simulated clock moves on, then a table of hit rates, latencies, Layer 1 requests, gaps and sizes. "
-        "Its history is always SQLite (generated candles never go to a shared history: MDS_HISTORY is ignored).",
-        opens_store=False,
+        help="offline demo: FakeUpbit, backfill, strategy-like reads, gaps, statistics",
+        description="Runs offline: a local FakeUpbit with seeded liquid and illiquid markets, a store in a "
+        "temporary directory (or --path), a backfill of 1m candles through UpbitRouter, strategy-like reads "
+        "while a simulated clock moves on, then a table of hit rates, latencies, Layer 1 requests, gaps and "
+        "sizes. Its history is always SQLite (generated candles never go to a shared history: MDS_HISTORY is "
+        "ignored).",
+    )
+    d.add_argument(
+        "--path",
+        default=argparse.SUPPRESS,
+        help="keep the demo's store in this new or empty directory (default: a temporary directory, removed "
+        "at the end; $MDS_HOME is not used)",
     )
     d.add_argument("--days", type=_positive_int, default=3, help="days of 1m candles to backfill (default 3)")
     d.add_argument("--markets", type=_positive_int, default=5, help="number of markets (default 5, at most 8)")
@@ -914,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--reads-per-minute", type=_positive_int, default=60, help="strategy ticks a minute (default 60: every second)"
     )
-    d.set_defaults(func=cmd_demo, demo=True)
+    d.set_defaults(func=_demo)
 
     b = add("backfill", "fetch and store history from Upbit (resumable)")
     b.add_argument("symbols", nargs="+", metavar="SYMBOL", help="Upbit market codes")
@@ -949,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
         "are refused. The "
         "file's span is marked covered only with --complete.",
     )
-    im.add_argument("file", metavar="PATH")
+    im.add_argument("file", metavar="FILE", help="the candle file (.json, .jsonl or .csv)")
     im.add_argument("--symbol", "-s", required=True, help="Upbit market code")
     im.add_argument("--timeframe", "-t", required=True, help="timeframe of the candles in the file")
     im.add_argument("--format", "-f", choices=IMPORT_FORMATS, default="auto")
@@ -958,9 +959,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     im.set_defaults(func=cmd_import)
 
-    ex = add("export", "write a series to CSV (or Parquet when FILE ends .parquet and pyarrow is installed)")
+    ex = add(
+        "export",
+        "write a series to a file; the extension picks the format: .csv, .json (Upbit JSON), .jsonl "
+        "(one Upbit candle a line), .parquet (needs the parquet extra)",
+    )
     series(ex)
-    ex.add_argument("--out", "-o", required=True, metavar="FILE")
+    ex.add_argument("--out", "-o", required=True, metavar="FILE", help="the file to write (.csv .json .jsonl .parquet)")
+    ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     ex.set_defaults(func=cmd_export)
 
     add("stats", "print store figures as JSON").set_defaults(func=cmd_stats)
@@ -972,8 +978,41 @@ def build_parser() -> argparse.ArgumentParser:
     pl = add("plot", "draw candles with gaps shaded to a PNG (needs matplotlib)")
     series(pl)
     pl.add_argument("--count", "-n", type=_positive_int, help="latest N closed candles (default 300)")
-    pl.add_argument("--out", "-o", required=True, metavar="FILE.png")
+    pl.add_argument(
+        "--out", "-o", required=True, metavar="FILE", help="the image to write: .png, .svg or .pdf (none given: .png)"
+    )
+    pl.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     pl.set_defaults(func=cmd_plot)
+
+    ls = add("list", "list the series stored: symbol, timeframe, first and last candle, candles")
+    ls.add_argument("symbol", metavar="SYMBOL", nargs="?", help="only this market")
+    ls.set_defaults(func=cmd_list)
+
+    dl = add(
+        "delete",
+        "delete a series (every timeframe of SYMBOL without -t) and its coverage",
+        "Delete the candles of a series (or of --start/--end only) from every tier, with their coverage, "
+        "e.g. after an import with the wrong symbol. Asks first; --yes does not (needed without a terminal).",
+    )
+    dl.add_argument("symbol", metavar="SYMBOL", help="Upbit market code")
+    dl.add_argument("--timeframe", "-t", default=None, help="only this timeframe (default: every stored one)")
+    dl.add_argument("--start", type=_time_arg, help="range start (inclusive; default: the first candle)")
+    dl.add_argument("--end", type=_time_arg, help="range end (exclusive; default: after the last candle)")
+    dl.add_argument("--yes", "-y", action="store_true", help="delete without asking")
+    dl.set_defaults(func=cmd_delete)
+
+    fk = sub.add_parser(
+        "fake-upbit",
+        help="serve FakeUpbit (a local Upbit quotation API) on 127.0.0.1 until Ctrl-C",
+        description="Serve FakeUpbit on 127.0.0.1 and print its URL: seeded markets in every timeframe "
+        "(the market list, candles, tickers, orderbooks, trades, with Upbit's shapes, Remaining-Req headers "
+        "and 10 requests a second per group), so that Upbit clients can be pointed at it. Runs until Ctrl-C.",
+    )
+    fk.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port, printed)")
+    fk.add_argument("--markets", type=_positive_int, default=5, help="number of markets (default 5, at most 8)")
+    fk.add_argument("--days", type=_positive_float, default=2.0, help="days of minute candles (default 2)")
+    fk.add_argument("--seed", type=int, default=7, help="seed of the generated markets (default 7)")
+    fk.set_defaults(func=_fake_upbit)
 
     mg = add(
         "migrate",
@@ -999,6 +1038,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.set_defaults(func=cmd_migrate)
     return p
+
+
+def _fake_upbit(args: argparse.Namespace) -> int:
+    from mds._cli_demo import cmd_fake_upbit
+
+    return cmd_fake_upbit(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mds._cli_demo import cmd_demo
+
+    path = _checked_path(args, create=True) if getattr(args, "path", None) else None
+    return cmd_demo(args, path)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -97,11 +97,11 @@ def test_demo_small_runs_offline_and_keeps_a_store_that_checks_ok(tmp_path: Path
     for needle in ("hit rate", "p50 ms", "p99 ms", "memory", "Layer 1 API", "no_trades", "missing", "SQLite"):
         assert needle in out, out
     assert "check: ok" in out
-    # the illiquid market has no-trade runs; the day before the backfill shows as missing (in part:
-    # its latest-1000 reads reach back into it)
+    # the illiquid market has no-trade runs; the gap table covers the backfilled window only, so
+    # nothing in it is missing (the day before it, which the fake exchange also holds, is not shown)
     med = next(ln for ln in out.splitlines() if ln.startswith("KRW-MED"))
     cols = med.split()
-    assert int(cols[3]) > 0 and int(cols[5]) == 1 and 0 < int(cols[6]) <= 1440
+    assert int(cols[3]) > 0 and int(cols[5]) == 0 and int(cols[6]) == 0
     assert (store / "candles.sqlite3").exists()
 
     chk = run(tmp_path / "unused", "check", "--path", str(store))
@@ -459,7 +459,7 @@ def test_export_parquet_needs_pyarrow(btc_home: Path, tmp_path: Path) -> None:
     out = tmp_path / "btc.parquet"
     res = run(btc_home, "export", "KRW-BTC", "-t", "1m", "--out", str(out))
     if importlib.util.find_spec("pyarrow") is None:
-        assert_clean_error(res, 1, "needs pyarrow")
+        assert_clean_error(res, 2, "upbit-mds[parquet]")
         assert not out.exists()
     else:
         assert res.returncode == 0, res.stderr

@@ -2,7 +2,8 @@
 
 - A memory-only store merges writes into its window in place and counts them there.
 - At the live edge a durable store takes a dense batch as the durable tier's rows (no read back)
-  and does not copy an append past what LMDB holds into LMDB; LMDB takes it from a later read.
+  and does not copy a small append past what LMDB holds into LMDB; LMDB takes it from a later
+  read. A bulk append still fills LMDB.
 - Inside a batch, a delete after a write makes the waiting fills read the committed rows back.
 - gaps() labels holes in one pass; latest-N on a memory-only store takes the memory hit.
 All against real tiers (SQLite file, LMDB environment), no Layer 1.
@@ -122,6 +123,18 @@ def test_appends_skip_lmdb_and_a_later_read_fills_it(edge: tuple[mds.Store, Cloc
     got = other.candles(SYM, "1m", start=T0 + 1_990 * M, end=T0 + 2_005 * M)
     assert got.tobytes() == want[1_990:].tobytes()
     other.close()
+    st.close()
+
+
+def test_a_bulk_append_still_fills_lmdb(edge: tuple[mds.Store, Clock, np.ndarray]) -> None:
+    """Only small appends (the live edge) go around LMDB: a backfill's pages still fill it."""
+    from mds.store.writes import LMDB_APPEND_MIN
+
+    st, clock, hist = edge
+    n = LMDB_APPEND_MIN
+    clock.t = T0 + (2_000 + n) * M
+    st.write_candles(SYM, "1m", dense_candles(n, T0 + 2_000 * M, seed=12))
+    assert _lmdb_held(st)[-1][1] == T0 + (2_000 + n) * M
     st.close()
 
 

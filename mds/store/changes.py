@@ -30,6 +30,22 @@ logger = logging.getLogger(__name__)
 SLOTS = 4096
 
 
+class _Pid:
+    """This process's id shifted into a stamp's high bits (``os.getpid()`` is a system call;
+    refreshed in a forked child)."""
+
+    bits = os.getpid() << 40
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.bits = os.getpid() << 40
+
+
+_PID = _Pid
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Pid.refresh)
+
+
 class ChangeSlots:
     """The change stamps of one store directory, as this process sees them.
 
@@ -93,20 +109,22 @@ class ChangeSlots:
         and ask the durable tier, which shows the write exactly when it commits (a seqlock, in
         effect).
         """
-        if self.array is None:
+        words = self.words
+        if words is None:
             return
         key = (sym, tf.name)
-        self.array[self.slot(key)] = (time.time_ns() ^ (os.getpid() << 40)) | 1
+        words[self.slot(key)] = (time.time_ns() ^ _PID.bits) | 1
         self.dirty.add(key)
 
     def end(self, commit_seq: int | None) -> None:
         """Give every series stamped in progress its final (even) stamp, after the commit, and
         record ``commit_seq`` (the durable tier's, after that commit) as acknowledged."""
-        if self.array is None or not self.dirty:
+        words = self.words
+        if words is None or not self.dirty:
             return
         for key in self.dirty:
-            stamp = (time.time_ns() ^ (os.getpid() << 40)) & ~1
-            self.array[self.slot(key)] = stamp
+            stamp = (time.time_ns() ^ _PID.bits) & ~1
+            words[self.slot(key)] = stamp
             self.seen[key] = stamp
         self.dirty.clear()
         if commit_seq is not None and self.acked is not None and commit_seq > self.acked[0]:
@@ -116,12 +134,12 @@ class ChangeSlots:
         """Move a series' stamp (final, even) without a write here: what every process on this
         directory caches of the series is dropped at its next read (another host changed it)."""
         if self.array is not None and self.writable:
-            self.array[self.slot(key)] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
+            self.array[self.slot(key)] = (time.time_ns() ^ _PID.bits) & ~1
 
     def touch_all(self) -> None:
         """Move every stamp: anything may have changed."""
         if self.array is not None and self.writable:
-            self.array[:] = (time.time_ns() ^ (os.getpid() << 40)) & ~1
+            self.array[:] = (time.time_ns() ^ _PID.bits) & ~1
 
     def lost_commits(self, have: Callable[[], int]) -> str | None:
         """A message when the durable tier holds fewer commits (``have()``) than stores on this
@@ -146,15 +164,15 @@ class ChangeSlots:
 
     def stamp(self, sym: str, tf: Timeframe) -> int | None:
         """The series' current change stamp (None without change slots)."""
-        if self.array is None:
-            return None
-        return int(self.array[self.slot((sym, tf.name))])
+        words = self.words
+        return None if words is None else words[self.slot((sym, tf.name))]
 
     def changed(self, key: tuple[str, str]) -> int | None:
         """The series' stamp if it differs from the one last seen (None: unchanged); a changed
         stamp that is final is recorded as seen, one in progress (odd) by another writer is not."""
-        assert self.array is not None
-        stamp = int(self.array[self.slot(key)])
+        words = self.words
+        assert words is not None
+        stamp: int = words[self.slot(key)]
         if self.seen.get(key) == stamp:
             return None
         if stamp & 1 and key not in self.dirty:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,6 +32,21 @@ from mds.timeutil import to_ms
 logger = logging.getLogger(__name__)
 
 
+#: Appends of fewer closed candles than this are left out of LMDB (see Writer._unhold_disk).
+LMDB_APPEND_MIN = 64
+
+
+class _Fill(NamedTuple):
+    """A fill of the fast tiers waiting for its batch to commit (_fill_fast_tiers' arguments)."""
+
+    sym: str
+    tf: Timeframe
+    spans: np.ndarray
+    exact: np.ndarray | None
+    rows: int  # closed candles written
+    to_disk: bool = True  # decided just before the commit
+
+
 class Writer:
     """Writes of one store; each takes the store lock (reentrant) around what it changes."""
 
@@ -43,7 +58,7 @@ class Writer:
         self.config = config
         self.depth = 0  # open batch() blocks
         #: fills of the fast tiers waiting for the batch to commit: _fill_fast_tiers' arguments
-        self._deferred: list[tuple[str, Timeframe, np.ndarray, np.ndarray | None, bool]] = []
+        self._deferred: list[_Fill] = []
         self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
 
     def in_batch(self) -> bool:
@@ -137,7 +152,7 @@ class Writer:
                 if tiers.tier("disk") is None:
                     tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
                 elif not self.depth:  # a batch looks at LMDB once, before it commits
-                    to_disk = not self._unhold_disk(sym, tf, spans)
+                    to_disk = not self._unhold_disk(sym, tf, spans, small=len(closed) < LMDB_APPEND_MIN)
                 self.coverage.frontiers.pop((sym, tf.name), None)
                 try:
                     counts = db.write(sym, tf, closed, covered if len(covered) else None)
@@ -164,11 +179,13 @@ class Writer:
                 if len(spans):
                     self._fill_fast_tiers(sym, tf, spans, closed)
             elif len(spans):
-                # The batch is all the durable tier holds in its span when it fills the span
-                # densely: the fast tiers take it as it is, without reading it back.
-                exact = closed if not len(covered) and self._exact_fill_ok() and _dense(tf, closed) else None
+                # A small batch (the live edge) that fills its span densely is all the durable
+                # tier holds there: the fast tiers take it as it is, without reading it back. A
+                # large one is read back: a batch() of many (an import) must not keep them all.
+                small = len(closed) < LMDB_APPEND_MIN
+                exact = closed if small and not len(covered) and self._exact_fill_ok() and _dense(tf, closed) else None
                 if self.depth:
-                    self._deferred.append((sym, tf, spans, exact, to_disk))  # filled after the batch commits
+                    self._deferred.append(_Fill(sym, tf, spans, exact, len(closed)))  # filled after the commit
                 else:
                     self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
             if len(partial) and mem is not None:
@@ -199,16 +216,23 @@ class Writer:
         disk = self.tiers.tier("disk")
         if disk is None or not self._deferred:
             return
-        series = list({(sym, tf.name): (sym, tf) for sym, tf, *_ in self._deferred}.values())
+        series = list({(f.sym, f.tf.name): (f.sym, f.tf) for f in self._deferred}.values())
         got = self.tiers.guard("disk", disk.held_many, series)
         if got is None:
             return  # LMDB failed: degraded, and emptied before it is used again
-        held = {(sym, tf.name): h for (sym, tf), h in zip(series, got)}
-        for i, (sym, tf, spans, exact, _) in enumerate(self._deferred):
-            append = self._unhold_disk(sym, tf, spans, held[(sym, tf.name)])
-            self._deferred[i] = (sym, tf, spans, exact, not append)
+        held = {(sym, tf.name): flat for (sym, tf), flat in zip(series, got)}
+        for i, f in enumerate(self._deferred):
+            flat = held[(f.sym, f.tf.name)]
+            small = f.rows < LMDB_APPEND_MIN
+            if small and flat and int(f.spans[0, 0]) >= flat[-1]:
+                skip = True  # the usual case at the live edge, decided without arrays
+            else:
+                skip = self._unhold_disk(f.sym, f.tf, f.spans, np.asarray(flat, dtype=np.int64).reshape(-1, 2), small)
+            self._deferred[i] = f._replace(to_disk=not skip)
 
-    def _unhold_disk(self, sym: str, tf: Timeframe, spans: np.ndarray, held: np.ndarray | None = None) -> bool:
+    def _unhold_disk(
+        self, sym: str, tf: Timeframe, spans: np.ndarray, held: np.ndarray | None = None, small: bool = False
+    ) -> bool:
         """Before a durable write, make the disk tier stop claiming the spans it is about to change.
 
         If the process dies between the durable commit and the LMDB update, LMDB then simply does
@@ -216,11 +240,12 @@ class Writer:
         Inside a batch the ranges it stopped holding are remembered, so a rolled-back batch gives
         back exactly those.
 
-        Returns True for an append: LMDB holds the series and the spans start at or after the
-        end of what it holds. Appends at the live edge are not copied to LMDB (a chunk rewrite
-        for every new candle would cost many times the durable write itself); memory and the
-        durable tier answer them, and LMDB takes them from the first read that the durable tier
-        answers.
+        Returns True when LMDB should not take the write: a ``small`` one (fewer than
+        :data:`LMDB_APPEND_MIN` candles) that appends, i.e. LMDB holds the series and the spans
+        start at or after the end of what it holds. Such appends, the live edge, are not copied
+        to LMDB (it rewrites a whole chunk for every change, many times the durable write of a
+        candle or two); memory and the durable tier answer them, and LMDB takes them from the
+        first read that the durable tier answers.
         """
         tiers = self.tiers
         disk = tiers.tier("disk")
@@ -232,7 +257,7 @@ class Writer:
             return False
         held = np.asarray(held, dtype=np.int64).reshape(-1, 2)
         if int(spans[0, 0]) >= int(held[-1, 1]):
-            return True
+            return small
         overlap = intersect(spans, held)
         if self.depth and len(overlap):
             self._unheld.append((sym, tf, overlap))
@@ -244,7 +269,7 @@ class Writer:
     def _unexact(self, key: tuple[str, str]) -> None:
         """Rows are removed from a series inside a batch: its waiting fills read the committed
         rows back instead of taking their batches as they were written."""
-        self._deferred = [(d[0], d[1], d[2], None if (d[0], d[1].name) == key else d[3], d[4]) for d in self._deferred]
+        self._deferred = [f._replace(exact=None) if (f.sym, f.tf.name) == key else f for f in self._deferred]
 
     def _exact_fill_ok(self) -> bool:
         """Whether the fast tiers may take a dense batch as the durable tier's rows: a history
@@ -272,11 +297,14 @@ class Writer:
         db = tiers.tier("sqlite")
         if tiers.tier("disk") is None and tiers.tier("memory") is None:
             return
+        mem = tiers.tier("memory")
+        cap = self.config.memory_candles
         for s, e in spans.tolist():
             guard: Callable[[], bool] | None = None
             rows: np.ndarray | None
             if exact is not None:
-                guard = self._committed_guard(sym, tf)
+                if to_disk:
+                    guard = self._committed_guard(sym, tf)
                 rows = exact
             elif db is not None:
                 # Another store (thread or process) may commit the same series between this read
@@ -291,9 +319,7 @@ class Writer:
                 rows = self._merge_with_fast(sym, tf, s, e, batch)
             if to_disk:
                 self.put_disk(sym, tf, s, e, rows, guard)
-            mem = tiers.tier("memory")
             if mem is not None:
-                cap = self.config.memory_candles
                 if len(rows) > cap:
                     rows = rows[-cap:]
                     s = int(rows["ts"][0])
@@ -493,8 +519,8 @@ class Writer:
                 self._unheld.clear()
             if outer and self._deferred:
                 work, self._deferred = self._deferred, []
-                for sym, tf, spans, exact, to_disk in work:
-                    self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
+                for f in work:
+                    self._fill_fast_tiers(f.sym, f.tf, f.spans, None, f.exact, f.to_disk)
                 self.maybe_maintain()
 
     def maybe_maintain(self) -> None:

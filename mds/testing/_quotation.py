@@ -31,6 +31,40 @@ class _NotFound(InvalidRequestError):
     pass
 
 
+#: Names of a few markets, as ``/v1/market/all`` gives them; others get their currency code.
+_NAMES = {
+    "BTC": ("비트코인", "Bitcoin"),
+    "ETH": ("이더리움", "Ethereum"),
+    "XRP": ("엑스알피(리플)", "XRP"),
+    "SOL": ("솔라나", "Solana"),
+    "DOGE": ("도지코인", "Dogecoin"),
+    "MED": ("메디블록", "Medibloc"),
+    "GRS": ("그로스톨코인", "Groestlcoin"),
+    "STRAX": ("스트라티스", "Stratis"),
+    "LAMB": ("람다", "Lambda"),
+}
+#: The alert kinds of ``market_event.caution`` (all false: a fake market is never under an alert).
+_CAUTIONS = (
+    "PRICE_FLUCTUATIONS",
+    "TRADING_VOLUME_SOARING",
+    "DEPOSIT_AMOUNT_SOARING",
+    "GLOBAL_PRICE_DIFFERENCES",
+    "CONCENTRATION_OF_SMALL_ACCOUNTS",
+)
+
+
+def market_info(sym: str, details: bool) -> dict[str, Any]:
+    """One entry of ``/v1/market/all``: ``market``, ``korean_name``, ``english_name`` and, with
+    ``is_details=true``, ``market_warning`` (the older field) and ``market_event`` (the newer)."""
+    base = sym.split("-", 1)[1]
+    korean, english = _NAMES.get(base, (base, base))
+    out: dict[str, Any] = {"market": sym, "korean_name": korean, "english_name": english}
+    if details:
+        out["market_warning"] = "NONE"
+        out["market_event"] = {"warning": False, "caution": dict.fromkeys(_CAUTIONS, False)}
+    return out
+
+
 def _parse_to(value: str) -> int:
     """Upbit's ``to``: ``...Z``, ``YYYY-MM-DD HH:MM:SS`` (UTC) or with an offset (``+09:00``)."""
     text = value.strip()
@@ -112,8 +146,17 @@ class Quotation:
         parameter (400) and ``_NotFound`` for an unknown market (404)."""
         if path.startswith("/v1/candles/"):
             return self._candles_endpoint(path[len("/v1/candles/") :], params)
+        if path == "/v1/market/all":
+            details = params.get("is_details", params.get("isDetails", "false")).lower() == "true"
+            return 200, [market_info(s, details) for s in self.markets()]
         if path == "/v1/ticker":
             return 200, [self._ticker(s) for s in self._markets_param(params)]
+        if path == "/v1/ticker/all":
+            quotes = params.get("quote_currencies")
+            if not quotes:
+                raise InvalidRequestError("quote_currencies is required")
+            wanted = {q.strip() for q in quotes.split(",") if q.strip()}
+            return 200, [self._ticker(s) for s in self.markets() if s.split("-", 1)[0] in wanted]
         if path == "/v1/orderbook":
             count = _int_param(params, "count", 30, 1, 30)
             return 200, [self._orderbook(s, count) for s in self._markets_param(params)]
@@ -122,6 +165,12 @@ class Quotation:
             count = _int_param(params, "count", 1, 1, 500)
             return 200, self._trades_for(sym, count)
         return 404, f"Not found: {path}"
+
+    def markets(self) -> list[str]:
+        """Every market held (candles, tickers, orderbooks or trades), sorted."""
+        with self._lock:
+            names = {k[0] for k in self._candles} | set(self._tickers) | set(self._orderbooks) | set(self._trades)
+        return sorted(names)
 
     def _known(self, sym: str) -> bool:
         with self._lock:

@@ -244,8 +244,10 @@ def _group(path: str) -> str | None:
 class FakeUpbit:
     """A local Upbit quotation API on 127.0.0.1 for tests, benchmarks and the demo.
 
-    Serves ``/v1/candles/{seconds,minutes/N,days,weeks,months}``, ``/v1/ticker``,
-    ``/v1/orderbook`` and ``/v1/trades/ticks`` from the arrays it holds, as Upbit does: Upbit
+    Serves ``/v1/market/all`` (every market it holds; ``is_details=true`` adds
+    ``market_warning`` and ``market_event``), ``/v1/candles/{seconds,minutes/N,days,weeks,months}``,
+    ``/v1/ticker``, ``/v1/ticker/all``, ``/v1/orderbook`` and ``/v1/trades/ticks`` from the arrays
+    it holds, as Upbit does: Upbit
     field names and number forms, newest first, ``count`` 1..200 (default 1), ``to`` exclusive
     in its three accepted forms (``...Z``, zone-less UTC, ``+09:00``), only the candles it holds
     (no candle for an interval without trades), ``Remaining-Req: group=candles; min=600; sec=N``
@@ -273,6 +275,8 @@ class FakeUpbit:
     rate_window_s : float
         The sliding window. Tests may shrink it (with the router's matching setting) to keep
         bursts fast while exercising the same logic.
+    port : int
+        The port on 127.0.0.1 (default 0: any free port; :attr:`base_url` tells which).
 
     Notes
     -----
@@ -292,7 +296,11 @@ class FakeUpbit:
         faults: Iterable[Fault] | None = None,
         rate_limit: int | None = 10,
         rate_window_s: float = 1.0,
+        port: int = 0,
     ) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise InvalidRequestError(f"port must be 0 (any free port) to 65535, not {port}")
+        self.port = int(port)
         self.rate_limit = rate_limit
         self.rate_window_s = float(rate_window_s)
         self._lock = threading.RLock()
@@ -312,7 +320,7 @@ class FakeUpbit:
         if self._server is not None:
             return self
         self._closing.clear()
-        server = _Server(("127.0.0.1", 0), _Handler)
+        server = _Server(("127.0.0.1", self.port), _Handler)
         server.fake = self
         self._server = server
         self._thread = threading.Thread(

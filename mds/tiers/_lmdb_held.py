@@ -90,7 +90,7 @@ def _held_parsed(h: _Env, prefix: bytes, hv: Any) -> list[int]:
 
 def _held_of(h: _Env, txn: Any, prefix: bytes) -> list[int]:
     hv = txn.get(prefix, db=h.held)
-    return [] if hv is None else _unpack_held(hv)
+    return [] if hv is None else _held_parsed(h, prefix, hv)
 
 
 def _set_held(h: _Env, txn: Any, prefix: bytes, flat: list[int]) -> None:

@@ -347,15 +347,15 @@ class LmdbTier:
 
         Staleness is not considered (a stale chunk's range is still listed).
         """
-        return self.held_many([(symbol, tf)])[0]
+        return np.asarray(self.held_many([(symbol, tf)])[0], dtype=np.int64).reshape(-1, 2)
 
-    def held_many(self, series: list[tuple[str, Timeframe]]) -> list[np.ndarray]:
+    def held_many(self, series: list[tuple[str, Timeframe]]) -> list[list[int]]:
         """:meth:`held` of several series, read in one transaction (a batch's writes look at
-        LMDB once before they commit)."""
+        LMDB once before they commit), each as a flat list ``[s0, e0, s1, e1, ...]``."""
         prefixes = [self._prefix(symbol, tf) for symbol, tf in series]
         flats = self._read(lambda h, txn: [_held_of(h, txn, p) for p in prefixes]) or [[] for _ in prefixes]
         cutoff = self._cutoff(self.clock())
-        return [np.asarray(_subtract(flat, -(1 << 62), cutoff), dtype=np.int64).reshape(-1, 2) for flat in flats]
+        return [_subtract(flat, -(1 << 62), cutoff) if flat and flat[0] < cutoff else flat for flat in flats]
 
     # -- writes -----------------------------------------------------------------------------------
     def put_range(

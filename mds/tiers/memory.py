@@ -250,7 +250,7 @@ class MemoryTier:
             old_first = buf.first_ts
             if old_first is not None and (lowest is None or old_first < lowest):
                 lowest = old_first
-            if not merge and _lacks(buf.range(start, end), ts):
+            if not merge and start < he and _lacks(buf.range(start, end), ts):  # nothing held past he
                 # The held rows in [start, end) include candles the new range says do not exist.
                 rows = np.concatenate([buf.range(-(2**62), start), candles, buf.range(end, 2**62)])
                 buf.clear()
