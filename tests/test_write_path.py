@@ -130,7 +130,7 @@ def test_a_bulk_append_still_fills_lmdb(edge: tuple[mds.Store, Clock, np.ndarray
     """Only small appends (the live edge) go around LMDB: a backfill's pages still fill it."""
     from mds.store.writes import LMDB_APPEND_MIN
 
-    st, clock, hist = edge
+    st, clock, _ = edge
     n = LMDB_APPEND_MIN
     clock.t = T0 + (2_000 + n) * M
     st.write_candles(SYM, "1m", dense_candles(n, T0 + 2_000 * M, seed=12))
@@ -231,3 +231,47 @@ def test_gaps_equal_a_slot_by_slot_answer(tmp_path: Path, tiers: tuple[str, ...]
         assert got == _brute_gaps(a["ts"], cov, lo, hi)
     assert {g.kind for g in st.gaps(SYM, "1m")} == {"missing", "no_trades"}
     st.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C while a Layer 1 call is in flight
+# ---------------------------------------------------------------------------------------------
+_CTRL_C = """
+import asyncio, os, signal, threading, sys
+import mds
+
+class SlowLayer1:
+    # a Layer 1 whose answers take longer than the user waits
+    async def _slow(self, *args, **kwargs):
+        await asyncio.sleep(30)
+        return {"success": True, "data": [], "metadata": {}}
+
+    get_candle_data = get_ticker_data = get_orderbook_data = get_trades = _slow
+
+st = mds.open(sys.argv[1], layer1=SlowLayer1(), config=mds.Config(layer1_timeout_s=60))
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's Ctrl-C
+try:
+    st.candles("KRW-BTC", "1m", count=10)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+st.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="SIGINT to oneself is POSIX")
+def test_ctrl_c_during_a_layer1_call_closes_cleanly(tmp_path: Path) -> None:
+    """The interrupted call is cancelled, close() winds the loop down: no "Task was destroyed
+    but it is pending!", no "Exception ignored" at exit, and close() does not wait out the call."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-c", _CTRL_C, str(tmp_path / "s")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["interrupted", "closed"]
+    assert "Task was destroyed" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 20  # not the 30 s the call would have taken

@@ -100,6 +100,9 @@ class Fetcher:
             raise Layer1Error(f"Layer 1 did not answer within {self.config.layer1_timeout_s} s") from None
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
             raise Layer1Error("the Layer 1 call was cancelled by the Layer 1") from None
+        except BaseException:
+            fut.cancel()  # Ctrl-C while waiting: the call must not go on unseen on the loop thread
+            raise
         finally:
             if held is not None:
                 lock._acquire_restore(held)
@@ -114,6 +117,10 @@ class Fetcher:
                 asyncio.run_coroutine_threadsafe(self.connector.layer1.aclose(), loop).result(timeout=5)
             except Exception:  # foreign code at close: nothing left to report it to
                 logger.debug("the Layer 1's aclose() failed", exc_info=True)
+        try:  # what is still running (a call given up on by Ctrl-C) ends before the loop does
+            asyncio.run_coroutine_threadsafe(_wind_down(), loop).result(timeout=5)
+        except Exception:
+            logger.debug("Layer 1 tasks did not wind down", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
         if self.loop_thread is not None:
             self.loop_thread.join(timeout=5)
@@ -290,6 +297,16 @@ class Fetcher:
     def monitor(self) -> Any:
         """The connector's own figures (for ``stats()``)."""
         return self.run(self.connector.monitor_layer1_performance())
+
+
+async def _wind_down() -> None:
+    """Cancel every other task of the loop and wait for them, then close async generators: a
+    loop closed with tasks pending prints "Task was destroyed but it is pending!"."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:

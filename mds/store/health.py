@@ -69,6 +69,13 @@ class StorageDown(Exception):
         self.damaged = damaged  # a DamagedChunkError: rows failed their checksum
 
 
+class _Reading(threading.local):
+    """Per-thread state of the read in progress."""
+
+    #: True while a read bypasses the memory tier (the series is being written elsewhere)
+    bypass = False
+
+
 class Tiers:
     """The configured tiers of one store and their state.
 
@@ -89,7 +96,7 @@ class Tiers:
         self.clock = clock
         self.writable = writable
         self.states: dict[str, TierState] = {}
-        self.reading = threading.local()
+        self.reading = _Reading()
         self.stamp: Callable[[str, Timeframe], int | None] = lambda sym, tf: None
         self._disk_marked = False
         #: False while a shared durable tier's change feed is down: memory and LMDB are then not
@@ -225,7 +232,11 @@ class Tiers:
     def tier(self, name: str) -> Any:
         """The tier object if it is configured and usable now (a degraded tier is retried later)."""
         state = self.states.get(name)
-        if state is None or (name == "memory" and getattr(self.reading, "bypass", False)):
+        if state is None:
+            return None
+        if state.degraded_at is None and self.feed_live and (name != "memory" or not self.reading.bypass):
+            return state.obj  # the usual case, asked several times by every write
+        if name == "memory" and self.reading.bypass:
             return None
         if not self.feed_live and name != "sqlite" and not self.copies_usable():
             return None

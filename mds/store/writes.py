@@ -132,11 +132,14 @@ class Writer:
         tiers = self.tiers
         ts = arr["ts"]
         forming = tf.floor(now)
-        if len(ts) and int(ts[-1]) >= forming:  # arr is sorted: the forming candle is last
-            cut = int(ts.searchsorted(forming))
-            partial, closed = arr[cut:], arr[:cut]
-        else:
-            partial, closed = EMPTY_CANDLES, arr
+        partial, closed = EMPTY_CANDLES, arr
+        first = last = 0  # of the closed rows
+        if len(ts):
+            first, last = int(ts[0]), int(ts[-1])
+            if last >= forming:  # arr is sorted: the forming candle is last
+                cut = int(ts.searchsorted(forming))
+                partial, closed = arr[cut:], arr[:cut]
+                last = int(ts[cut - 1]) if cut else 0
         with self.lock:
             self.coverage.sync(sym, tf)
             counts: tuple[int, int, int] | None = None
@@ -147,7 +150,7 @@ class Writer:
                     raise StorageUnavailableError(
                         f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
                     )
-                spans = _spans(tf, closed, covered)
+                spans = _spans(tf, closed, covered, first, last)
                 self.slots.begin(sym, tf)
                 if tiers.tier("disk") is None:
                     tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
@@ -182,8 +185,9 @@ class Writer:
                 # A small batch (the live edge) that fills its span densely is all the durable
                 # tier holds there: the fast tiers take it as it is, without reading it back. A
                 # large one is read back: a batch() of many (an import) must not keep them all.
-                small = len(closed) < LMDB_APPEND_MIN
-                exact = closed if small and not len(covered) and self._exact_fill_ok() and _dense(tf, closed) else None
+                n = len(closed)
+                dense = n == 1 or (n > 1 and not tf.is_month and last - first == (n - 1) * tf.interval_ms)
+                exact = closed if n < LMDB_APPEND_MIN and dense and not len(covered) and self._exact_fill_ok() else None
                 if self.depth:
                     self._deferred.append(_Fill(sym, tf, spans, exact, len(closed)))  # filled after the commit
                 else:
@@ -561,23 +565,18 @@ def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tup
     return (ins, upd, unch)
 
 
-def _dense(tf: Timeframe, rows: np.ndarray) -> bool:
-    """Whether sorted unique aligned ``rows`` fill every interval from the first to the last."""
-    n = len(rows)
-    if n <= 1:
-        return n == 1
-    if tf.is_month:
-        return False  # months differ in length; a batch of them takes the general path
-    ts = rows["ts"]
-    return int(ts[-1]) - int(ts[0]) == (n - 1) * tf.interval_ms
-
-
-def _spans(tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> np.ndarray:
+def _spans(
+    tf: Timeframe, closed: np.ndarray, covered: np.ndarray, first: int | None = None, last: int | None = None
+) -> np.ndarray:
+    """The ranges a write changes: ``covered`` and the span of the closed rows (whose first and
+    last open times may be given, as the write path already knows them)."""
     if not len(covered):  # the usual write: the rows' own span, nothing to merge
         if not len(closed):
             return EMPTY_RANGES
-        ts = closed["ts"]
-        return np.array(((int(ts[0]), tf.add(int(ts[-1]), 1)),), dtype=np.int64)
+        if first is None or last is None:
+            ts = closed["ts"]
+            first, last = int(ts[0]), int(ts[-1])
+        return np.array(((first, tf.add(last, 1)),), dtype=np.int64)
     parts = [covered]
     if len(closed):
         parts.append(np.array([[int(closed["ts"][0]), tf.add(int(closed["ts"][-1]), 1)]], dtype=np.int64))
