@@ -44,6 +44,7 @@ class _Fill(NamedTuple):
     spans: np.ndarray
     exact: np.ndarray | None
     rows: int  # closed candles written
+    start: int  # where the spans start
     to_disk: bool = True  # decided just before the commit
 
 
@@ -175,7 +176,7 @@ class Writer:
                 self.coverage.add(sym, tf, covered)
             mem = tiers.tier("memory")
             if counts is None and mem is not None and tiers.tier("disk") is None:
-                counts = _write_memory(mem, sym, tf, closed, covered)  # memory is the whole store
+                counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
             elif db is None:  # no durable tier: the fast tiers are the store
                 counts = _memory_counts(mem, sym, tf, closed)
                 spans = _spans(tf, closed, covered)
@@ -189,7 +190,8 @@ class Writer:
                 dense = n == 1 or (n > 1 and not tf.is_month and last - first == (n - 1) * tf.interval_ms)
                 exact = closed if n < LMDB_APPEND_MIN and dense and not len(covered) and self._exact_fill_ok() else None
                 if self.depth:
-                    self._deferred.append(_Fill(sym, tf, spans, exact, len(closed)))  # filled after the commit
+                    start = first if not len(covered) else int(spans[0, 0])
+                    self._deferred.append(_Fill(sym, tf, spans, exact, n, start))  # filled after the commit
                 else:
                     self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
             if len(partial) and mem is not None:
@@ -228,11 +230,11 @@ class Writer:
         for i, f in enumerate(self._deferred):
             flat = held[(f.sym, f.tf.name)]
             small = f.rows < LMDB_APPEND_MIN
-            if small and flat and int(f.spans[0, 0]) >= flat[-1]:
+            if small and flat and f.start >= flat[-1]:
                 skip = True  # the usual case at the live edge, decided without arrays
             else:
                 skip = self._unhold_disk(f.sym, f.tf, f.spans, np.asarray(flat, dtype=np.int64).reshape(-1, 2), small)
-            self._deferred[i] = f._replace(to_disk=not skip)
+            self._deferred[i] = _Fill(f.sym, f.tf, f.spans, f.exact, f.rows, f.start, not skip)
 
     def _unhold_disk(
         self, sym: str, tf: Timeframe, spans: np.ndarray, held: np.ndarray | None = None, small: bool = False
@@ -298,10 +300,14 @@ class Writer:
         them (no read back). ``to_disk`` False: an append that LMDB does not take.
         """
         tiers = self.tiers
-        db = tiers.tier("sqlite")
-        if tiers.tier("disk") is None and tiers.tier("memory") is None:
-            return
         mem = tiers.tier("memory")
+        if exact is not None and not to_disk and len(spans) == 1 and len(exact) <= self.config.memory_candles:
+            if mem is not None:  # the live edge: memory takes the candles as committed, and that is all
+                mem.put_range(sym, tf, int(spans[0, 0]), int(spans[0, 1]), exact)
+            return
+        db = tiers.tier("sqlite")
+        if tiers.tier("disk") is None and mem is None:
+            return
         cap = self.config.memory_candles
         for s, e in spans.tolist():
             guard: Callable[[], bool] | None = None
@@ -528,21 +534,23 @@ class Writer:
                 self.maybe_maintain()
 
     def maybe_maintain(self) -> None:
-        if self.depth:
+        if self.depth or not self.tiers.durable:
             return
         db = self.tiers.tier("sqlite")
         if db is not None:
             self.tiers.guard("sqlite", db.maybe_maintain)
 
 
-def _write_memory(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> tuple[int, int, int]:
+def _write_memory(
+    mem: Any, sym: str, tf: Timeframe, closed: np.ndarray, covered: np.ndarray, first: int, last: int
+) -> tuple[int, int, int]:
     """Memory is the whole store: merge the batch into its window, span by span, in place (the
-    counts come from that merge: no second merge to count, no copy of the window)."""
+    counts come from that merge: no second merge to count, no copy of the window). ``first``
+    and ``last``: the open times of the first and last closed rows."""
     if not len(covered):  # the usual write: one span, the rows' own
         if not len(closed):
             return (0, 0, 0)
-        ts = closed["ts"]
-        got = mem.write_range(sym, tf, int(ts[0]), tf.add(int(ts[-1]), 1), closed)
+        got = mem.write_range(sym, tf, first, tf.add(last, 1), closed)
         return (len(closed), 0, 0) if got is None else got  # None: older than the window, not kept
     spans = _spans(tf, closed, covered)
     counts = [0, 0, 0]
