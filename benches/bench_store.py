@@ -10,7 +10,8 @@ Store land in ``extra_info`` of the baseline benchmarks.
         --benchmark-columns=median,iqr,ops --benchmark-json=/tmp/bench_store.json
 
 The workload asserts functional outcomes only (hit rate, Layer 1 requests, correct answers); no
-timing is asserted anywhere.
+timing is asserted here. The headline figures that can fail on speed are the gates of
+``bench_gates.py`` (issue 20).
 
 The Store's other hot paths (issue 15), through the public API only and without Layer 1: a range
 of 1,000 answered by LMDB and by SQLite, the live upsert (one closed candle a simulated minute) and

@@ -10,7 +10,6 @@ shrink the coverage so the span reads as missing. Also: schema 2 files (no check
 from __future__ import annotations
 
 import pickle
-import zlib
 from pathlib import Path
 
 import _relutil as R
@@ -21,8 +20,10 @@ import pytest
 from mds.errors import StorageUnavailableError
 from mds.tiers.sqlite import CHUNK_SLOTS, SCHEMA_VERSION, TAIL_MAX, DamagedChunkError, SqliteStore
 from mds.tiers.sqlite.codec import (
+    CODEC_COMPRESSED,
     CODEC_RAW,
     CODEC_ZLIB_DELTA_SHUFFLE,
+    decode as _decode,
     encode as _encode,
     tail_rows as _tail_rows,
     tail_values as _tail_values,
@@ -105,16 +106,16 @@ def _damage(path: Path, a: np.ndarray, where: str) -> tuple[int, tuple[int, int]
         if where == "raw":
             assert codec == CODEC_RAW
             data = _flip(data, j * 56 + 32 + 5)  # a mantissa byte of close: a wrong, plausible price
-        elif where == "zlib_stream":
-            assert codec == CODEC_ZLIB_DELTA_SHUFFLE
-            data = _flip(data, len(data) // 2)
-        else:  # zlib_rows: rows damaged before they were compressed; the stream itself is sound
-            assert codec == CODEC_ZLIB_DELTA_SHUFFLE
+        elif where == "packed_stream":
+            assert codec == CODEC_COMPRESSED
+            data = _flip(data, 2)  # a flag byte of the blosc header: its CRC-32 no longer matches
+        else:  # packed_rows: rows damaged before they were compressed; the stream itself is sound
+            assert codec == CODEC_COMPRESSED
             lo = int(np.searchsorted(a["ts"], span[0]))
             part = a[lo : int(np.searchsorted(a["ts"], span[1]))].copy()
             part.view(np.uint8)[j * 56 + 32 + 5] ^= 0x10
             data = _encode(part)
-            zlib.decompress(data)  # decodes fine: only the checksum can tell
+            _decode(codec, data)  # decodes fine: only the checksum can tell
         conn.execute("UPDATE chunk SET data = ? WHERE key = ?", (data, key))
         return i, span, key
     finally:
@@ -131,10 +132,10 @@ def _table_state(path: Path) -> list:
         conn.close()
 
 
-@pytest.mark.parametrize("where", ["raw", "zlib_stream", "zlib_rows", "tail"])
+@pytest.mark.parametrize("where", ["raw", "packed_stream", "packed_rows", "tail"])
 def test_a_flipped_byte_is_never_served_and_quarantine_removes_exactly_it(tmp_path, where):
     path = tmp_path / "candles.sqlite3"
-    a = _fill(path, compressed=where.startswith("zlib"))
+    a = _fill(path, compressed=where.startswith("packed"))
     i, span, key = _damage(path, a, where)
     ts = int(a["ts"][i])
     inside = (a["ts"] >= span[0]) & (a["ts"] < span[1])
@@ -148,7 +149,7 @@ def test_a_flipped_byte_is_never_served_and_quarantine_removes_exactly_it(tmp_pa
         assert (e.symbol, e.timeframe, e.span) == (SYM, "1m", span)
         assert isinstance(e, StorageUnavailableError)
         assert "quarantine_damaged" in str(e)
-        assert ("does not decompress" if where == "zlib_stream" else "checksum") in str(e)
+        assert ("does not decompress" if where == "packed_stream" else "checksum") in str(e)
         return e
 
     # every read path that touches the damaged place raises, whatever part of it was asked for
@@ -284,7 +285,7 @@ def _write_v2(path: Path) -> dict[tuple[str, str], tuple[np.ndarray, list[list[i
             keys = np.array([SqliteStore._key(sid, tf, int(t)) for t in body["ts"]])
             for k in np.unique(keys):
                 part = body[keys == k]
-                data = part.tobytes() if codec == CODEC_RAW else _encode(part)
+                data = part.tobytes() if codec == CODEC_RAW else _encode(part, codec)
                 conn.execute(
                     "INSERT INTO chunk(key, n, first_ts, last_ts, codec, data) VALUES (?, ?, ?, ?, ?, ?)",
                     (int(k), len(part), int(part["ts"][0]), int(part["ts"][-1]), codec, data),
@@ -305,7 +306,7 @@ def test_a_version_2_file_migrates_with_checksums(tmp_path):
     with pytest.raises(StorageUnavailableError, match="needs a migration: open it once with a writer"):
         SqliteStore(path, readonly=True)
     s = _store(path)
-    assert s._pragma_int("user_version") == SCHEMA_VERSION == 3
+    assert s._pragma_int("user_version") == SCHEMA_VERSION == 4
     assert s.commit_seq() == 1  # the migration is one commit
     for (sym, tfname), (rows, cov) in series.items():
         assert same(s.read_range(sym, tfname, *ALL), rows)
@@ -313,7 +314,7 @@ def test_a_version_2_file_migrates_with_checksums(tmp_path):
         assert s.coverage(sym, tfname).tolist() == cov
     assert s.integrity_problems() == []
     tables = {r[0] for r in s._conn_().execute("SELECT name FROM sqlite_schema")}
-    assert "v2_chunk" not in tables and "chunk_uncompressed" in tables
+    assert "v2_chunk" not in tables and "chunk_uncompressed" not in tables and "chunk_to_compress" in tables
     s.close()
     fresh = _store(tmp_path / "new.sqlite3")
     migrated = SqliteStore(path, readonly=True)  # migrated: a reader opens it now

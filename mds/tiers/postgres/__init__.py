@@ -7,18 +7,21 @@ docs/ARCHITECTURE.md, "PostgreSQL tier"), in tables named ``mds_*``:
   changes and ``seal_ts``, the live-edge boundary. Its row is the series' write lock.
 - ``mds_chunk``: sealed history, chunks of up to :data:`~mds.tiers._chunks.CHUNK_SLOTS` grid slots
   keyed by ``(sid << 36) + chunk number``, the raw CANDLE_DTYPE bytes (codec 0) or, once older
-  than ``compress_after_days``, delta + shuffle + zlib (codec 1), with ``crc`` the
-  :func:`~mds._checksum.row_checksum` of the decoded rows. ``data`` is stored EXTERNAL (out of
-  line, never compressed by the server: codec 1 does that better).
+  than ``compress_after_days``, an int64 delta of every word + bit shuffle + LZ4HC in a c-blosc
+  1.x chunk with a CRC-32 (codec 2; schema 1's codec 1, delta + shuffle + zlib, is still read
+  and recompressed by upkeep), with
+  ``crc`` the :func:`~mds._checksum.row_checksum` of the decoded rows. ``data`` is stored
+  EXTERNAL (out of line, never compressed by the server: codec 2 does that better).
 - ``mds_tail``: the live edge, one row per ``(sid, ts)`` holding the candle and its checksum;
   folded into chunks past :data:`TAIL_MAX` rows.
 - ``mds_coverage``: half-open covered ranges per series, merged, each with its checksum.
-- ``mds_meta``: ``schema_version`` and ``commit_seq``.
+- ``mds_meta``: ``schema_version`` (2; a database at 1 is migrated by the first writer, a newer
+  one is refused) and ``commit_seq``.
 
 Modules, each importing only those listed before it:
 
 - ``connection``: connecting (bounded timeout, session settings), psycopg errors translated.
-- ``schema``: the DDL, created idempotently under an advisory lock.
+- ``schema``: the DDL, created or migrated idempotently under an advisory lock.
 - ``catalog``: series ids, the per-series write lock, the series list.
 - ``coverage``: coverage rows with their checksums.
 - ``integrity``: naming damaged rows, quarantining them, the self-check.

@@ -1,10 +1,11 @@
 """The PostgreSQL tier's tables (all named ``mds_*``; the layout is described in
-:mod:`mds.tiers.postgres`) and creating them: idempotent, and safe when several hosts open the
-same database at once (an advisory lock serialises the creators).
+:mod:`mds.tiers.postgres`), creating them and migrating version 1 to 2: idempotent, and safe when
+several hosts open the same database at once (an advisory lock serialises the creators).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -12,14 +13,24 @@ import psycopg
 from mds.errors import StorageUnavailableError
 from mds.tiers.postgres.connection import rollback_quietly
 
-#: Schema version kept in ``mds_meta`` (``k = 'schema_version'``).
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: Schema version kept in ``mds_meta`` (``k = 'schema_version'``). Version 2 may hold codec-2
+#: chunks, which an mds of version 1 would call damaged: it refuses the database instead.
+SCHEMA_VERSION = 2
 #: The advisory lock key held while the schema is created ("mds_sch" in ASCII).
 _SCHEMA_LOCK = 0x6D64735F736368
 
 TABLES = ("mds_meta", "mds_series", "mds_chunk", "mds_tail", "mds_coverage")
 
-_DDL = """
+# The chunks upkeep compresses: raw ones, and version 1's codec 1 (recompressed to codec 2).
+_CHUNK_INDEX = "CREATE INDEX IF NOT EXISTS mds_chunk_to_compress ON mds_chunk(last_ts, key) WHERE codec < 2;"
+# Version 1 -> 2: the compression index alone changes; upkeep recompresses codec-1 chunks over
+# time (see mds.tiers.sqlite.schema._migrate_v3 for why not here).
+_MIGRATE_V1 = "DROP INDEX IF EXISTS mds_chunk_uncompressed; " + _CHUNK_INDEX
+
+_DDL = (
+    """
 CREATE TABLE IF NOT EXISTS mds_meta(
     k text PRIMARY KEY,
     v bigint NOT NULL);
@@ -37,8 +48,10 @@ CREATE TABLE IF NOT EXISTS mds_chunk(
     codec smallint NOT NULL,
     crc bigint NOT NULL,             -- row_checksum of the decoded rows, signed
     data bytea NOT NULL);
-ALTER TABLE mds_chunk ALTER COLUMN data SET STORAGE EXTERNAL;  -- pglz slows reads; codec 1 compresses old chunks
-CREATE INDEX IF NOT EXISTS mds_chunk_uncompressed ON mds_chunk(last_ts, key) WHERE codec = 0;
+ALTER TABLE mds_chunk ALTER COLUMN data SET STORAGE EXTERNAL;  -- pglz slows reads; codec 2 compresses old chunks
+"""
+    + _CHUNK_INDEX
+    + """
 CREATE TABLE IF NOT EXISTS mds_tail(
     sid bigint NOT NULL,
     ts bigint NOT NULL,
@@ -51,9 +64,10 @@ CREATE TABLE IF NOT EXISTS mds_coverage(
     crc bigint NOT NULL,             -- coverage_crc(sid, start_ts, end_ts)
     PRIMARY KEY (sid, start_ts));
 """
+)
 
 
-def _version(conn: psycopg.Connection[Any]) -> int | None:
+def stored_version(conn: psycopg.Connection[Any]) -> int | None:
     """The stored schema version; None when the database has no mds tables."""
     if conn.execute("SELECT to_regclass('mds_meta')").fetchone() == (None,):
         return None
@@ -62,26 +76,35 @@ def _version(conn: psycopg.Connection[Any]) -> int | None:
 
 
 def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> None:
-    """Check the database's schema version; create the tables when there are none.
+    """Check the database's schema version; create the tables when there are none, migrate an
+    older version (unless ``readonly``: version 1 is version 2 without codec-2 chunks, read as
+    it is).
 
     Raises StorageUnavailableError for a newer version, or for a database without the tables
     opened ``readonly``; psycopg errors are left to the caller.
     """
-    version = _version(conn)
-    if version is None and not readonly:
+    version = stored_version(conn)
+    if not readonly and (version is None or version < SCHEMA_VERSION):
         conn.execute("BEGIN")
         try:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            conn.execute(_DDL)
-            conn.execute(
-                "INSERT INTO mds_meta(k, v) VALUES ('schema_version', %s), ('commit_seq', 0) ON CONFLICT DO NOTHING",
-                (SCHEMA_VERSION,),
-            )
+            version = stored_version(conn)  # another host may have created or migrated it meanwhile
+            if version is None:
+                conn.execute(_DDL)
+                conn.execute(
+                    "INSERT INTO mds_meta(k, v) VALUES ('schema_version', %s), ('commit_seq', 0) "
+                    "ON CONFLICT DO NOTHING",
+                    (SCHEMA_VERSION,),
+                )
+            elif version < SCHEMA_VERSION:
+                logger.info("PostgreSQL tier %s: migrating schema %d -> %d", where, version, SCHEMA_VERSION)
+                conn.execute(_MIGRATE_V1)
+                conn.execute("UPDATE mds_meta SET v = %s WHERE k = 'schema_version'", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             rollback_quietly(conn, where)
             raise
-        version = _version(conn)
+        version = stored_version(conn)
     if version is None:
         raise StorageUnavailableError(
             f"PostgreSQL tier {where}: the database holds no mds tables; open it once with a writer"

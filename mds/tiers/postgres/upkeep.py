@@ -1,4 +1,5 @@
-"""Upkeep of the PostgreSQL tier's tables: compressing old chunks (the SQLite tier's codec 1),
+"""Upkeep of the PostgreSQL tier's tables: compressing old chunks (the SQLite tier's codec 2;
+codec-1 chunks of schema 1 are recompressed to it),
 the bounded scheduled step, ``maintain()`` (server-side VACUUM and ANALYZE), and the figures
 the server reports (sizes, dead-tuple share, counts).
 """
@@ -11,9 +12,9 @@ from typing import Any
 
 import psycopg
 
-from mds.tiers._chunks import CODEC_RAW, CODEC_ZLIB_DELTA_SHUFFLE, Damage, encode, verified
+from mds.tiers._chunks import CODEC_COMPRESSED, CODEC_RAW, Damage, encode, verified
 from mds.tiers.postgres.connection import rollback_quietly
-from mds.tiers.postgres.schema import SCHEMA_VERSION, TABLES
+from mds.tiers.postgres.schema import TABLES, stored_version
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ def fragmentation(conn: Any) -> tuple[float, bool]:
 
 
 def compress_old(conn: Any, where: str, cutoff_ms: int, deadline: float | None) -> int:
-    """Compress raw chunks whose newest candle is older than ``cutoff_ms``, 64 per transaction,
-    until none is left or ``deadline`` (perf_counter) passed; how many were compressed.
+    """Compress chunks whose newest candle is older than ``cutoff_ms`` and that are raw or in an
+    older codec (schema 1's codec 1) to :data:`CODEC_COMPRESSED`, oldest first, 64 per
+    transaction, until none is left or ``deadline`` (perf_counter) passed; how many were
+    (re)compressed.
 
     Needs no series lock: each update applies only if the chunk still holds the rows it read
     (same codec and checksum), so a writer's concurrent rewrite wins.
@@ -58,24 +61,26 @@ def compress_old(conn: Any, where: str, cutoff_ms: int, deadline: float | None) 
         conn.execute("BEGIN")
         try:
             rows = conn.execute(
-                "SELECT key, last_ts, crc, data FROM mds_chunk WHERE codec = 0 AND last_ts < %s "
+                # the partial index mds_chunk_to_compress; 2 is CODEC_COMPRESSED, a literal so
+                # that the planner can match the index's WHERE
+                "SELECT key, last_ts, codec, crc, data FROM mds_chunk WHERE codec < 2 AND last_ts < %s "
                 "AND (last_ts, key) > (%s, %s) ORDER BY last_ts, key LIMIT %s",
                 (cutoff_ms, *after, _COMPRESS_BATCH),
                 binary=True,
             ).fetchall()
             updates = []
-            for key, last, crc, data in rows:
+            for key, last, codec, crc, data in rows:
                 after = (int(last), int(key))
                 try:
-                    a = verified(CODEC_RAW, crc, data)
+                    a = verified(codec, crc, data)
                 except Damage as exc:  # left as it is: reads refuse it until quarantine_damaged()
                     logger.warning("PostgreSQL tier %s: not compressing chunk %d: %s", where, key, exc)
                     continue
-                updates.append((CODEC_ZLIB_DELTA_SHUFFLE, encode(a), key, crc))
+                updates.append((CODEC_COMPRESSED, encode(a), key, codec, crc))
             if updates:
                 with conn.cursor() as cur:
                     cur.executemany(
-                        "UPDATE mds_chunk SET codec = %s, data = %s WHERE key = %s AND codec = 0 AND crc = %s", updates
+                        "UPDATE mds_chunk SET codec = %s, data = %s WHERE key = %s AND codec = %s AND crc = %s", updates
                     )
             conn.execute("COMMIT")
         except BaseException:
@@ -133,21 +138,22 @@ def size_bytes(conn: Any) -> int:
 
 def stats(conn: Any, where: str) -> dict[str, Any]:
     """The figures of ``PostgresTier.stats`` (counts in one statement)."""
-    series, raw, packed, tail = conn.execute(
-        "SELECT (SELECT count(*) FROM mds_series), "
-        "(SELECT count(*) FROM mds_chunk WHERE codec = %s), (SELECT count(*) FROM mds_chunk WHERE codec = %s), "
-        "(SELECT count(*) FROM mds_tail)",
-        (CODEC_RAW, CODEC_ZLIB_DELTA_SHUFFLE),
+    series, raw, packed, older, tail = conn.execute(
+        "SELECT (SELECT count(*) FROM mds_series), c.raw, c.packed, c.older, (SELECT count(*) FROM mds_tail) "
+        "FROM (SELECT count(*) FILTER (WHERE codec = %s) AS raw, count(*) FILTER (WHERE codec <> %s) AS packed, "
+        "count(*) FILTER (WHERE codec NOT IN (%s, %s)) AS older FROM mds_chunk) AS c",
+        (CODEC_RAW, CODEC_RAW, CODEC_RAW, CODEC_COMPRESSED),
     ).fetchone()
     return {
         "url": where,
         "backend": "postgresql",
         "server_version": conn.info.server_version,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": stored_version(conn),  # 1 for a version-1 database read by a readonly tier
         "size_bytes": size_bytes(conn),
         "fragmentation": fragmentation(conn)[0],
         "series": int(series),
         "chunks_raw": int(raw),
-        "chunks_compressed": int(packed),
+        "chunks_compressed": int(packed),  # in any compressed codec
+        "chunks_older_codec": int(older),
         "tail_rows": int(tail),
     }

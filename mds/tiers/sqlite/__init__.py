@@ -1,12 +1,15 @@
 """The durable tier: full candle history and coverage in one SQLite file, through apsw.
 
-Layout (schema version 3; the measurements behind it are in docs/ARCHITECTURE.md, "SQLite tier"):
+Layout (schema version 4; the measurements behind it are in docs/ARCHITECTURE.md, "SQLite tier"):
 
 - ``series``: the catalog. One row per ``(symbol, timeframe)`` with an integer ``sid`` that never
   changes (rows are kept when a series is deleted) and ``seal_ts``, the live-edge boundary.
 - ``chunk``: sealed history. Candles with ``ts < seal_ts`` live in chunks of up to
   :data:`CHUNK_SLOTS` grid slots, stored as the raw CANDLE_DTYPE bytes (codec 0) or, once older
-  than ``compress_after_days``, delta + byte-shuffle + zlib (codec 1). The rowid packs
+  than ``compress_after_days``, an int64 delta of every word + bit shuffle + LZ4HC in a c-blosc
+  1.x chunk with a CRC-32 (codec 2; schema 3's delta + byte shuffle + zlib, codec 1, is still
+  read, and upkeep recompresses it to codec 2: see :mod:`mds.tiers._chunks`). A partial index
+  finds the chunks upkeep compresses (``codec < 2``), oldest first. The rowid packs
   ``(sid, chunk number)`` so one B-tree probe finds a chunk and a range scan walks a series.
   ``crc`` is :func:`mds._checksum.row_checksum` of the decoded rows (stored as a signed 64-bit
   integer), so compressing a chunk does not change it.
@@ -31,7 +34,7 @@ Modules, each importing only those listed before it:
 - ``integrity``: naming damaged rows, quarantining them, the full self-check.
 - ``writes``: batch checks, upserting tail rows and chunks, folding the live edge, deleting.
 - ``reads``: ranges, newest/first ``n``, the newest open time, gaps (the hot path).
-- ``schema``: the DDL of every version, creating a file, migrating versions 1 and 2.
+- ``schema``: the DDL of every version, creating a file, migrating versions 1 to 3.
 - ``upkeep``: compression, the scheduled step, ``maintain()``, the file's figures.
 - ``store``: :class:`SqliteStore`, the facade: the connection's transactions and the public calls.
 """

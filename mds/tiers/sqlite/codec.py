@@ -1,4 +1,4 @@
-"""How candles are laid out in the SQLite tier's rows: chunk keys and spans, the chunk codec (raw
+"""How candles are laid out in the SQLite tier's rows: chunk keys and spans, the chunk codecs (raw
 or compressed), tail values with their checksums, and checking stored rows against them.
 
 The layout is shared with the PostgreSQL tier, so it lives in :mod:`mds.tiers._chunks`; this
@@ -8,6 +8,8 @@ module names the parts the SQLite tier's modules use.
 from mds.tiers._chunks import (
     CHUNK_SLOTS,
     CID_BITS,
+    CODEC_BLOSC_DELTA_BITSHUFFLE_LZ4HC,
+    CODEC_COMPRESSED,
     CODEC_RAW,
     CODEC_ZLIB_DELTA_SHUFFLE,
     NEG_INF,
@@ -39,6 +41,8 @@ from mds.tiers._chunks import (
 __all__ = [
     "CHUNK_SLOTS",
     "CID_BITS",
+    "CODEC_BLOSC_DELTA_BITSHUFFLE_LZ4HC",
+    "CODEC_COMPRESSED",
     "CODEC_RAW",
     "CODEC_ZLIB_DELTA_SHUFFLE",
     "NEG_INF",

@@ -1,6 +1,6 @@
 """The SQLite tier's on-disk schema: the DDL of every version (the layout is described in
 :mod:`mds.tiers.sqlite`), opening a file, creating the schema in a new one, and migrating
-versions 1 and 2 to 3.
+versions 1, 2 and 3 to 4.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from mds.timeframes import parse_timeframe
 logger = logging.getLogger(__name__)
 
 #: On-disk schema version (``PRAGMA user_version``). 1 was a row-per-candle table keyed by text;
-#: 2 had chunks and tail rows without checksums.
-SCHEMA_VERSION = 3
+#: 2 had chunks and tail rows without checksums; 3 had no chunk codec but 0 and 1. Version 4 may
+#: hold codec-2 chunks, which an mds of version 3 would call damaged: it refuses the file instead.
+SCHEMA_VERSION = 4
+#: The oldest version read as it is by a reader that may not migrate (``readonly``): a version-3
+#: file is a version-4 file without codec-2 chunks.
+_READABLE_FROM = 3
 
 _FIELDS: tuple[str, ...] = tuple(CANDLE_DTYPE.names or ())
 
@@ -44,7 +48,7 @@ CREATE TABLE coverage(
 PRAGMA user_version = 1;
 """
 
-# Tables that versions 2 and 3 share.
+# Tables that versions 2 to 4 share.
 _SERIES = """
 CREATE TABLE series(
     sid INTEGER PRIMARY KEY,
@@ -85,7 +89,7 @@ CREATE TABLE coverage(
 
 # Version 3: checksums. Kept in pieces so the v2 -> v3 migration rebuilds ``chunk`` with the same
 # DDL as a new file (``crc`` before ``data``: read without walking the blob's overflow pages).
-_SCHEMA_V3_CHUNK = """
+_CHUNK_TABLE = """
 CREATE TABLE chunk(
     key INTEGER PRIMARY KEY,      -- (sid << 36) + chunk number + 2**35
     n INTEGER NOT NULL,
@@ -94,7 +98,15 @@ CREATE TABLE chunk(
     codec INTEGER NOT NULL,
     crc INTEGER NOT NULL,         -- row_checksum of the decoded rows, as a signed 64-bit integer
     data BLOB NOT NULL);
+"""
+_SCHEMA_V3_CHUNK_INDEX = """
 CREATE INDEX chunk_uncompressed ON chunk(last_ts) WHERE codec = 0;
+"""
+_SCHEMA_V3_CHUNK = _CHUNK_TABLE + _SCHEMA_V3_CHUNK_INDEX  # what the v2 -> v3 migration creates
+# Version 4: the chunks that upkeep compresses are the raw ones and those of codec 1, which it
+# recompresses to codec 2 (CODEC_COMPRESSED); one partial index finds both, oldest first.
+_SCHEMA_V4_CHUNK_INDEX = """
+CREATE INDEX chunk_to_compress ON chunk(last_ts) WHERE codec < 2;
 """
 _SCHEMA_V3_COVERAGE = """
 CREATE TABLE coverage(
@@ -104,9 +116,10 @@ CREATE TABLE coverage(
     crc INTEGER NOT NULL,          -- _coverage_crc(sid, start_ts, end_ts)
     PRIMARY KEY (sid, start_ts)) WITHOUT ROWID;
 """
-_SCHEMA_V3 = (
+_SCHEMA_V4 = (
     _SERIES
-    + _SCHEMA_V3_CHUNK
+    + _CHUNK_TABLE
+    + _SCHEMA_V4_CHUNK_INDEX
     + """
 CREATE TABLE tail(
     sid INTEGER NOT NULL,
@@ -147,10 +160,12 @@ def open_database(
 
 def open_schema(conn: Any, path: str, readonly: bool, catalog: Catalog) -> None:
     """Check the file's schema version; create the schema in a new file, or migrate an older one
-    (one write transaction, one commit of ``commit_seq``).
+    (one write transaction; a migration that rewrites rows, from version 1 or 2, counts as one
+    commit of ``commit_seq``).
 
-    Raises StorageUnavailableError for a newer version, a file with tables but no version, or an
-    older version opened ``readonly``. On failure nothing changed and ``catalog`` is cleared.
+    Raises StorageUnavailableError for a newer version, a file with tables but no version, or a
+    version older than 3 opened ``readonly`` (a version-3 file is read as it is). On failure
+    nothing changed and ``catalog`` is cleared.
     """
     version = pragma_int(conn, "user_version")
     if version == SCHEMA_VERSION:
@@ -159,6 +174,8 @@ def open_schema(conn: Any, path: str, readonly: bool, catalog: Catalog) -> None:
         raise StorageUnavailableError(
             f"SQLite store {path} has schema version {version}, newer than this mds ({SCHEMA_VERSION}): upgrade mds"
         )
+    if readonly and version >= _READABLE_FROM:
+        return
     if readonly:
         raise StorageUnavailableError(
             f"SQLite store {path} has schema version {version} and needs a migration: open it once with a writer"
@@ -172,14 +189,16 @@ def open_schema(conn: Any, path: str, readonly: bool, catalog: Catalog) -> None:
                 raise StorageUnavailableError(
                     f"SQLite store {path} holds tables but no mds schema version: not an mds database"
                 )
-            conn.execute(_SCHEMA_V3)
+            conn.execute(_SCHEMA_V4)
         elif version == 1:
             _migrate_v1(conn, path, catalog)
-        elif version == 2:
-            _migrate_v2(conn, path)
+        elif version in (2, 3):
+            if version == 2:
+                _migrate_v2(conn, path)
+            _migrate_v3(conn, path)
         if version < SCHEMA_VERSION:
-            if version:
-                conn.execute(SQL_BUMP_SEQ).fetchall()  # a migration rewrites the data: one commit
+            if 0 < version < 3:
+                conn.execute(SQL_BUMP_SEQ).fetchall()  # a migration that rewrites the data: one commit
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -189,10 +208,10 @@ def open_schema(conn: Any, path: str, readonly: bool, catalog: Catalog) -> None:
 
 
 def _migrate_v1(conn: Any, path: str, catalog: Catalog) -> None:
-    """v1 (row per candle keyed by text) -> v3 (catalog, chunks, tail), inside the open transaction."""
+    """v1 (row per candle keyed by text) -> v4 (catalog, chunks, tail), inside the open transaction."""
     logger.info("SQLite store %s: migrating schema 1 -> %d", path, SCHEMA_VERSION)
     conn.execute("ALTER TABLE candles RENAME TO v1_candles; ALTER TABLE coverage RENAME TO v1_coverage;")
-    conn.execute(_SCHEMA_V3)
+    conn.execute(_SCHEMA_V4)
     pairs = conn.execute(
         "SELECT DISTINCT symbol, timeframe FROM v1_candles UNION SELECT DISTINCT symbol, timeframe FROM v1_coverage"
     ).fetchall()
@@ -266,3 +285,16 @@ def _migrate_v2(conn: Any, path: str) -> None:
     )
     conn.execute("DROP TABLE v2_coverage")
     conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('commit_seq', 0)")
+
+
+def _migrate_v3(conn: Any, path: str) -> None:
+    """v3 -> v4 (codec 2), inside the open transaction: the compression index alone changes.
+
+    No chunk is rewritten here: recompressing codec-1 chunks costs about 0.6 ms each (years of
+    1m history are thousands of chunks a market), too long for the write lock a migration holds
+    while the file is opened. Upkeep recompresses them instead, oldest first, within its time
+    budget (all of them in ``maintain()``); codec 1 stays readable meanwhile.
+    """
+    logger.info("SQLite store %s: migrating schema 3 -> 4 (codec 2 for old chunks)", path)
+    conn.execute("DROP INDEX chunk_uncompressed")
+    conn.execute(_SCHEMA_V4_CHUNK_INDEX)

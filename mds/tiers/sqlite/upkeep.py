@@ -1,6 +1,6 @@
-"""Upkeep of the SQLite tier's file: compressing old chunks, the bounded step a writer runs after
-commits, ``maintain()`` (VACUUM, ANALYZE, REINDEX, checkpoint), and the file's figures (size,
-fragmentation, counts).
+"""Upkeep of the SQLite tier's file: compressing old chunks (raw ones, and codec-1 ones to codec
+2), the bounded step a writer runs after commits, ``maintain()`` (VACUUM, ANALYZE, REINDEX,
+checkpoint), and the file's figures (size, fragmentation, counts).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import apsw
 import numpy as np
 
 from mds.errors import MdsError
-from mds.tiers.sqlite.codec import CODEC_RAW, CODEC_ZLIB_DELTA_SHUFFLE, Damage, encode, verified
+from mds.tiers.sqlite.codec import CODEC_COMPRESSED, CODEC_RAW, Damage, encode, verified
 from mds.tiers.sqlite.connection import Snapshot, pragma_int
 from mds.tiers.sqlite.integrity import sqlite_problems
-from mds.tiers.sqlite.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +140,10 @@ class Upkeep:
     def _compress_old(
         self, conn: Any, transaction: Transaction, compress_after_days: float | None, budget_s: float | None
     ) -> int:
-        """Compress raw chunks whose newest candle is older than ``compress_after_days`` (None:
-        none), 64 per transaction, until none is left or ``budget_s`` has passed; how many were
-        compressed."""
+        """Compress chunks whose newest candle is older than ``compress_after_days`` (None: none)
+        and that are raw or in an older codec (schema 3's codec 1), to :data:`CODEC_COMPRESSED`,
+        oldest first, 64 per transaction, until none is left or ``budget_s`` has passed; how many
+        were (re)compressed."""
         if compress_after_days is None:
             return 0
         cutoff = int(self._clock() - compress_after_days * 86_400_000)
@@ -152,15 +152,17 @@ class Upkeep:
         after = (-(1 << 63), -1)  # (last_ts, key) seen last: a damaged chunk left raw is not selected again
         while True:
             with transaction():
-                rows = conn.execute(  # walks the partial index chunk_uncompressed (last_ts, rowid) in order
-                    "SELECT key, last_ts, crc, data FROM chunk "
-                    "WHERE codec = 0 AND last_ts < ?1 AND (last_ts, key) > (?2, ?3) ORDER BY last_ts, key LIMIT 64",
+                # walks the partial index chunk_to_compress (last_ts, rowid) in order; 2 is
+                # CODEC_COMPRESSED, a literal so that the planner can match the index's WHERE
+                rows = conn.execute(
+                    "SELECT key, last_ts, codec, crc, data FROM chunk "
+                    "WHERE codec < 2 AND last_ts < ?1 AND (last_ts, key) > (?2, ?3) ORDER BY last_ts, key LIMIT 64",
                     (cutoff, *after),
                 ).fetchall()
-                for key, last_ts, crc, data in rows:
+                for key, last_ts, codec, crc, data in rows:
                     after = (last_ts, key)
                     try:
-                        a = verified(CODEC_RAW, crc, data)
+                        a = verified(codec, crc, data)
                     except Damage as exc:
                         # left as it is: reads keep refusing it until quarantine_damaged() drops it
                         logger.warning("SQLite store %s: not compressing chunk %d: %s", self.path, key, exc)
@@ -169,7 +171,7 @@ class Upkeep:
                     # crc stays: it is the checksum of the decoded rows
                     conn.execute(
                         "UPDATE chunk SET codec = ?, data = ? WHERE key = ?",
-                        (CODEC_ZLIB_DELTA_SHUFFLE, encode(a), key),
+                        (CODEC_COMPRESSED, encode(a), key),
                     )
                     done += 1
             if len(rows) < 64 or (deadline is not None and time.perf_counter() > deadline):
@@ -238,13 +240,16 @@ def stats(conn: Any, path: str, in_txn: bool) -> dict[str, Any]:
         series = conn.execute("SELECT count(*) FROM series").fetchall()[0][0]
         chunks = dict(conn.execute("SELECT codec, count(*) FROM chunk GROUP BY codec").fetchall())
         tail = conn.execute("SELECT count(*) FROM tail").fetchall()[0][0]
+        version = pragma_int(conn, "user_version")  # 3 for a version-3 file opened readonly
+    raw = int(chunks.pop(CODEC_RAW, 0))
     return {
         "path": path,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": version,
         "size_bytes": size_bytes(path),
         "fragmentation": fragmentation(conn),
         "series": int(series),
-        "chunks_raw": int(chunks.get(CODEC_RAW, 0)),
-        "chunks_compressed": int(chunks.get(CODEC_ZLIB_DELTA_SHUFFLE, 0)),
+        "chunks_raw": raw,
+        "chunks_compressed": int(sum(chunks.values())),  # in any compressed codec
+        "chunks_older_codec": int(sum(v for k, v in chunks.items() if k != CODEC_COMPRESSED)),
         "tail_rows": int(tail),
     }
