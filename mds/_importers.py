@@ -596,7 +596,7 @@ class CandleFile:
         if fmt == "auto":
             if "candle_date_time_utc" in low:
                 fmt = "upbit-csv"
-            elif "timestamp" in low or (low and low[0].lstrip("-").isdigit()):
+            elif "timestamp" in low or "ts" in low or (low and low[0].lstrip("-").isdigit()):
                 fmt = "ccxt-csv"
             elif {"open", "high", "low", "close", "volume"} <= set(low):
                 fmt = "pyupbit-csv"
@@ -645,8 +645,8 @@ class CandleFile:
                 return self._from_upbit(dicts, lines, None), lines
 
             return upbit
-        if fmt == "ccxt-csv":
-            ti = self._column(header, "timestamp")
+        if fmt == "ccxt-csv":  # the time column: ccxt's "timestamp", or "ts" (CANDLE_DTYPE's name)
+            ti = self._column(header, "ts" if "ts" in [h.lower() for h in header] else "timestamp")
             naive_offset = 0
         else:  # pyupbit: the first column is the KST index, whatever its name
             ti = 0

@@ -140,6 +140,18 @@ def test_a_sparse_illiquid_1m_file_is_still_taken_as_1m(home: Path, tmp_path: Pa
     assert len(stored(home, "KRW-BTC")) == int(keep.sum())
 
 
+def test_a_csv_whose_time_column_is_named_ts_imports(home: Path, tmp_path: Path) -> None:
+    """``ts`` (CANDLE_DTYPE's own name) as the header of epoch-ms times, not only ccxt's
+    ``timestamp``: found by review, it was read as a pyupbit index and refused."""
+    arr = raw_1m()[:50]
+    path = write_ccxt(tmp_path / "ts.csv", arr)
+    path.write_text(path.read_text().replace("timestamp,", "ts,", 1))
+    res = run(home, "import", str(path), "-s", "KRW-BTC", "-t", "1m")
+    assert res.returncode == 0, res.stderr
+    assert "(ccxt-csv)" in res.stdout
+    assert [r[0] for r in stored(home, "KRW-BTC")] == arr["ts"].tolist()
+
+
 def test_infer_timeframe_uses_the_most_common_step_and_calendar_rules() -> None:
     t0 = to_ms("2024-01-01")  # a Monday
     assert infer_timeframe(raw_1m()["ts"]) == parse_timeframe("1m")

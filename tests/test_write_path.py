@@ -275,3 +275,87 @@ def test_ctrl_c_during_a_layer1_call_closes_cleanly(tmp_path: Path) -> None:
     assert res.stdout.split() == ["interrupted", "closed"]
     assert "Task was destroyed" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
     assert time.monotonic() - t0 < 20  # not the 30 s the call would have taken
+
+
+# ---------------------------------------------------------------------------------------------
+# two writers on one directory (found by review): a write between another's steps
+# ---------------------------------------------------------------------------------------------
+def _version(a: np.ndarray, v: float) -> np.ndarray:
+    a = a.copy()
+    a["volume"] = v
+    a["value"] = v * a["open"]
+    return a
+
+
+def _two_stores(tmp_path: Path) -> tuple[mds.Store, mds.Store, np.ndarray, Clock]:
+    clock = Clock(T0 + 400 * M)
+    hist = dense_candles(300, T0, seed=1)
+    s1 = mds.open(tmp_path, clock=clock)
+    s1.write_candles(SYM, "1m", hist)
+    s1.candles(SYM, "1m", count=300)  # LMDB and memory hold the series
+    s2 = mds.open(tmp_path, clock=clock)
+    s2.candles(SYM, "1m", count=300)
+    return s1, s2, hist, clock
+
+
+def test_a_commit_between_anothers_commit_and_its_final_stamp_leaves_no_stale_copy(tmp_path: Path) -> None:
+    """s1 corrects a minute LMDB holds and commits; s2 commits another value for it before s1
+    stamps final (s1's final stamp then hides s2's). s1 must not fill LMDB or memory with its own
+    row as committed: it reads the durable tier back."""
+    s1, s2, hist, clock = _two_stores(tmp_path)
+    t = 250
+    w1 = s1._writer
+    orig = w1.end_changes
+
+    def end_changes_late() -> None:
+        s2.write_candles(SYM, "1m", _version(hist[t : t + 1], 2.0))
+        orig()
+
+    w1.end_changes = end_changes_late  # type: ignore[method-assign]
+    s1.write_candles(SYM, "1m", _version(hist[t : t + 1], 1.0))
+    w1.end_changes = orig  # type: ignore[method-assign]
+    durable = s1._health.db().read_range(SYM, TF, T0, T0 + 300 * M)
+    assert durable["volume"][t] == 2.0  # s2 committed last
+    lm = s1._health.tier("disk").get_range(SYM, TF, T0 + t * M, T0 + (t + 1) * M)
+    assert lm is None or lm.tobytes() == durable[t : t + 1].tobytes()
+    assert s1.candles(SYM, "1m", count=100)["volume"][t - 200] == 2.0
+    s3 = mds.open(tmp_path, clock=clock)
+    assert s3.candles(SYM, "1m", start=T0 + t * M, end=T0 + (t + 1) * M)["volume"][0] == 2.0
+    for st in (s1, s2, s3):
+        st.close()
+
+
+def test_a_commit_between_anothers_sync_and_its_begin_leaves_no_stale_memory(tmp_path: Path) -> None:
+    s1, s2, hist, _ = _two_stores(tmp_path)
+    slots = s1._writer.slots
+    orig = slots.begin
+    t = 250
+
+    def begin_late(sym: str, tf: object) -> None:
+        slots.begin = orig  # type: ignore[method-assign]
+        s2.write_candles(SYM, "1m", _version(hist[t : t + 1], 2.0))
+        orig(sym, tf)  # type: ignore[arg-type]
+
+    slots.begin = begin_late  # type: ignore[method-assign]
+    s1.write_candles(SYM, "1m", dense_candles(1, T0 + 300 * M, seed=9))  # an append elsewhere
+    got = s1.candles(SYM, "1m", count=100)
+    assert got["volume"][got["ts"] == T0 + t * M][0] == 2.0  # not the row s2 replaced
+    s1.close()
+    s2.close()
+
+
+def test_a_memory_only_write_after_a_hole_keeps_the_older_candles(tmp_path: Path) -> None:
+    clock = Clock(T0 + 100 * M)
+    a = dense_candles(30, T0, seed=1)
+    full = mds.open(tmp_path / "full", config=Config(tiers=("sqlite",)), clock=clock)
+    mem = mds.open(tmp_path / "mem", config=Config(tiers=("memory",)), clock=clock)
+    for st in (full, mem):
+        st.write_candles(SYM, "1m", a[:10])
+        st.write_candles(SYM, "1m", a[20:25])  # 10 minutes after the last: a hole
+        st.write_candles(SYM, "1m", a[12:14])  # into the hole
+    for st in (full, mem):
+        assert st.candles(SYM, "1m", count=17).tobytes() == np.concatenate([a[:10], a[12:14], a[20:25]]).tobytes()
+    assert mem.write_candles(SYM, "1m", a[:3]) == full.write_candles(SYM, "1m", a[:3])  # unchanged, both
+    assert [(g.start, g.end) for g in mem.gaps(SYM, "1m")] == [(g.start, g.end) for g in full.gaps(SYM, "1m")]
+    full.close()
+    mem.close()

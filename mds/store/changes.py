@@ -52,7 +52,10 @@ class ChangeSlots:
     ``array`` is None when there are no stamps (a store without persistent tiers, or a read-only
     directory without ``changes.bin``); callers then fall back to the durable tier's coarser
     ``data_version``. ``seen`` holds the stamp this process last synchronised with per series,
-    ``dirty`` the series it stamped in progress and has not finished.
+    ``dirty`` the series it stamped in progress and has not finished, ``contested`` the series
+    whose slot another writer moved while this one wrote (between its last look and its final
+    stamp): what this process holds of them cannot be vouched for, and the caller drops it
+    (:meth:`take_contested`).
     """
 
     def __init__(self) -> None:
@@ -63,6 +66,8 @@ class ChangeSlots:
         self._map: Any = None
         self.seen: dict[tuple[str, str], int] = {}
         self.dirty: set[tuple[str, str]] = set()
+        self.contested: set[tuple[str, str]] = set()
+        self._mine: dict[tuple[str, str], int] = {}  # this process's in-progress stamp per series
         self.slot_of: dict[tuple[str, str], int] = {}
         #: False when the map is read-only here (a read-only store directory): stamps are read only
         self.writable = False
@@ -113,7 +118,13 @@ class ChangeSlots:
         if words is None:
             return
         key = (sym, tf.name)
-        words[self.slot(key)] = (time.time_ns() ^ _PID.bits) | 1
+        slot = self.slot(key)
+        # the slot as this process last left or saw it; anything else is another writer's move
+        if words[slot] != (self._mine.get(key) if key in self.dirty else self.seen.get(key)):
+            self.contested.add(key)
+        stamp = (time.time_ns() ^ _PID.bits) | 1
+        words[slot] = stamp
+        self._mine[key] = stamp
         self.dirty.add(key)
 
     def end(self, commit_seq: int | None) -> None:
@@ -123,12 +134,20 @@ class ChangeSlots:
         if words is None or not self.dirty:
             return
         for key in self.dirty:
+            slot = self.slot(key)
+            if words[slot] != self._mine.pop(key, None):
+                self.contested.add(key)  # another writer stamped between this begin and now
             stamp = (time.time_ns() ^ _PID.bits) & ~1
-            words[self.slot(key)] = stamp
+            words[slot] = stamp
             self.seen[key] = stamp
         self.dirty.clear()
         if commit_seq is not None and self.acked is not None and commit_seq > self.acked[0]:
             self.acked[0] = commit_seq
+
+    def take_contested(self) -> set[tuple[str, str]]:
+        """The contested series (see the class), forgotten here."""
+        out, self.contested = self.contested, set()
+        return out
 
     def touch(self, key: tuple[str, str]) -> None:
         """Move a series' stamp (final, even) without a write here: what every process on this

@@ -60,6 +60,9 @@ class Writer:
         self.depth = 0  # open batch() blocks
         #: fills of the fast tiers waiting for the batch to commit: _fill_fast_tiers' arguments
         self._deferred: list[_Fill] = []
+        #: series found contested by the last final stamps (ChangeSlots.contested), for the write
+        #: that is deciding its fills now
+        self._contested: set[tuple[str, str]] = set()
         self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
 
     def in_batch(self) -> bool:
@@ -152,6 +155,7 @@ class Writer:
                         f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
                     )
                 spans = _spans(tf, closed, covered, first, last)
+                self._contested.clear()
                 self.slots.begin(sym, tf)
                 if tiers.tier("disk") is None:
                     tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
@@ -189,6 +193,8 @@ class Writer:
                 n = len(closed)
                 dense = n == 1 or (n > 1 and not tf.is_month and last - first == (n - 1) * tf.interval_ms)
                 exact = closed if n < LMDB_APPEND_MIN and dense and not len(covered) and self._exact_fill_ok() else None
+                if (sym, tf.name) in self._contested:
+                    exact = None  # another writer wrote the series meanwhile: read back
                 if self.depth:
                     start = first if not len(covered) else int(spans[0, 0])
                     self._deferred.append(_Fill(sym, tf, spans, exact, n, start))  # filled after the commit
@@ -215,6 +221,15 @@ class Writer:
         if self.tiers.history is None and state is not None and state.obj is not None:
             seq = state.obj.last_commit_seq
         self.slots.end(seq)
+        contested = self.slots.take_contested()
+        if contested:
+            # Another writer moved a series' stamp while this one wrote it: which commit came last
+            # is unknown here, so this process drops what it holds of the series, and the fills
+            # waiting for it read the durable tier back instead of taking their own rows.
+            for sym, name in contested:
+                self.coverage.forget(sym, parse_timeframe(name))
+            self._deferred = [f._replace(exact=None) if (f.sym, f.tf.name) in contested else f for f in self._deferred]
+            self._contested |= contested
 
     def _unhold_batch(self) -> None:
         """:meth:`_unhold_disk` for every write of the batch, before it commits, with what LMDB

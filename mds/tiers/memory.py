@@ -208,15 +208,15 @@ class MemoryTier:
     def write_range(
         self, symbol: str, tf: str | Timeframe, start: int, end: int, candles: np.ndarray
     ) -> tuple[int, int, int] | None:
-        """Write ``candles`` into the series as a store without a durable tier does: as
-        :meth:`put_range`, but candles held in ``[start, end)`` that ``candles`` lacks stay
-        (on an equal ``ts`` the new candle wins).
+        """Write ``candles`` into the series as a store whose only tier is memory does: merged
+        into what is held (on an equal ``ts`` the new candle wins), the window growing to span
+        both, whether they touch or not (nothing is stored in a gap between them). Only the
+        newest ``capacity`` candles stay, as always.
 
         Returns
         -------
         tuple of int or None
-            ``(inserted, updated, unchanged)`` of the merge, or None when the tier did not take
-            the range (disjoint and older than the held window).
+            ``(inserted, updated, unchanged)`` of the merge.
         """
         return self._put(symbol, tf, start, end, candles, merge=True)
 
@@ -239,14 +239,16 @@ class MemoryTier:
         buf = e.buf
         before = buf.nbytes
         hs, he = e.held_start, e.held_end
-        if not e.holds or start > he:
+        if not e.holds or (start > he and not merge):
             if len(buf):
                 buf.clear()
             counts = buf.write(candles)
             e.holds, e.held_start, e.held_end = True, start, end
-        elif end < hs:
+        elif end < hs and not merge:
             return None
         else:
+            # A merge (the memory tier is the whole store) spans a gap either side too: nothing is
+            # stored in it, so the window holds exactly the store's candles there as well.
             old_first = buf.first_ts
             if old_first is not None and (lowest is None or old_first < lowest):
                 lowest = old_first
