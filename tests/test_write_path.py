@@ -359,3 +359,43 @@ def test_a_memory_only_write_after_a_hole_keeps_the_older_candles(tmp_path: Path
     assert [(g.start, g.end) for g in mem.gaps(SYM, "1m")] == [(g.start, g.end) for g in full.gaps(SYM, "1m")]
     full.close()
     mem.close()
+
+
+def _colliding_symbols() -> tuple[str, str]:
+    """Two series of one timeframe whose change stamps share a slot (4,096 slots)."""
+    from mds.store.changes import ChangeSlots
+
+    cs = ChangeSlots()
+    seen: dict[int, str] = {}
+    for i in range(10_000):
+        sym = f"KRW-C{i:04d}"
+        slot = cs.slot((sym, "1m"))
+        if slot in seen:
+            return seen[slot], sym
+        seen[slot] = sym
+    raise AssertionError("no two symbols share a slot")
+
+
+def test_series_sharing_a_stamp_slot_do_not_disturb_each_other(tmp_path: Path) -> None:
+    """This process's write to one series must not look like another writer's change to a series
+    that shares its slot: no memory dropped, nothing read back, every answer right."""
+    a_sym, b_sym = _colliding_symbols()
+    clock = Clock(T0 + 2_000 * M)
+    st = mds.open(tmp_path, clock=clock)
+    hist = {s: dense_candles(2_000, T0, seed=i) for i, s in enumerate((a_sym, b_sym))}
+    for s, h in hist.items():
+        st.write_candles(s, "1m", h)
+        st.candles(s, "1m", count=1_000)
+    mem = st._health.tier("memory")
+    for k in range(3):
+        clock.t = T0 + (2_001 + k) * M + 1_000
+        new = {s: dense_candles(1, T0 + (2_000 + k) * M, seed=100 + i) for i, s in enumerate(hist)}
+        with st.batch():
+            for s in hist:
+                st.write_candles(s, "1m", new[s])
+        for s in hist:
+            hist[s] = np.concatenate([hist[s], new[s]])
+            held = mem.held(s, TF)
+            assert held is not None and held[1] - held[0] >= 1_000 * M  # the window was kept
+            assert st.candles(s, "1m", count=1_000).tobytes() == hist[s][-1_000:].tobytes()
+    st.close()

@@ -67,8 +67,9 @@ class ChangeSlots:
         self.seen: dict[tuple[str, str], int] = {}
         self.dirty: set[tuple[str, str]] = set()
         self.contested: set[tuple[str, str]] = set()
-        self._mine: dict[tuple[str, str], int] = {}  # this process's in-progress stamp per series
+        self._last: dict[int, int] = {}  # the last stamp this process wrote into each slot
         self.slot_of: dict[tuple[str, str], int] = {}
+        self._keys_at: dict[int, list[tuple[str, str]]] = {}  # the series of this process per slot
         #: False when the map is read-only here (a read-only store directory): stamps are read only
         self.writable = False
 
@@ -105,7 +106,19 @@ class ChangeSlots:
         if slot is None:
             digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=8).digest()
             slot = self.slot_of[key] = int.from_bytes(digest, "little") % SLOTS
+            self._keys_at.setdefault(slot, []).append(key)
         return slot
+
+    def _write(self, words: memoryview, slot: int, key: tuple[str, str], stamp: int) -> None:
+        """Stamp ``slot`` for ``key``. Other series of this process that share the slot (4,096
+        slots: 100 series share about one) and were in step with it stay in step: this write
+        changed ``key``, not them, and must not make them look changed by another writer."""
+        prev = words[slot]
+        words[slot] = stamp
+        self._last[slot] = stamp
+        for other in self._keys_at.get(slot, ()):
+            if other != key and self.seen.get(other) == prev:
+                self.seen[other] = stamp
 
     def begin(self, sym: str, tf: Timeframe) -> None:
         """Stamp a series' slot *in progress* (odd) before its durable write.
@@ -119,12 +132,11 @@ class ChangeSlots:
             return
         key = (sym, tf.name)
         slot = self.slot(key)
-        # the slot as this process last left or saw it; anything else is another writer's move
-        if words[slot] != (self._mine.get(key) if key in self.dirty else self.seen.get(key)):
+        # the slot as this process last left (in this write) or saw it; anything else is another
+        # writer's move
+        if words[slot] != (self._last.get(slot) if key in self.dirty else self.seen.get(key)):
             self.contested.add(key)
-        stamp = (time.time_ns() ^ _PID.bits) | 1
-        words[slot] = stamp
-        self._mine[key] = stamp
+        self._write(words, slot, key, (time.time_ns() ^ _PID.bits) | 1)
         self.dirty.add(key)
 
     def end(self, commit_seq: int | None) -> None:
@@ -135,10 +147,10 @@ class ChangeSlots:
             return
         for key in self.dirty:
             slot = self.slot(key)
-            if words[slot] != self._mine.pop(key, None):
+            if words[slot] != self._last.get(slot):
                 self.contested.add(key)  # another writer stamped between this begin and now
             stamp = (time.time_ns() ^ _PID.bits) & ~1
-            words[slot] = stamp
+            self._write(words, slot, key, stamp)
             self.seen[key] = stamp
         self.dirty.clear()
         if commit_seq is not None and self.acked is not None and commit_seq > self.acked[0]:
