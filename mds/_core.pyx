@@ -690,36 +690,56 @@ def interval_union(a, b):
     return interval_normalize(np.concatenate((_ranges(a, "a"), _ranges(b, "b"))))
 
 
+cdef Py_ssize_t _cut(const int64_t[:, ::1] av, const int64_t[:, ::1] bv, int64_t[:, ::1] ov,
+                     uint8_t* inside) noexcept nogil:
+    """Cut normalised ranges ``av`` at the edges of normalised ``bv``, in one merge pass, into
+    ``ov``: the pieces outside ``bv`` only (``inside`` NULL), or every piece with ``inside[g]``
+    saying whether it lies in ``bv``. ``ov`` holds ``2 * (len(av) + len(bv))`` rows."""
+    cdef Py_ssize_t i, j = 0, jj, g = 0, nA = av.shape[0], nB = bv.shape[0]
+    cdef int64_t s, e, cur, lo, hi
+    for i in range(nA):
+        s = av[i, 0]
+        e = av[i, 1]
+        while j < nB and bv[j, 1] <= s:
+            j += 1
+        cur = s
+        jj = j
+        while jj < nB and bv[jj, 0] < e:
+            lo = bv[jj, 0] if bv[jj, 0] > s else s
+            hi = bv[jj, 1] if bv[jj, 1] < e else e
+            if lo > cur:
+                ov[g, 0] = cur
+                ov[g, 1] = lo
+                if inside != NULL:
+                    inside[g] = 0
+                g += 1
+            if inside != NULL:
+                ov[g, 0] = lo
+                ov[g, 1] = hi
+                inside[g] = 1
+                g += 1
+            cur = hi
+            jj += 1
+        if cur < e:
+            ov[g, 0] = cur
+            ov[g, 1] = e
+            if inside != NULL:
+                inside[g] = 0
+            g += 1
+    return g
+
+
 def interval_subtract(a, b):
     """The parts of range set ``a`` not covered by ``b``, normalised."""
     na = interval_normalize(a)
     nb = interval_normalize(b)
-    out = np.empty((na.shape[0] + nb.shape[0], 2), np.int64)
+    out = np.empty((2 * (na.shape[0] + nb.shape[0]), 2), np.int64)
     cdef const int64_t[:, ::1] av = na
     cdef const int64_t[:, ::1] bv = nb
     cdef int64_t[:, ::1] ov = out
-    cdef Py_ssize_t i, j = 0, jj, g = 0, nA = av.shape[0], nB = bv.shape[0]
-    cdef int64_t s, e, cur
+    cdef Py_ssize_t g
     with nogil:
-        for i in range(nA):
-            s = av[i, 0]
-            e = av[i, 1]
-            while j < nB and bv[j, 1] <= s:
-                j += 1
-            cur = s
-            jj = j
-            while jj < nB and bv[jj, 0] < e:
-                if bv[jj, 0] > cur:
-                    ov[g, 0] = cur
-                    ov[g, 1] = bv[jj, 0]
-                    g += 1
-                if bv[jj, 1] > cur:
-                    cur = bv[jj, 1]
-                jj += 1
-            if cur < e:
-                ov[g, 0] = cur
-                ov[g, 1] = e
-                g += 1
+        g = _cut(av, bv, ov, NULL)
     return out[:g].copy()
 
 
@@ -778,34 +798,27 @@ cdef inline object _labelled(object new, object cls, int64_t s, int64_t e, str k
 def label_gaps(holes, cov, cls):
     """``holes`` cut at the edges of ``cov``, as ``cls(start, end, kind)`` in ascending order.
 
-    One pass over both range sets: pieces inside ``cov`` are ``"no_trades"``, the rest
-    ``"missing"``. See ``mds._pycore.label_gaps``.
+    One pass over both range sets (the walk of :func:`interval_subtract`, keeping the pieces
+    inside too): pieces inside ``cov`` are ``"no_trades"``, the rest ``"missing"``. See
+    ``mds._pycore.label_gaps``.
     """
     h = interval_normalize(holes)
     c = interval_normalize(cov)
+    cdef Py_ssize_t n = 2 * (h.shape[0] + c.shape[0]), g, i
+    pieces = np.empty((n, 2), np.int64)
+    kinds = np.empty(n, np.uint8)
+    if n == 0:
+        return []
     cdef const int64_t[:, ::1] hv = h
     cdef const int64_t[:, ::1] cv = c
-    cdef Py_ssize_t i, j = 0, jj, nH = hv.shape[0], nC = cv.shape[0]
-    cdef int64_t s, e, cur, lo, hi
+    cdef int64_t[:, ::1] pv = pieces
+    cdef uint8_t[::1] kv = kinds
+    with nogil:
+        g = _cut(hv, cv, pv, &kv[0])
     out = []
     new = cls.__new__
-    for i in range(nH):
-        s = hv[i, 0]
-        e = hv[i, 1]
-        while j < nC and cv[j, 1] <= s:
-            j += 1
-        cur = s
-        jj = j
-        while jj < nC and cv[jj, 0] < e:
-            lo = cv[jj, 0] if cv[jj, 0] > s else s
-            hi = cv[jj, 1] if cv[jj, 1] < e else e
-            if lo > cur:
-                out.append(_labelled(new, cls, cur, lo, _MISSING))
-            out.append(_labelled(new, cls, lo, hi, _NO_TRADES))
-            cur = hi
-            jj += 1
-        if cur < e:
-            out.append(_labelled(new, cls, cur, e, _MISSING))
+    for i in range(g):
+        out.append(_labelled(new, cls, pv[i, 0], pv[i, 1], _NO_TRADES if kv[i] else _MISSING))
     return out
 
 

@@ -307,9 +307,9 @@ def test_a_commit_between_anothers_commit_and_its_final_stamp_leaves_no_stale_co
     w1 = s1._writer
     orig = w1.end_changes
 
-    def end_changes_late() -> None:
+    def end_changes_late() -> set[tuple[str, str]]:
         s2.write_candles(SYM, "1m", _version(hist[t : t + 1], 2.0))
-        orig()
+        return orig()
 
     w1.end_changes = end_changes_late  # type: ignore[method-assign]
     s1.write_candles(SYM, "1m", _version(hist[t : t + 1], 1.0))

@@ -60,9 +60,6 @@ class Writer:
         self.depth = 0  # open batch() blocks
         #: fills of the fast tiers waiting for the batch to commit: _fill_fast_tiers' arguments
         self._deferred: list[_Fill] = []
-        #: series found contested by the last final stamps (ChangeSlots.contested), for the write
-        #: that is deciding its fills now
-        self._contested: set[tuple[str, str]] = set()
         self._unheld: list[tuple[str, Timeframe, np.ndarray]] = []
 
     def in_batch(self) -> bool:
@@ -149,13 +146,13 @@ class Writer:
             counts: tuple[int, int, int] | None = None
             db = tiers.tier("sqlite")
             spans, to_disk = EMPTY_RANGES, True
+            contested: set[tuple[str, str]] = set()
             if tiers.durable:
                 if db is None:
                     raise StorageUnavailableError(
                         f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
                     )
                 spans = _spans(tf, closed, covered, first, last)
-                self._contested.clear()
                 self.slots.begin(sym, tf)
                 if tiers.tier("disk") is None:
                     tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
@@ -175,7 +172,7 @@ class Writer:
                     raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
                 if not tiers.feed_live:
                     tiers.copies_trusted = False  # the server answers: other hosts may write unheard
-                self.end_changes()
+                contested = self.end_changes()
             if len(covered):
                 self.coverage.add(sym, tf, covered)
             mem = tiers.tier("memory")
@@ -193,7 +190,7 @@ class Writer:
                 n = len(closed)
                 dense = n == 1 or (n > 1 and not tf.is_month and last - first == (n - 1) * tf.interval_ms)
                 exact = closed if n < LMDB_APPEND_MIN and dense and not len(covered) and self._exact_fill_ok() else None
-                if (sym, tf.name) in self._contested:
+                if (sym, tf.name) in contested:
                     exact = None  # another writer wrote the series meanwhile: read back
                 if self.depth:
                     start = first if not len(covered) else int(spans[0, 0])
@@ -206,14 +203,16 @@ class Writer:
         assert counts is not None  # every branch above counted
         return WriteResult(int(counts[0]), int(counts[1]), int(counts[2]))
 
-    def end_changes(self) -> None:
-        """Final stamps for the series written, unless a batch still holds them open."""
-        if not self.depth:
-            self._stamp_final()
+    def end_changes(self) -> set[tuple[str, str]]:
+        """Final stamps for the series written, unless a batch still holds them open; the
+        series found contested (see :meth:`_stamp_final`)."""
+        return set() if self.depth else self._stamp_final()
 
-    def _stamp_final(self) -> None:
+    def _stamp_final(self) -> set[tuple[str, str]]:
+        """Final stamps after a commit. Returns the series another writer wrote meanwhile
+        (contested, see ChangeSlots), which this process has dropped."""
         if not self.slots.dirty:
-            return  # nothing stamped in progress: no commit to acknowledge
+            return set()  # nothing stamped in progress: no commit to acknowledge
         state = self.tiers.states.get("sqlite")
         seq = None
         # the acknowledged commit_seq vouches for a file this directory owns; a server's counter
@@ -229,7 +228,7 @@ class Writer:
             for sym, name in contested:
                 self.coverage.forget(sym, parse_timeframe(name))
             self._deferred = [f._replace(exact=None) if (f.sym, f.tf.name) in contested else f for f in self._deferred]
-            self._contested |= contested
+        return contested
 
     def _unhold_batch(self) -> None:
         """:meth:`_unhold_disk` for every write of the batch, before it commits, with what LMDB

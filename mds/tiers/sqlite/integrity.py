@@ -57,6 +57,14 @@ def chunk_damaged(conn: Any, path: str, key: int, tf: Timeframe, why: str) -> Da
     return damaged(conn, path, key >> CID_BITS, tf, start, end, f"chunk {key} {why}")
 
 
+def chunk_checked(conn: Any, path: str, key: int, tf: Timeframe, codec: int, crc: int, data: Any) -> np.ndarray:
+    """A stored chunk's rows, checked against its checksum; DamagedChunkError naming them if not."""
+    try:
+        return verified(codec, crc, data)
+    except Damage as exc:
+        raise chunk_damaged(conn, path, key, tf, str(exc)) from None
+
+
 def tail_damaged(conn: Any, path: str, sid: int, tf: Timeframe, lo: int, hi: int) -> DamagedChunkError:
     """The error for tail values that failed a check: finds the first damaged row by its key."""
     rows = conn.execute(

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import numpy as np
 
 from mds import _kernels as _k
-from mds.tiers.sqlite.codec import NEG_INF, POS_INF, Damage, chunk_key, concat, sorted_by_ts, verified
+from mds.tiers.sqlite.codec import NEG_INF, POS_INF, chunk_key, concat, sorted_by_ts
 from mds.tiers.sqlite.coverage import read_coverage
-from mds.tiers.sqlite.integrity import chunk_damaged, tail_checked
+from mds.tiers.sqlite.integrity import chunk_checked, tail_checked
 from mds.timeframes import Timeframe
 
 _SQL_RANGE = (
@@ -45,10 +45,7 @@ def read_range(conn: Any, path: str, sid: int, tf: Timeframe, start: int, end: i
                 if data:
                     parts.append(tail_checked(conn, path, data, sid, tf, start, end))
                 continue
-            try:
-                a = verified(codec, crc, data)
-            except Damage as exc:
-                raise chunk_damaged(conn, path, key, tf, str(exc)) from None
+            a = chunk_checked(conn, path, key, tf, codec, crc, data)
             ts = a["ts"]
             if ts[0] < start or ts[-1] >= end:
                 i, j = np.searchsorted(ts, (start, end))
@@ -76,10 +73,7 @@ def read_latest(conn: Any, path: str, sid: int, tf: Timeframe, n: int, hi: int) 
         )
         try:
             for codec, crc, key, blob in cur:
-                try:
-                    a = verified(codec, crc, blob)
-                except Damage as exc:
-                    raise chunk_damaged(conn, path, key, tf, str(exc)) from None
+                a = chunk_checked(conn, path, key, tf, codec, crc, blob)
                 if a["ts"][-1] >= hi:
                     a = a[: np.searchsorted(a["ts"], hi)]
                 if len(a) > n - have:
@@ -104,10 +98,7 @@ def read_from(conn: Any, path: str, sid: int, tf: Timeframe, start: int, n: int)
     )
     try:
         for codec, crc, key, blob in cur:
-            try:
-                a = verified(codec, crc, blob)
-            except Damage as exc:
-                raise chunk_damaged(conn, path, key, tf, str(exc)) from None
+            a = chunk_checked(conn, path, key, tf, codec, crc, blob)
             if a["ts"][0] < start:
                 a = a[np.searchsorted(a["ts"], start) :]
             a = a[: n - have]

@@ -20,7 +20,6 @@ from mds.tiers.sqlite.codec import (
     NEG_INF,
     POS_INF,
     ROW,
-    Damage,
     _row_ok as _row_ok,
     check_batch as check_batch,
     chunk_key,
@@ -28,10 +27,9 @@ from mds.tiers.sqlite.codec import (
     signed,
     tail_value,
     tail_values,
-    verified,
 )
 from mds.tiers.sqlite.coverage import change_coverage
-from mds.tiers.sqlite.integrity import chunk_damaged, tail_checked
+from mds.tiers.sqlite.integrity import chunk_checked, tail_checked
 from mds.timeframes import Timeframe
 
 #: A series' live-edge rows are folded into chunks once there are more than this many.
@@ -194,10 +192,7 @@ def _write_chunks(conn: Any, path: str, sid: int, tf: Timeframe, lo: np.ndarray)
 def _load_chunk(conn: Any, path: str, key: int, tf: Timeframe) -> np.ndarray:
     """A chunk's rows for a read-modify-write, checked."""
     codec, crc, data = conn.execute("SELECT codec, crc, data FROM chunk WHERE key = ?", (key,)).fetchall()[0]
-    try:
-        return verified(codec, crc, data)
-    except Damage as exc:
-        raise chunk_damaged(conn, path, key, tf, str(exc)) from None
+    return chunk_checked(conn, path, key, tf, codec, crc, data)
 
 
 def _put_chunk(conn: Any, key: int, arr: np.ndarray, *, exists: bool) -> None:
