@@ -19,8 +19,9 @@ from mds.layer1.connector import Layer1Answer, SmartRouterConnector
 
 if TYPE_CHECKING:
     from mds.layer1.router import DEFAULT_BASE_URL, UpbitRouter
+    from mds.layer1.stream import UpbitStream
 
-__all__ = ["DEFAULT_BASE_URL", "Layer1Answer", "SmartRouterConnector", "UpbitRouter"]
+__all__ = ["DEFAULT_BASE_URL", "Layer1Answer", "SmartRouterConnector", "UpbitRouter", "UpbitStream"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from mds.layer1 import router
 
         return getattr(router, name)
+    if name == "UpbitStream":
+        from mds.layer1.stream import UpbitStream
+
+        return UpbitStream
     raise AttributeError(f"module 'mds.layer1' has no attribute {name!r}")

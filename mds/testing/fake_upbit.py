@@ -251,7 +251,8 @@ class FakeUpbit:
     field names and number forms, newest first, ``count`` 1..200 (default 1), ``to`` exclusive
     in its three accepted forms (``...Z``, zone-less UTC, ``+09:00``), only the candles it holds
     (no candle for an interval without trades), ``Remaining-Req: group=candles; min=600; sec=N``
-    headers and HTTP 429 past ``rate_limit`` requests per ``rate_window_s`` per group.
+    headers and HTTP 429 past ``rate_limit`` requests per ``rate_window_s`` per group (418, a
+    block, after repeated 429s).
 
     Parameters
     ----------
@@ -275,8 +276,18 @@ class FakeUpbit:
     rate_window_s : float
         The sliding window. Tests may shrink it (with the router's matching setting) to keep
         bursts fast while exercising the same logic.
+    ban_after, ban_window_s, ban_s : int or None, float, float
+        As Upbit, a client that keeps sending after 429s is blocked: after ``ban_after`` 429s
+        over the limit (any group) within ``ban_window_s`` seconds, every request gets 418 with
+        a message naming the seconds left, for ``ban_s`` seconds. Every client of the fake is one
+        IP (127.0.0.1), as every process of a machine is to Upbit. Injected ``rate_limit``
+        faults do not count. None disables the block.
     port : int
         The port on 127.0.0.1 (default 0: any free port; :attr:`base_url` tells which).
+    ws_connect_limit : int or None
+        WebSocket handshakes accepted per second (Upbit: 5 per IP); beyond, HTTP 429.
+    ws_idle_close_s : float or None
+        The WebSocket endpoint closes a connection silent for this long (Upbit: about 120 s).
 
     Notes
     -----
@@ -296,13 +307,25 @@ class FakeUpbit:
         faults: Iterable[Fault] | None = None,
         rate_limit: int | None = 10,
         rate_window_s: float = 1.0,
+        ban_after: int | None = 10,
+        ban_window_s: float = 10.0,
+        ban_s: float = 60.0,
         port: int = 0,
+        ws_connect_limit: int | None = 5,
+        ws_idle_close_s: float | None = 120.0,
     ) -> None:
         if not 0 <= int(port) <= 65535:
             raise InvalidRequestError(f"port must be 0 (any free port) to 65535, not {port}")
         self.port = int(port)
         self.rate_limit = rate_limit
         self.rate_window_s = float(rate_window_s)
+        if ban_after is not None and ban_after < 1:
+            raise InvalidRequestError(f"ban_after must be >= 1 or None, not {ban_after}")
+        self.ban_after = ban_after
+        self.ban_window_s = float(ban_window_s)
+        self.ban_s = float(ban_s)
+        self._strikes: collections.deque[float] = collections.deque()  # 429s over the limit
+        self._blocked_until = 0.0  # time.monotonic() when the block ends
         self._lock = threading.RLock()
         self._quotation = Quotation(candles, clock, tickers, orderbooks, trades)
         self._faults: list[Fault] = list(faults or [])
@@ -313,6 +336,10 @@ class FakeUpbit:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._shuffle_rng = np.random.default_rng(12345)
+        from mds.testing._stream import FakeStream  # it builds on this module's Fault
+
+        #: The WebSocket endpoint (faults, connection log); serving from the first ``ws_url``.
+        self.ws = FakeStream(self._quotation, upbit_json, connect_limit=ws_connect_limit, idle_close_s=ws_idle_close_s)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> FakeUpbit:
@@ -332,6 +359,7 @@ class FakeUpbit:
 
     def close(self) -> None:
         """Stop the server and drop open connections (idempotent)."""
+        self.ws.close()
         server, self._server = self._server, None
         if server is None:
             return
@@ -360,6 +388,14 @@ class FakeUpbit:
             raise RuntimeError("FakeUpbit is not running; use it as a context manager or call start()")
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://127.0.0.1:PORT/websocket/v1``: Upbit's quotation stream over the same data and
+        clock (:mod:`mds.testing._stream`), started on first use and stopped by :meth:`close`."""
+        if self._server is None:
+            raise RuntimeError("FakeUpbit is not running; use it as a context manager or call start()")
+        return self.ws.start().url
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
@@ -454,27 +490,41 @@ class FakeUpbit:
             return {}  # unlimited: a budget header would make a fast client wait for nothing
         return {"Remaining-Req": f"group={group}; min=600; sec={max(0, left)}", "Limit-By-Ip": "Yes"}
 
-    def _admit(self, group: str) -> int | None:
-        """Count a request against its group's window; None when over the limit (429)."""
+    def _admit(self, group: str) -> int | _Reply:
+        """Count a request against its group's window: what is left of it, or the refusal (429
+        over the limit; 418 while the IP is blocked after repeated 429s)."""
         if self.rate_limit is None:
             return 10
         now = time.monotonic()
         with self._lock:
+            if now < self._blocked_until:
+                secs = math.ceil(self._blocked_until - now)
+                msg = f"Too many requests. You are blocked for {secs} seconds."
+                return _Reply(418, _error_body("too_many_requests", msg))
             win = self._windows[group]
             while win and win[0] <= now - self.rate_window_s:
                 win.popleft()
-            if len(win) >= self.rate_limit:
-                return None
-            win.append(now)
-            return self.rate_limit - len(win)
+            if len(win) < self.rate_limit:
+                win.append(now)
+                return self.rate_limit - len(win)
+            if self.ban_after is not None:
+                strikes = self._strikes
+                while strikes and strikes[0] <= now - self.ban_window_s:
+                    strikes.popleft()
+                strikes.append(now)
+                if len(strikes) >= self.ban_after:
+                    logger.info("FakeUpbit: %d 429s in %g s; block %g s", len(strikes), self.ban_window_s, self.ban_s)
+                    strikes.clear()
+                    self._blocked_until = now + self.ban_s
+            return _Reply(429, _TOO_MANY, self._remaining(group, 0))
 
     def _serve(self, path: str, params: dict[str, str]) -> _Reply:
         group = _group(path)
         if group is None:
             return _Reply(404, _error_body(404, f"Not found: {path}"))
         left = self._admit(group)
-        if left is None:
-            return _Reply(429, _TOO_MANY, self._remaining(group, 0))
+        if isinstance(left, _Reply):
+            return left  # 429 over the limit, or 418 while blocked
         headers = self._remaining(group, left)
         latency = 0.0
         terminal: Fault | None = None
