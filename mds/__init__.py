@@ -7,6 +7,7 @@ tickers, orderbooks and trades live in memory. See README.md and docs/ARCHITECTU
 from mds._dtypes import CANDLE_DTYPE, TRADE_DTYPE
 from mds.convert import candles_from_upbit, candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error, MdsError, StorageUnavailableError
+from mds.frames import to_arrow, to_pandas, to_polars
 from mds.layer1.connector import SmartRouterConnector
 from mds.models import (
     CheckReport,
@@ -14,11 +15,13 @@ from mds.models import (
     DataType,
     Gap,
     MaintenanceReport,
+    SeriesInfo,
     StorageMetadata,
     StorageRequest,
     StorageResponse,
     WriteResult,
 )
+from mds.resampling import resample
 from mds.store import Store, open
 from mds.symbols import validate_symbol
 from mds.timeframes import Timeframe, parse_timeframe
@@ -36,6 +39,7 @@ __all__ = [
     "Layer1Error",
     "MaintenanceReport",
     "MdsError",
+    "SeriesInfo",
     "SmartRouterConnector",
     "StorageMetadata",
     "StorageRequest",
@@ -50,5 +54,9 @@ __all__ = [
     "candles_to_upbit",
     "open",
     "parse_timeframe",
+    "resample",
+    "to_arrow",
+    "to_pandas",
+    "to_polars",
     "validate_symbol",
 ]

@@ -48,7 +48,7 @@ from mds.convert import candles_to_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError, StorageUnavailableError
 from mds.symbols import validate_symbol
 from mds.tiers.durable import is_server_url, shown_url
-from mds.timeframes import DAY_MS, TIMEFRAMES, Timeframe, parse_timeframe
+from mds.timeframes import DAY_MS, Timeframe, parse_timeframe
 from mds.timeutil import iso_utc_z, now_ms, to_ms
 
 __all__ = ["main"]
@@ -195,47 +195,15 @@ def _open_store(args: argparse.Namespace, *, create: bool = False, layer1: Any =
     return store
 
 
-#: One stored series: symbol, timeframe name, candles, first and last open time (None: only
-#: coverage is stored, a span where nothing traded).
-SeriesRow = tuple[str, str, int, "int | None", "int | None"]
+def _stored_series(args: argparse.Namespace) -> list[Any]:
+    """Every series of the store, sorted (:meth:`mds.Store.series`: with candles, or with
+    coverage alone), as :class:`mds.SeriesInfo`."""
+    with _open_store(args) as store:
+        return list(store.series())
 
 
-def _stored_series(args: argparse.Namespace) -> list[SeriesRow]:
-    """Every series of the store's history, sorted: with candles, or with coverage alone.
-
-    Read from the durable tier, read-only (the Store has no public list of its series).
-    """
-    from mds.models import Config
-    from mds.tiers.durable import open_durable
-
-    path = _checked_path(args, create=False)
-    history = _history(args)
-    if history is None and not (path / "candles.sqlite3").is_file():
-        return []
-    try:
-        db = open_durable(path, Config(), readonly=True, clock=now_ms, history=history)
-    except StorageUnavailableError as exc:
-        raise (_history_error(history, str(exc)) if history is not None else exc) from exc
-    try:
-        rows = {(sym, tfname): (int(n), int(a), int(b)) for sym, tfname, n, a, b in db.series()}
-        names = set(rows)
-        for sym, tfname in db.known_series():  # without candles: stored if it holds coverage
-            if (sym, tfname) not in rows and tfname in TIMEFRAMES and len(db.coverage(sym, TIMEFRAMES[tfname])):
-                names.add((sym, tfname))
-    finally:
-        db.close()
-    out: list[SeriesRow] = []
-    for sym, tfname in sorted(names, key=lambda k: (k[0], _TF_ORDER.get(k[1], 99))):
-        n, first, last = rows.get((sym, tfname), (0, None, None))
-        out.append((sym, tfname, n, first, last))
-    return out
-
-
-_TF_ORDER = {name: i for i, name in enumerate(TIMEFRAMES)}
-
-
-def _shown_series(series: Sequence[SeriesRow], symbol: str | None = None) -> str:
-    names = [f"{sym} {tfname}" for sym, tfname, *_ in series if symbol is None or sym == symbol]
+def _shown_series(series: Sequence[Any], symbol: str | None = None) -> str:
+    names = [f"{i.symbol} {i.timeframe}" for i in series if symbol is None or i.symbol == symbol]
     if not names:
         return "none" if symbol is None else f"no series of {symbol}"
     more = f" and {len(names) - 12} more" if len(names) > 12 else ""
@@ -253,10 +221,10 @@ def _resolve_series(args: argparse.Namespace) -> tuple[str, Timeframe]:
     tf = parse_timeframe(args.timeframe) if args.timeframe is not None else None
     series = _stored_series(args)
     if tf is not None:
-        if any(s == sym and t == tf.name for s, t, *_ in series):
+        if any(i.symbol == sym and i.timeframe == tf.name for i in series):
             return sym, tf
         raise BadInput(f"no such series: {sym} {tf.name} (no stored candles); stored: {_shown_series(series)}")
-    mine = [t for s, t, *_ in series if s == sym]
+    mine = [i.timeframe for i in series if i.symbol == sym]
     if len(mine) == 1:
         sys.stderr.write(f"mds: {sym}: using {mine[0]}, its only stored timeframe (give -t to choose)\n")
         return sym, parse_timeframe(mine[0])
@@ -447,6 +415,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     transaction): a bad row anywhere leaves every tier as it was. The first batch is read before
     the store is opened, so a file refused at once creates no store.
     """
+    if os.path.isdir(args.file):
+        from mds._dataset import MANIFEST
+
+        # a dataset, or a directory given without the options of a file (said not to be a dataset);
+        # a directory given as a candle file is a file that cannot be read, as before
+        if os.path.exists(os.path.join(args.file, MANIFEST)) or (args.symbol is None and args.timeframe is None):
+            return _import_dataset(args)
+    if args.symbol is None or args.timeframe is None:
+        raise BadInput(f"{args.file}: a candle file needs --symbol and --timeframe")
+    args.format = args.format or "auto"
     sym, tf = _series(args.symbol, args.timeframe)
     if args.file.lower().endswith(".parquet"):
         raise BadInput(
@@ -513,6 +491,35 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_dataset(args: argparse.Namespace) -> int:
+    """``mds import DIR``: a dataset written by ``mds export --dataset``, checked whole first."""
+    given = [o for o, v in (("--symbol", args.symbol), ("--timeframe", args.timeframe), ("--format", args.format)) if v]
+    if args.complete:
+        given.append("--complete")
+    if given:
+        raise BadInput(f"{args.file} is a dataset directory: {', '.join(given)} apply to candle files only")
+    from mds._dataset import require_pyarrow
+
+    _pyarrow_or_bad_input(require_pyarrow)
+    _checked_path(args, create=True)
+    with _open_store(args, create=True) as store:
+        infos = store.import_dataset(args.file)
+    total = sum(i.count for i in infos)
+    for i in infos:
+        span = "no candles" if i.first is None else f"{_fmt_time(i.first)} to {_fmt_time(i.last or i.first)}"
+        sys.stdout.write(f"{i.symbol} {i.timeframe}: {i.count} candles, {span}, with its coverage\n")
+    sys.stdout.write(f"imported {len(infos)} series, {total} candles from the dataset {args.file}\n")
+    return 0
+
+
+def _pyarrow_or_bad_input(require: Any) -> None:
+    """A missing pyarrow is a one-line error (exit 2) naming the extra, before a store is opened."""
+    try:
+        require()
+    except ImportError as exc:
+        raise BadInput(str(exc)) from None
+
+
 def _invalid_rows(path: str, what: str, exc: InvalidCandleError, where: np.ndarray) -> str:
     """The store refused a batch: say which line (or candle) of the file, and why."""
     if exc.rows and 0 <= exc.rows[0] < len(where):
@@ -542,9 +549,80 @@ _EXPORT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet"
 _PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
+def _series_filter(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """The SYMBOLs and -t timeframes of ``export --dataset`` and ``archive`` (None: all)."""
+    syms = [validate_symbol(x) for x in args.symbols] or None
+    tfs = [parse_timeframe(x).name for x in args.timeframe] if args.timeframe else None
+    return syms, tfs
+
+
+def _export_dataset(args: argparse.Namespace) -> int:
+    from mds._dataset import require_pyarrow
+
+    if args.force:
+        raise BadInput("--force goes with --out; a dataset is written to a new or empty directory only")
+    syms, tfs = _series_filter(args)
+    _pyarrow_or_bad_input(require_pyarrow)
+    with _open_store(args) as store:
+        infos = store.export_dataset(args.dataset, syms, tfs, start=args.start, end=args.end)
+    total = sum(i.count for i in infos)
+    sys.stdout.write(f"{len(infos)} series, {total} candles written to the dataset {args.dataset}\n")
+    return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    """Export the span before ``--before`` to a dataset, verify it, then delete it from the store
+    in one transaction (undone if the store holds other counts than the archive)."""
+    from mds._dataset import require_pyarrow, verify_dataset
+
+    syms, tfs = _series_filter(args)
+    before = _fmt_time(args.before)
+    if not args.yes and not sys.stdin.isatty():
+        raise BadInput(f"archive deletes what it exports (candles before {before}): give --yes")
+    _pyarrow_or_bad_input(require_pyarrow)
+    import pyarrow.dataset as pads
+
+    with _open_store(args) as store:
+        infos = store.export_dataset(args.to, syms, tfs, end=args.before)
+        total = sum(i.count for i in infos)
+        # the archive is read back whole before anything is deleted: manifest, checksums, candles
+        checked = {(i.symbol, i.timeframe): i.count for i in verify_dataset(args.to, now_ms())}
+        readable = pads.dataset(args.to, format="parquet", partitioning="hive").count_rows() if total else 0
+        if checked != {(i.symbol, i.timeframe): i.count for i in infos} or readable != total:
+            raise MdsError(f"the archive at {args.to} does not read back as written; nothing was deleted")
+        sys.stdout.write(f"{len(infos)} series, {total} candles before {before} archived to {args.to} (verified)\n")
+        if not infos:
+            return 0
+        if not args.yes:
+            sys.stderr.write(f"delete these {total} candles (and their coverage) from the store? [y/N] ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                sys.stderr.write("mds archive: nothing deleted (the archive is kept)\n")
+                return 1
+        with store.batch():
+            for i in infos:
+                n = store.delete(i.symbol, i.timeframe, end=args.before)
+                if n != i.count:
+                    raise StorageUnavailableError(
+                        f"{i.symbol} {i.timeframe}: the store holds {n} candles before {before}, the archive "
+                        f"{i.count} (written meanwhile?); nothing was deleted"
+                    )
+    sys.stdout.write(f"deleted {total} candles before {before} from the store; 'mds import {args.to}' restores them\n")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a series (or a range of it) to CSV, Upbit JSON, JSON Lines or Parquet, by extension."""
+    """Write a series (or a range of it) to CSV, Upbit JSON, JSON Lines or Parquet, by extension;
+    or, with ``--dataset``, stored series to a Parquet dataset."""
     _check_range(args.start, args.end)
+    if args.dataset is not None:
+        return _export_dataset(args)
+    if len(args.symbols) != 1:
+        raise BadInput("--out writes one series: give one SYMBOL (or use --dataset DIR for several)")
+    if args.timeframe is not None and len(args.timeframe) > 1:
+        raise BadInput("--out writes one series: give at most one -t")
+    args.symbol = args.symbols[0]
+    args.timeframe = args.timeframe[0] if args.timeframe else None
     path = out_path(args.out, tuple(_EXPORT_FORMATS), "export", args.force)
     fmt = _EXPORT_FORMATS[path.suffix.lower()]
     if fmt == "parquet":
@@ -694,20 +772,38 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the series stored: symbol, timeframe, first and last candle, candles."""
-    series = _stored_series(args)
-    if args.symbol is not None:
-        series = [r for r in series if r[0] == validate_symbol(args.symbol)]
+    """Print the series stored: symbol, timeframe, first and last candle, candles, and the
+    covered share of the intervals from the first to the last candle."""
+    sym = None if args.symbol is None else validate_symbol(args.symbol)
+    series = [i for i in _stored_series(args) if sym is None or i.symbol == sym]
     rows = [
-        [sym, tfname, "-" if a is None else _fmt_time(a), "-" if b is None else _fmt_time(b), n]
-        for sym, tfname, n, a, b in series
+        [
+            i.symbol,
+            i.timeframe,
+            "-" if i.first is None else _fmt_time(i.first),
+            "-" if i.last is None else _fmt_time(i.last),
+            i.count,
+            "-" if i.covered is None else _fmt_share(i.covered),
+        ]
+        for i in series
     ]
     out = sys.stdout
     if rows:
-        print_table(["symbol", "timeframe", "first", "last", "candles"], rows, out)
-    total = sum(r[2] for r in series)
+        print_table(["symbol", "timeframe", "first", "last", "candles", "covered"], rows, out)
+    total = sum(i.count for i in series)
     out.write(f"{len(series)} series, {total} candles\n")
     return 0
+
+
+def _fmt_share(share: float) -> str:
+    """A covered share as a percentage that says 100 % only when it is whole, 0 % only when none."""
+    pct = 100.0 * share
+    shown = f"{pct:.1f}"
+    if shown == "100.0" and share < 1.0:
+        shown = "99.9"
+    elif shown == "0.0" and share > 0.0:
+        shown = "0.1"
+    return f"{shown}%"
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -716,7 +812,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     _check_range(args.start, args.end)
     sym = validate_symbol(args.symbol)
     series = _stored_series(args)
-    tfs = [t for s_, t, *_ in series if s_ == sym]
+    tfs = [i.timeframe for i in series if i.symbol == sym]
     if args.timeframe is not None:
         tf = parse_timeframe(args.timeframe)
         if tf.name not in tfs:
@@ -724,7 +820,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         tfs = [tf.name]
     elif not tfs:
         raise BadInput(f"no such series: {sym}; stored: {_shown_series(series)}")
-    counts = {t: n for s_, t, n, *_ in series if s_ == sym and t in tfs}
+    counts = {i.timeframe: i.count for i in series if i.symbol == sym and i.timeframe in tfs}
     span = "" if args.start is None and args.end is None else " in the range given"
     what = ", ".join(f"{sym} {t} ({counts[t]} candles)" for t in tfs)
     if not args.yes:
@@ -950,10 +1046,15 @@ def build_parser() -> argparse.ArgumentParser:
         "are refused. The "
         "file's span is marked covered only with --complete.",
     )
-    im.add_argument("file", metavar="FILE", help="the candle file (.json, .jsonl or .csv)")
-    im.add_argument("--symbol", "-s", required=True, help="Upbit market code")
-    im.add_argument("--timeframe", "-t", required=True, help="timeframe of the candles in the file")
-    im.add_argument("--format", "-f", choices=IMPORT_FORMATS, default="auto")
+    im.add_argument(
+        "file",
+        metavar="FILE",
+        help="the candle file (.json, .jsonl or .csv), or a dataset directory written by mds export --dataset "
+        "(every file is checked before anything is stored; its coverage comes with it)",
+    )
+    im.add_argument("--symbol", "-s", default=None, help="Upbit market code (a file: required)")
+    im.add_argument("--timeframe", "-t", default=None, help="timeframe of the candles in the file (a file: required)")
+    im.add_argument("--format", "-f", choices=IMPORT_FORMATS, default=None, help="the file's format (default auto)")
     im.add_argument(
         "--complete", action="store_true", help="the file holds every candle of its span (absent = no trades)"
     )
@@ -961,13 +1062,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = add(
         "export",
-        "write a series to a file; the extension picks the format: .csv, .json (Upbit JSON), .jsonl "
-        "(one Upbit candle a line), .parquet (needs the parquet extra)",
+        "write a series to a file (--out; the extension picks the format: .csv, .json (Upbit JSON), .jsonl "
+        "(one Upbit candle a line), .parquet) or stored series to a Parquet dataset (--dataset DIR)",
+        "Write one series to a file with --out FILE (the extension picks the format: .csv, .json (Upbit "
+        "JSON), .jsonl (one Upbit candle a line), .parquet), or stored series (every one, or those of the "
+        "SYMBOLs and -t timeframes given) to a new or empty directory with --dataset DIR: Parquet files "
+        "partitioned symbol=.../timeframe=.../year=..., as pyarrow, DuckDB and Polars read them, with the "
+        "coverage in _mds_dataset.json, so that 'mds import DIR' restores the series and their gaps "
+        "exactly. The dataset appears whole or not at all. Parquet needs the parquet extra.",
     )
-    series(ex)
-    ex.add_argument("--out", "-o", required=True, metavar="FILE", help="the file to write (.csv .json .jsonl .parquet)")
-    ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    ex.add_argument(
+        "symbols", metavar="SYMBOL", nargs="*", help="Upbit market code (one with --out; with --dataset default all)"
+    )
+    ex.add_argument(
+        "--timeframe",
+        "-t",
+        action="append",
+        default=None,
+        help="timeframe (with --out default the symbol's only stored one; with --dataset repeat it, default all)",
+    )
+    ex.add_argument("--start", type=_time_arg, help="range start (inclusive)")
+    ex.add_argument("--end", type=_time_arg, help="range end (exclusive)")
+    dest = ex.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", "-o", metavar="FILE", help="the file to write (.csv .json .jsonl .parquet)")
+    dest.add_argument("--dataset", metavar="DIR", help="write a Parquet dataset to this new or empty directory")
+    ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists (--out only)")
     ex.set_defaults(func=cmd_export)
+
+    ar = add(
+        "archive",
+        "export candles older than a date to a Parquet dataset, verify it, then delete them from the store",
+        "Archive old history: export the candles (and coverage) before --before of every stored series (or "
+        "of the SYMBOLs and -t timeframes given) to a new or empty directory as 'mds export --dataset' "
+        "does, read the dataset back whole (manifest, SHA-256 of every file, every candle, and a count "
+        "through pyarrow.dataset), and only then delete that span from the store, in one transaction that "
+        "is undone if the store no longer holds exactly what was archived. 'mds import DIR' brings it "
+        "back. Asks first; --yes does not (needed without a terminal).",
+    )
+    ar.add_argument("symbols", metavar="SYMBOL", nargs="*", help="only these markets (default all)")
+    ar.add_argument("--timeframe", "-t", action="append", default=None, help="only this timeframe (repeatable)")
+    ar.add_argument("--before", type=_time_arg, required=True, help="archive candles that open before this time")
+    ar.add_argument("--to", metavar="DIR", required=True, help="the new or empty directory of the dataset")
+    ar.add_argument("--yes", "-y", action="store_true", help="delete the archived span without asking")
+    ar.set_defaults(func=cmd_archive)
 
     add("stats", "print store figures as JSON").set_defaults(func=cmd_stats)
     mt = add("maintain", "run maintenance (VACUUM, ANALYZE, purge)")
@@ -984,7 +1121,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     pl.set_defaults(func=cmd_plot)
 
-    ls = add("list", "list the series stored: symbol, timeframe, first and last candle, candles")
+    ls = add(
+        "list",
+        "list the series stored: symbol, timeframe, first and last candle, candles, covered share",
+        "List the series stored: symbol, timeframe, first and last candle, candles, and 'covered': the "
+        "share of the intervals from the first to the last candle that the store knows in full (a candle, "
+        "or no trades); below 100%% some of that span is missing (see mds gaps).",
+    )
     ls.add_argument("symbol", metavar="SYMBOL", nargs="?", help="only this market")
     ls.set_defaults(func=cmd_list)
 

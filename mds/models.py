@@ -20,6 +20,7 @@ __all__ = [
     "DataType",
     "Gap",
     "MaintenanceReport",
+    "SeriesInfo",
     "StorageMetadata",
     "StorageRequest",
     "StorageResponse",
@@ -127,6 +128,35 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class SeriesInfo:
+    """One stored series, as ``Store.series()`` lists it.
+
+    Attributes
+    ----------
+    symbol : str
+        Market code.
+    timeframe : str
+        Canonical timeframe name (``"1m"``, ``"1M"`` ...).
+    first, last : int or None
+        Open times (epoch ms) of the oldest and newest stored candle; None when the series holds
+        coverage alone (a span known to have had no trades) and no candle.
+    count : int
+        Stored candles.
+    covered : float or None
+        The share of the intervals from ``first`` to ``last`` (both included) that coverage
+        proves, from 0.0 to 1.0: 1.0 means no ``missing`` gap between the first and the last
+        candle (every absent candle there is a known no-trade interval). None without candles.
+    """
+
+    symbol: str
+    timeframe: str
+    first: int | None
+    last: int | None
+    count: int
+    covered: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class MaintenanceReport:
     """What ``Store.maintain()`` did; fragmentation is a share from 0.0 to 1.0."""
 
@@ -194,9 +224,9 @@ class StorageRequest:
         if dt is DataType.CANDLE:
             if self.timeframe is None:
                 raise InvalidRequestError("a candle request needs a timeframe")
-            object.__setattr__(self, "timeframe", parse_timeframe(self.timeframe).name)
+            object.__setattr__(self, "timeframe", parse_timeframe(self.timeframe, derived=True).name)
         elif self.timeframe is not None:
-            object.__setattr__(self, "timeframe", parse_timeframe(self.timeframe).name)
+            object.__setattr__(self, "timeframe", parse_timeframe(self.timeframe, derived=True).name)
         start = None if self.start_time is None else to_ms(self.start_time, name="start_time")
         end = None if self.end_time is None else to_ms(self.end_time, name="end_time")
         if start is not None and end is not None and end <= start:

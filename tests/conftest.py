@@ -22,16 +22,21 @@ def _children_import_the_package_under_test(tmp_path_factory: pytest.TempPathFac
     root = str(Path(mds.__file__).resolve().parent.parent)
     old_cwd = os.getcwd()
     old_pp = os.environ.get("PYTHONPATH")
+    old_budget = os.environ.get("MDS_BUDGET_DIR")
     os.chdir(tmp_path_factory.mktemp("cwd"))
     os.environ["PYTHONPATH"] = root if not old_pp else root + os.pathsep + old_pp
+    # the routers of this run (and the processes it starts) share request budgets with each
+    # other only, never with a developer's own routers or another run's
+    os.environ["MDS_BUDGET_DIR"] = str(tmp_path_factory.mktemp("budget"))
     try:
         yield
     finally:
         os.chdir(old_cwd)
-        if old_pp is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pp
+        for name, old in (("PYTHONPATH", old_pp), ("MDS_BUDGET_DIR", old_budget)):
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 @pytest.fixture(autouse=True)

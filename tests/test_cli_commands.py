@@ -48,8 +48,8 @@ def test_list_shows_every_series_with_its_span_and_count(home: Path) -> None:
     assert res.returncode == 0, res.stderr
     rows = [ln.split() for ln in res.stdout.splitlines()[2:-1]]
     assert rows == [
-        ["KRW-BTC", "1m", "2021-01-30T10:28:00Z", "2021-01-30T13:47:00Z", "200"],
-        ["KRW-BTC", "3m", "2020-02-19T15:00:00Z", "2020-02-20T00:57:00Z", "200"],
+        ["KRW-BTC", "1m", "2021-01-30T10:28:00Z", "2021-01-30T13:47:00Z", "200", "0.0%"],
+        ["KRW-BTC", "3m", "2020-02-19T15:00:00Z", "2020-02-20T00:57:00Z", "200", "0.0%"],
     ]
     assert res.stdout.splitlines()[-1] == "2 series, 400 candles"
     assert run(home, "list", "KRW-ETH").stdout.strip() == "0 series, 0 candles"

@@ -138,6 +138,7 @@ def test_public_api_is_exactly_this_list() -> None:
         "Layer1Error",
         "MaintenanceReport",
         "MdsError",
+        "SeriesInfo",  # issue 19
         "SmartRouterConnector",
         "StorageMetadata",
         "StorageRequest",
@@ -152,6 +153,10 @@ def test_public_api_is_exactly_this_list() -> None:
         "candles_to_upbit",
         "open",
         "parse_timeframe",
+        "resample",  # issue 19: research and backtests
+        "to_arrow",
+        "to_pandas",
+        "to_polars",
         "validate_symbol",
     ]
     for name in mds.__all__:

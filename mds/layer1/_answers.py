@@ -58,6 +58,9 @@ class Layer1Answer:
     calls : int
         Layer 1 calls made for this answer.
     latency_ms : float
+    origin : tuple or None
+        Cache answers only: ``(data list, its length, first row, last row, fetched_at)`` of the
+        ``peek_cache`` answer it was converted from; the same list again means the same entry.
     """
 
     data_type: DataType
@@ -68,6 +71,7 @@ class Layer1Answer:
     exhausted: dict[str, bool] = field(default_factory=dict)
     calls: int = 0
     latency_ms: float = 0.0
+    origin: tuple[Any, int, Any, Any, Any] | None = None
 
 
 def _rows_of(payload: Any, what: str) -> list[dict[str, Any]]:

@@ -1,7 +1,13 @@
 """The router's small TTL cache (the seed Layer 1's) and ``peek_cache`` answers from it.
 
-The latest ``candle_cache_count`` candles per series for ``candle_ttl_s``, tickers and orderbooks
-for their own TTLs; expiry runs on the monotonic clock, ``fetched_at`` (epoch ms) dates each entry.
+The latest ``candle_cache_count`` candles per series for ``candle_ttl_s``, tickers, orderbooks and
+the latest trades for their own TTLs; expiry runs on the monotonic clock, ``fetched_at`` (epoch
+ms) dates each entry.
+
+A peek answers from the entries as they are: while they stay the same, a repeated peek returns
+the same ``data`` list (a new outer dict), built once. Entries are replaced, never changed in
+place, so a reader may keep what it derived from a ``data`` list for as long as a peek returns
+that list (mds's store does: its conversion of an answer is kept with the list's identity).
 """
 
 from __future__ import annotations
@@ -25,20 +31,46 @@ class ResponseCache:
     ticker_ttl_s, orderbook_ttl_s : float
         Lifetime of tickers and orderbooks; 0 disables them.
 
-    These four attributes are the one home of the router's settings of the same names; each is
-    read when it is used.
+    trade_ttl_s : float
+        Lifetime of the latest trades of a market (kept for ``peek_cache``; ``get_trades`` always
+        asks the network); 0 disables it.
+
+    These five attributes are the one home of the router's settings of the same names; each is
+    read when it is used. Setting one changes :meth:`policy`'s ``version`` (a reader that
+    settled its policy on the old one can tell).
     """
 
+    _POLICY = frozenset(("candle_ttl_s", "candle_cache_count", "ticker_ttl_s", "orderbook_ttl_s", "trade_ttl_s"))
+
     def __init__(
-        self, *, candle_ttl_s: float, candle_cache_count: int, ticker_ttl_s: float, orderbook_ttl_s: float
+        self,
+        *,
+        candle_ttl_s: float,
+        candle_cache_count: int,
+        ticker_ttl_s: float,
+        orderbook_ttl_s: float,
+        trade_ttl_s: float = 0.0,
     ) -> None:
+        self.version = 0
+        # key -> (expires_monotonic, fetched_at_ms, payload[, exhausted])
+        self._candles: dict[tuple[str, str], tuple[float, int, list[dict[str, Any]], bool]] = {}
+        self._snapshots: dict[str, dict[str, tuple[float, int, dict[str, Any]]]] = {"ticker": {}, "orderbook": {}}
+        # symbol -> (expires_monotonic, fetched_at_ms, rows newest first, all the source had)
+        self._trades: dict[str, tuple[float, int, list[dict[str, Any]], bool]] = {}
+        # (kind, symbols, interval, count) -> (the entries it was built from, earliest expiry, answer)
+        self._answers: dict[tuple[Any, ...], tuple[tuple[Any, ...], float, dict[str, Any]]] = {}
         self.candle_ttl_s = candle_ttl_s
         self.candle_cache_count = candle_cache_count
         self.ticker_ttl_s = ticker_ttl_s
         self.orderbook_ttl_s = orderbook_ttl_s
-        # key -> (expires_monotonic, fetched_at_ms, payload[, exhausted])
-        self._candles: dict[tuple[str, str], tuple[float, int, list[dict[str, Any]], bool]] = {}
-        self._snapshots: dict[str, dict[str, tuple[float, int, dict[str, Any]]]] = {"ticker": {}, "orderbook": {}}
+        self.trade_ttl_s = trade_ttl_s
+        self.version = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._POLICY and getattr(self, name, None) != value:
+            object.__setattr__(self, "version", self.version + 1)
+            self._answers.clear()
+        object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         """Candle series cached (expired entries included until next read)."""
@@ -74,6 +106,13 @@ class ResponseCache:
         exhausted = pages.exhausted and len(pages.rows) <= self.candle_cache_count
         self._candles[key] = (time.monotonic() + self.candle_ttl_s, fetched_at, rows, exhausted)
 
+    # -- trades ------------------------------------------------------------------------------
+    def put_trades(self, sym: str, rows: list[dict[str, Any]], fetched_at: int, asked: int) -> None:
+        """Keep the latest trades of ``sym`` (newest first) for ``trade_ttl_s``, if cached at all;
+        fewer rows than ``asked`` were all the source had."""
+        if self.trade_ttl_s > 0:
+            self._trades[sym] = (time.monotonic() + self.trade_ttl_s, fetched_at, list(rows), len(rows) < asked)
+
     # -- tickers and orderbooks --------------------------------------------------------------
     def _ttl(self, kind: str) -> float:
         return self.ticker_ttl_s if kind == "ticker" else self.orderbook_ttl_s
@@ -101,7 +140,34 @@ class ResponseCache:
 
     # -- the cache as a whole ----------------------------------------------------------------
     def peek(self, kind: str, syms: list[str], interval: str | Timeframe | None, count: int) -> dict[str, Any] | None:
-        """``UpbitRouter.peek_cache`` for ``kind`` (lower case) and validated ``syms``."""
+        """``UpbitRouter.peek_cache`` for ``kind`` (lower case) and validated ``syms``: a new dict
+        whose ``data`` list is the one of the previous peek while the entries it came from live."""
+        key = (kind, tuple(syms), interval, count)
+        memo = self._answers.get(key)
+        if memo is not None:
+            entries, expires, answer = memo
+            if time.monotonic() < expires and all(
+                self._entry(kind, syms, interval, i) is e for i, e in enumerate(entries)
+            ):
+                return {**answer, "metadata": dict(answer["metadata"])}
+            del self._answers[key]
+        built = self._build(kind, syms, interval, count)
+        if built is None:
+            return None
+        entries = tuple(self._entry(kind, syms, interval, i) for i in range(len(syms)))
+        if all(e is not None for e in entries):
+            self._answers[key] = (entries, min(e[0] for e in entries), built)
+        return {**built, "metadata": dict(built["metadata"])}
+
+    def _entry(self, kind: str, syms: list[str], interval: Any, i: int) -> Any:
+        """The entry a peek of ``kind`` read for ``syms[i]`` (identity tells a replaced one)."""
+        if kind == "candle":
+            return self._candles.get((syms[i], parse_timeframe(interval).name))
+        if kind == "trade":
+            return self._trades.get(syms[i])
+        return self._snapshots[kind].get(syms[i]) if kind in self._snapshots else None
+
+    def _build(self, kind: str, syms: list[str], interval: str | Timeframe | None, count: int) -> dict[str, Any] | None:
         if kind == "candle":
             if interval is None:
                 raise InvalidRequestError("peek_cache for candles needs an interval")
@@ -128,6 +194,18 @@ class ResponseCache:
             data = [rows[s] for s in syms]
             fetched = [at_of[s] for s in syms]
             meta = {}
+        elif kind == "trade":
+            now = time.monotonic()
+            data, fetched = [], []
+            whole: dict[str, bool] = {}
+            for s in syms:
+                e = self._trades.get(s)
+                if e is None or e[0] <= now or (len(e[2]) < int(count) and not e[3]):
+                    return None
+                data.extend(e[2][: int(count)])
+                fetched.append(e[1])
+                whole[s] = len(e[2]) < int(count)
+            meta = {"exhausted": whole}
         else:
             return None
         return {
@@ -141,6 +219,7 @@ class ResponseCache:
                 "count": len(data),
                 "requests": 0,
                 "fetched_at": min(fetched),
+                "policy_version": self.version,
                 **meta,
             },
         }
@@ -152,11 +231,14 @@ class ResponseCache:
             "candle_cache_count": self.candle_cache_count,
             "ticker_ttl_s": self.ticker_ttl_s,
             "orderbook_ttl_s": self.orderbook_ttl_s,
-            "trade_ttl_s": 0.0,
+            "trade_ttl_s": self.trade_ttl_s,
+            "version": self.version,
         }
 
     def clear(self) -> None:
         """Drop every entry."""
         self._candles.clear()
+        self._trades.clear()
+        self._answers.clear()
         for cache in self._snapshots.values():
             cache.clear()

@@ -1,7 +1,8 @@
 """The router's HTTP transport: one paced, retried GET per call, and its statistics.
 
-Owns the ``httpx`` client (bound to one event loop), the per-group rate-limit budget
-(:class:`_Pacer`, lowered by ``Remaining-Req``), the retry policy (429, 5xx, timeouts, transport
+Owns the ``httpx`` client (bound to one event loop), the per-group rate-limit budgets (one per
+machine, shared by every router on it: :mod:`mds.layer1._budget`; corrected by ``Remaining-Req``),
+the retry policy (429, 5xx, timeouts, transport
 errors and broken payloads with bounded exponential backoff; 418, 400 and 404 at once) and the
 request latency and status counts that ``UpbitRouter.get_performance_summary`` reports.
 """
@@ -15,66 +16,18 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from mds.errors import Layer1Error
+from mds.layer1._budget import SharedBudget, _Pacer, default_dir, open_budget
 from mds.layer1._metrics import percentile
 from mds.layer1._paging import BadPayload
 
 # The router's logger, not this module's: these lines were the router's before it was cut along
 # its roles, and logging configured for "mds.layer1.router" must keep seeing them.
 logger = logging.getLogger("mds.layer1.router")
-
-
-@dataclass
-class _Pacer:
-    """Sliding-window limiter for one rate-limit group.
-
-    A slot is taken when a request is sent and stamped when its response arrives; the server
-    counts the request in between, so at most ``limit`` requests fall in any server-side window.
-    """
-
-    limit: int
-    window_s: float
-    done: collections.deque[float] = field(default_factory=collections.deque)
-    in_flight: int = 0
-    waits: int = 0
-    waited_s: float = 0.0
-
-    def _prune(self, now: float) -> None:
-        while self.done and self.done[0] <= now - self.window_s:
-            self.done.popleft()
-
-    async def acquire(self) -> None:
-        waited = False
-        t0 = time.monotonic()
-        while True:
-            now = time.monotonic()
-            self._prune(now)
-            if self.in_flight + len(self.done) < self.limit:
-                self.in_flight += 1
-                if waited:
-                    self.waits += 1
-                    self.waited_s += now - t0
-                return
-            waited = True
-            delay = self.done[0] + self.window_s - now if self.done else self.window_s / 20
-            await asyncio.sleep(min(max(delay, 0.0005), self.window_s))
-
-    def release(self, server_left: int | None) -> None:
-        self.in_flight -= 1
-        now = time.monotonic()
-        self.done.append(now)
-        if server_left is not None:
-            self._prune(now)
-            # The server has counted more than we sent (another process on this IP, or a 429):
-            # fill the window so the next request waits for it to pass.
-            missing = (self.limit - server_left) - (self.in_flight + len(self.done))
-            for _ in range(max(0, missing)):
-                self.done.append(now)
 
 
 def _parse_remaining(value: str | None) -> int | None:
@@ -125,7 +78,7 @@ class Transport:
         Scheme and host, without ``/v1``.
     headers : mapping
         Request headers.
-    timeout_s, max_retries, backoff_s, max_backoff_s, rate_limit, rate_window_s
+    timeout_s, max_retries, backoff_s, max_backoff_s, rate_limit, rate_window_s, budget_dir
         As :class:`~mds.layer1.UpbitRouter`. These attributes (and ``base_url``) are the one home
         of the router's settings of the same names; each is read when it is used.
     counts : collections.Counter
@@ -146,6 +99,7 @@ class Transport:
         rate_limit: int,
         rate_window_s: float,
         counts: collections.Counter[str],
+        budget_dir: str | None = None,
     ) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
@@ -154,10 +108,14 @@ class Transport:
         self.max_backoff_s = max_backoff_s
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
+        self.budget_dir = budget_dir
         self._headers = dict(headers)
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pacers: dict[str, _Pacer] = {}
+        # (budget directory, base_url, group, window) -> its budget: the machine-wide file, or
+        # this process's pacer where the file cannot be used. Keyed by the settings that name a
+        # budget, so changing one after construction moves the router to another budget.
+        self._pacers: dict[tuple[str, str, str, float], SharedBudget | _Pacer] = {}
         self._rng = random.Random(0x5EED)
         self._counts = counts
         self._latency: dict[str, collections.deque[float]] = collections.defaultdict(
@@ -183,13 +141,25 @@ class Transport:
                 limits=httpx.Limits(max_connections=20, max_keepalive_connections=20),
             )
             self._loop = loop
-            self._pacers.clear()
+            # An in-process pacer starts afresh with the new client (as before the budget was
+            # shared); the shared budgets' state lives in their files.
+            for key in [k for k, p in self._pacers.items() if isinstance(p, _Pacer)]:
+                del self._pacers[key]
         return self._client
 
-    def _pacer(self, group: str) -> _Pacer:
-        p = self._pacers.get(group)
+    def _pacer(self, group: str) -> SharedBudget | _Pacer:
+        key = (self.budget_dir or default_dir(), self.base_url, group, self.rate_window_s)
+        p = self._pacers.get(key)
         if p is None:
-            p = self._pacers[group] = _Pacer(self.rate_limit, self.rate_window_s)
+            p = open_budget(key[0], self.base_url, group, self.rate_window_s) or _Pacer(
+                self.rate_limit, self.rate_window_s
+            )
+            self._pacers[key] = p
+        p.limit = self.rate_limit
+        if isinstance(p, SharedBudget):
+            # How long a slot may stay in flight: httpx gives each of pool, connect, write and
+            # read ``timeout_s``; past that the holder is gone or stuck, and the slot counts as done.
+            p.hold_s = 4 * self.timeout_s + self.rate_window_s
         return p
 
     def _backoff(self, attempt: int) -> float:
@@ -208,7 +178,7 @@ class Transport:
             if attempt:
                 self._counts["retries"] += 1
                 await asyncio.sleep(self._backoff(attempt))
-            await pacer.acquire()
+            token = await pacer.acquire()
             t0 = time.perf_counter()
             left: int | None = None
             try:
@@ -225,7 +195,7 @@ class Transport:
                 self._counts["transport_errors"] += 1
                 continue
             finally:
-                pacer.release(left)
+                pacer.release(left, token)
             self._latency[group].append((time.perf_counter() - t0) * 1000.0)
             self._counts["requests"] += 1
             self._status[resp.status_code] += 1
@@ -253,7 +223,8 @@ class Transport:
             if status == 418:
                 self._counts["blocked"] += 1
                 raise Layer1Error(
-                    f"Upbit blocked this IP (HTTP 418): {message}. Stop sending requests until the block expires."
+                    f"Upbit blocked this IP (HTTP 418): {message.rstrip('.')}. "
+                    "Stop sending requests until the block expires."
                 )
             if status >= 500:
                 self._counts["server_errors"] += 1
@@ -265,7 +236,9 @@ class Transport:
 
     def summary(self) -> dict[str, Any]:
         """``status`` (responses by HTTP status), ``groups`` (requests and latency percentiles per
-        rate-limit group) and ``pacing`` (waits for the budget per group), JSON-serialisable."""
+        rate-limit group), ``pacing`` (waits for the budget per group) and ``budget`` (whether
+        the budgets are machine-wide, their directory, this process's waits in all and each
+        budget's figures), JSON-serialisable."""
         groups = {
             g: {
                 "requests": len(v),
@@ -274,9 +247,23 @@ class Transport:
             }
             for g, v in self._latency.items()
         }
-        pacing = {g: {"waits": p.waits, "waited_s": round(p.waited_s, 6)} for g, p in self._pacers.items()}
+        pacing: dict[str, dict[str, Any]] = {}
+        budgets: dict[str, dict[str, Any]] = {}
+        for (_, _, group, _), p in self._pacers.items():
+            fig = p.summary()
+            mine = pacing.setdefault(group, {"waits": 0, "waited_s": 0.0})
+            mine["waits"] += fig["waits"]
+            mine["waited_s"] = round(mine["waited_s"] + fig["waited_s"], 6)
+            budgets[group] = {"shared": False, **fig}
         return {
             "status": {str(k): v for k, v in sorted(self._status.items())},
             "groups": groups,
             "pacing": pacing,
+            "budget": {
+                "shared": bool(budgets) and all(b["shared"] for b in budgets.values()),
+                "dir": self.budget_dir or default_dir(),
+                "waits": sum(p["waits"] for p in pacing.values()),
+                "waited_s": round(sum(p["waited_s"] for p in pacing.values()), 6),
+                "groups": budgets,
+            },
         }

@@ -90,8 +90,24 @@ class SmartRouterConnector:
         self.config = config or Config()
         self._clock = clock or now_ms
         self._stats = Layer1Stats()
-        self._cache_peek = CachePeek(layer1, float(timeout_s), int(page_size), self._stats)
+        self._cache_peek = CachePeek(
+            layer1, float(timeout_s), int(page_size), self._stats, self._clock, self._note_policy_version
+        )
         self.policy: dict[str, Any] | None = None
+        # the Layer 1's policy ``version`` the settled policy was read from; an answer dated by
+        # another version (``metadata.policy_version``) makes the next call settle it again
+        self._policy_version: Any = None
+        self._policy_stale = False
+
+    @property
+    def policy_stale(self) -> bool:
+        """An answer (a call's or a peek's) was dated by another version of the Layer 1's cache
+        policy than the settled one: :meth:`sync_cache_policies` should run again."""
+        return self._policy_stale
+
+    def _note_policy_version(self, version: Any) -> None:
+        if self.policy is not None and version is not None and version != self._policy_version:
+            self._policy_stale = True
 
     # -- the one call path -------------------------------------------------------------------
     async def _call(
@@ -122,6 +138,7 @@ class SmartRouterConnector:
             self._stats.latency[kind].append((time.perf_counter() - t0) * 1000.0)
         try:
             answer = envelope(method, result)
+            self._note_policy_version(meta_of(answer).get("policy_version"))
             return answer, check(answer)
         except Layer1Error:
             self._stats.failures[kind] += 1
@@ -216,7 +233,9 @@ class SmartRouterConnector:
         supports: ``count`` (with optional ``end_time``) gives the latest N before the end,
         ``start_time``/``end_time`` the range (to now when ``end_time`` is None), ``start_time``
         with ``count`` the first N from the start. Tickers and orderbooks come in one call for
-        all symbols, trades with ``count`` (default 100).
+        all symbols, trades with ``count`` (default 100). An answer dated by another version of
+        the Layer 1's cache policy than the one settled (``metadata.policy_version``) settles the
+        policy again after the call.
 
         Raises
         ------
@@ -224,6 +243,17 @@ class SmartRouterConnector:
             The Layer 1 answered ``success: false``, raised, timed out or returned something
             malformed; the message carries the Layer 1's own.
         """
+        answer = await self._request(request)
+        if self._policy_stale:
+            # the Layer 1 said its policy changed: settle it again (a failure keeps the old one)
+            try:
+                await self.sync_cache_policies()
+            except Layer1Error as exc:
+                logger.warning("the Layer 1 changed its cache policy, but reading it failed: %s", exc)
+        return answer
+
+    async def _request(self, request: StorageRequest) -> Layer1Answer:
+        """The call of :meth:`request_data_from_layer1`, before the policy check."""
         t0 = time.perf_counter()
         dt = request.data_type
         if dt is DataType.CANDLE:
@@ -257,8 +287,11 @@ class SmartRouterConnector:
     async def get_from_layer1_cache(self, request: StorageRequest) -> Layer1Answer | None:
         """Answer ``request`` from the Layer 1's cache only (``peek_cache``), never the network.
 
-        None on a miss, when the Layer 1 has no ``peek_cache``, for trades, and for candle
-        requests the cache cannot answer in full (a range outside its latest candles).
+        None on a miss, when the Layer 1 has no ``peek_cache``, for a hit older than the Layer
+        1's own TTL for its kind (once :meth:`sync_cache_policies` has read it), for trades
+        ``since`` a time or fewer than asked, and for candle requests the cache cannot answer in
+        full (a range outside its latest candles). Repeating a peek that the Layer 1 answers
+        with the same ``data`` list returns the same answer, not converted again.
 
         Raises
         ------
@@ -295,6 +328,7 @@ class SmartRouterConnector:
         Layer1Error
             ``cache_policy()`` raised, timed out or did not return a dict.
         """
+        self._policy_stale = False
         fn = getattr(self.layer1, "cache_policy", None)
         layer1_policy: dict[str, Any] | None = None
         if callable(fn):
@@ -309,6 +343,7 @@ class SmartRouterConnector:
             if not isinstance(got, Mapping):
                 raise Layer1Error(f"Layer 1 cache_policy returned {type(got).__name__}, not a dict")
             layer1_policy = dict(got)
+        self._policy_version = (layer1_policy or {}).get("version")
         own = {
             "candle_ttl_s": self.config.memory_ttl_s,
             "ticker_ttl_s": self.config.realtime_ttl_s,

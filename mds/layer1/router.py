@@ -14,9 +14,11 @@ Behaviour towards Upbit:
   page is followed by one more request: one extra, empty request where a walk reaches a
   market's first candle).
 - Pacing: at most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 a second per
-  IP for each of candles, ticker, orderbook, trades). A slot is released when its response has
+  IP for each of candles, ticker, orderbook, trades), from one budget per machine: every router
+  on it, in any thread or process, draws from the same window of the same server and group (a
+  small locked file, :mod:`mds.layer1._budget`). A slot is released when its response has
   arrived, so the server can never count more than the limit in any window, whatever the network
-  delay. ``Remaining-Req: ... sec=N`` lowers the local budget when others share the IP.
+  delay. ``Remaining-Req: ... sec=N`` lowers the budget when others share the IP.
 - 429: the group's window is treated as used up, then the request is retried with exponential
   backoff. 418 (blocked): :class:`Layer1Error` at once with Upbit's block message. Timeouts,
   transport errors, 5xx and broken payloads (invalid JSON, truncated bodies, another market's
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -85,17 +88,28 @@ class UpbitRouter:
     backoff_s, max_backoff_s : float
         Exponential backoff: ``backoff_s * 2**(attempt-1)``, capped, with jitter (50-100 %).
     rate_limit, rate_window_s : int, float
-        At most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 per second).
+        At most ``rate_limit`` requests per ``rate_window_s`` per group (Upbit: 10 per second),
+        counted over every router on this machine that talks to the same server (scheme, host
+        and port) with the same window.
     candle_ttl_s, candle_cache_count : float, int
         Cache of the latest candles per series (default 200 for 5 minutes); 0 disables it.
     ticker_ttl_s, orderbook_ttl_s : float
         Cache lifetime of tickers and orderbooks (default 5 s); 0 disables it.
+    trade_ttl_s : float
+        How long the latest trades of a market are kept for :meth:`peek_cache` (default 1 s);
+        0 disables it.
     clock : callable, optional
         Epoch ms; dates answers (``fetched_at``) and decides which interval is still forming.
         Default: the wall clock. Cache expiry always uses the monotonic clock.
     headers : mapping, optional
         Extra request headers. Never send ``Origin``: Upbit limits such clients to 1 request
         per 10 s.
+    budget_dir : str, optional
+        Directory of the machine-wide request budgets (created mode 0700). Default:
+        ``$MDS_BUDGET_DIR``, else ``$XDG_RUNTIME_DIR/mds-budget``, else
+        ``<tempdir>/mds-budget-<uid>``. Routers share a budget only through the same directory;
+        where it cannot be used (no ``fcntl.flock``, a directory of another user) each router
+        paces itself alone and a warning says so.
 
     Notes
     -----
@@ -112,10 +126,12 @@ class UpbitRouter:
     max_backoff_s = Forwarded[float]("_transport")
     rate_limit = Forwarded[int]("_transport")
     rate_window_s = Forwarded[float]("_transport")
+    budget_dir = Forwarded[str | None]("_transport")
     candle_ttl_s = Forwarded[float]("_cache")
     candle_cache_count = Forwarded[int]("_cache")
     ticker_ttl_s = Forwarded[float]("_cache")
     orderbook_ttl_s = Forwarded[float]("_cache")
+    trade_ttl_s = Forwarded[float]("_cache")
 
     def __init__(
         self,
@@ -131,8 +147,10 @@ class UpbitRouter:
         candle_cache_count: int = PAGE_SIZE,
         ticker_ttl_s: float = 5.0,
         orderbook_ttl_s: float = 5.0,
+        trade_ttl_s: float = 1.0,
         clock: Callable[[], int] | None = None,
         headers: Mapping[str, str] | None = None,
+        budget_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if rate_limit < 1 or rate_window_s <= 0:
             raise InvalidRequestError("rate_limit must be >= 1 and rate_window_s > 0")
@@ -150,12 +168,14 @@ class UpbitRouter:
             rate_limit=int(rate_limit),
             rate_window_s=float(rate_window_s),
             counts=self._counts,
+            budget_dir=None if budget_dir is None else os.fspath(budget_dir),
         )
         self._cache = ResponseCache(
             candle_ttl_s=float(candle_ttl_s),
             candle_cache_count=int(candle_cache_count),
             ticker_ttl_s=float(ticker_ttl_s),
             orderbook_ttl_s=float(orderbook_ttl_s),
+            trade_ttl_s=float(trade_ttl_s),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -299,6 +319,7 @@ class UpbitRouter:
                 "requests": requests,
                 "covered": covered,
                 "exhausted": exhausted,
+                "policy_version": self._cache.version,
                 "fetched_at": min(fetched),
                 "response_time_ms": (time.perf_counter() - t0) * 1000.0,
             },
@@ -351,6 +372,7 @@ class UpbitRouter:
                 "requests": pages.requests,
                 "covered": [min(covered_from, covered_to), covered_to],
                 "exhausted": pages.exhausted,
+                "policy_version": self._cache.version,
                 "fetched_at": fetched_at,
                 "response_time_ms": (time.perf_counter() - t0) * 1000.0,
             },
@@ -396,6 +418,7 @@ class UpbitRouter:
                 "symbols": syms,
                 "count": len(syms),
                 "requests": requests,
+                "policy_version": self._cache.version,
                 "fetched_at": min(fetched_at.values()),
                 "response_time_ms": (time.perf_counter() - t0) * 1000.0,
             },
@@ -424,7 +447,8 @@ class UpbitRouter:
     async def get_trades(self, symbols: str | Iterable[str], count: int = 100) -> dict[str, Any]:
         """Recent trades (``/v1/trades/ticks``) per symbol, newest first, deduplicated on
         ``sequential_id`` (of duplicates, the row delivered later wins); ``count`` is capped at
-        Upbit's 500. Never cached.
+        Upbit's 500. Always asked of the network; the answer is kept ``trade_ttl_s`` for
+        :meth:`peek_cache`.
 
         Raises
         ------
@@ -453,6 +477,8 @@ class UpbitRouter:
 
         fetched_at = int(self._clock())
         results = await asyncio.gather(*(one(s) for s in syms))
+        for s, rows in zip(syms, results):
+            self._cache.put_trades(s, rows, fetched_at, n)
         self._counts["calls_trade"] += 1
         data = [r for rows in results for r in rows]
         return {
@@ -465,6 +491,7 @@ class UpbitRouter:
                 "symbols": syms,
                 "count": len(data),
                 "requests": len(syms),
+                "policy_version": self._cache.version,
                 "fetched_at": fetched_at,
                 "response_time_ms": (time.perf_counter() - t0) * 1000.0,
             },
@@ -495,5 +522,10 @@ class UpbitRouter:
         self._cache.clear()
 
     def get_performance_summary(self) -> dict[str, Any]:
-        """JSON-serialisable counters: requests, retries, 429s, cache hits, latency per group."""
+        """JSON-serialisable counters: requests, retries, 429s, cache hits, latency per group, and
+        ``budget``: whether the request budgets are machine-wide (``shared``), their ``dir``,
+        this router's ``waits`` for them and the seconds ``waited_s``, and per group the budget
+        file (``path``), slots of dead holders it expired (``reaped``), stamps added because
+        the server counted more (``corrections``) and the times this process gave up waiting
+        for a budget lock another process kept and paced alone (``lock_fallbacks``)."""
         return {"counters": dict(self._counts), **self._transport.summary(), "cached_series": len(self._cache)}

@@ -31,7 +31,16 @@ import numpy as np
 
 from mds._files import check_store_dir
 from mds.errors import InvalidRequestError, StorageUnavailableError
-from mds.models import CheckReport, Config, Gap, MaintenanceReport, StorageRequest, StorageResponse, WriteResult
+from mds.models import (
+    CheckReport,
+    Config,
+    Gap,
+    MaintenanceReport,
+    SeriesInfo,
+    StorageRequest,
+    StorageResponse,
+    WriteResult,
+)
 from mds.store import upkeep
 from mds.store.api import AsyncApi
 from mds.store.changes import ChangeSlots
@@ -39,8 +48,10 @@ from mds.store.coverage import Coverage, gap_kinds
 from mds.store.fetch import Fetcher
 from mds.store.health import Tiers, storage_errors
 from mds.store.metrics import Metrics
+from mds.store.peeks import CachePeeks
 from mds.store.reads import Reader, time_range
 from mds.store.remote import RemoteChanges
+from mds.store.series import list_series
 from mds.store.writes import Writer
 from mds.symbols import validate_symbol
 from mds.tiers.realtime import RealtimeCache
@@ -121,6 +132,7 @@ class Store:
         )
         self._writer = Writer(self._health, self._slots, self._coverage, self.config, self._lock)
         self._fetcher: Fetcher | None = None
+        self._peeks: CachePeeks | None = None
         if layer1 is not None:
             from mds.layer1.connector import SmartRouterConnector
 
@@ -140,6 +152,13 @@ class Store:
                 self._writer.in_batch,
                 self._health.first_stored,
             )
+            self._peeks = CachePeeks(self._fetcher, self.config, self._metrics, self._clock, self._realtime)
+            try:
+                self._peeks.sync_policy()  # bounded by the Layer 1 timeout; a failure is logged
+            except BaseException:
+                self._fetcher.close()
+                self._close_tiers()
+                raise
         self._reader = Reader(
             self._health,
             self._slots,
@@ -149,9 +168,17 @@ class Store:
             self._metrics,
             self.config,
             self._clock,
+            self._peeks,
         )
         self._api = AsyncApi(
-            self._reader, self._fetcher, self._realtime, self._metrics, self.config, self._lock, self._check_open
+            self._reader,
+            self._fetcher,
+            self._realtime,
+            self._metrics,
+            self.config,
+            self._lock,
+            self._check_open,
+            self._peeks,
         )
 
     @property
@@ -236,6 +263,9 @@ class Store:
 
         Parameters
         ----------
+        timeframe
+            A native timeframe, or a derived one (``"2h"``, ``"6h"``, ``"12h"``, ``"3d"``):
+            resampled from a native series (:mod:`mds.store.derived`), never stored.
         count
             The latest ``count`` closed candles (before ``end`` when given); with ``start``, the
             first ``count`` candles from ``start``.
@@ -264,10 +294,23 @@ class Store:
         if self._closed:  # _check_open and _sym written out: this is the memory hit's path
             raise StorageUnavailableError("the store is closed")
         sym = symbol if symbol.__class__ is str and symbol in self._symbols_ok else self._sym(symbol)
-        tf = parse_timeframe(timeframe)
+        tf = parse_timeframe(timeframe, derived=True)
+        if tf.derived:  # "2h", "3d" ...: resampled from a native series (mds/store/derived.py)
+            from mds.store import derived
+
+            with self._lock:
+                rows, served = derived.read(self._reader, sym, tf, count, start, end, include_partial)
+            self._metrics.served(served, "api.candles", (time.perf_counter() - t0) * 1000)
+            return rows
         with self._lock:
             arr = None
             if count.__class__ is int and count > 0 and start is None and end is None and not include_partial:
+                peeks = self._peeks
+                if peeks is not None and self._config.lookup == "layer1_first":
+                    arr = peeks.fast_latest(sym, tf, count)
+                    if arr is not None:
+                        self._metrics.served("layer1_cache", "api.candles", (time.perf_counter() - t0) * 1000)
+                        return arr
                 arr = self._reader.fast_latest(sym, tf, count)
             if arr is not None:
                 source = "storage_memory"
@@ -340,6 +383,186 @@ class Store:
         with self._lock:
             return upkeep.check(self._health, self._slots, self._lock)
 
+    def panel(
+        self,
+        symbols: Any,
+        timeframe: str | Timeframe,
+        *,
+        start: Any,
+        end: Any,
+        field: str = "close",
+        fill: str = "nan",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Several markets on one time grid, for vectorised backtests.
+
+        Parameters
+        ----------
+        symbols
+            Market codes (no repeats); column ``j`` of ``values`` is ``symbols[j]``.
+        timeframe
+            Any timeframe a read takes, derived ones (``"2h"``, ``"3d"``) included.
+        start, end
+            The half-open range ``[start, end)`` (both required).
+        field
+            ``open``, ``high``, ``low``, ``close`` (default), ``volume`` or ``value``.
+        fill
+            ``"nan"`` (default): NaN where no candle is; ``"ffill"``: a no-trade slot takes the
+            last close (volume and value: 0).
+
+        Returns
+        -------
+        ts, values
+            ``ts`` int64[n]: every open time of the grid in ``[start, end)``; ``values``
+            float64[n, k]. Slots not known to be no-trade (``missing``: never fetched, not yet
+            closed) are always NaN, and so is every slot before a market's first candle.
+        """
+        self._check_open()
+        from mds.store import panel
+
+        return panel.build(self, symbols, timeframe, start, end, field, fill)
+
+    # ------------------------------------------------------------------ listing, long reads, datasets
+    def series(self) -> list[SeriesInfo]:
+        """Every stored series: symbol, timeframe, first and last candle, count and the share of
+        the intervals between them that coverage proves (see :class:`~mds.SeriesInfo`).
+
+        Lists what the durable tier holds (SQLite or PostgreSQL); a store without one lists what
+        its memory and LMDB tiers hold now. A series with coverage but no candle (a span known to
+        have had no trades) is listed with ``first``/``last``/``covered`` None.
+
+        Raises
+        ------
+        StorageUnavailableError
+            The durable tier cannot answer (never a shorter list).
+        """
+        self._check_open()
+        with self._lock:
+            return list_series(self._health, self._coverage)
+
+    def iter_candles(
+        self, symbol: str, timeframe: str | Timeframe, *, start: Any, end: Any = None, chunk: int = 100_000
+    ) -> Iterator[np.ndarray]:
+        """Read ``[start, end)`` in chunks of ``chunk`` intervals, without holding it all.
+
+        Each chunk is one :meth:`candles` range read (proven like any read: a span the tiers do
+        not cover is fetched from Layer 1 when there is one, and without one a missing span reads
+        as :meth:`candles` reads it, stored candles only); chunks without candles are skipped.
+
+        Parameters
+        ----------
+        start, end
+            The half-open range (as for :meth:`candles`); ``end`` None: up to the last interval
+            closed when the iteration was asked for.
+        chunk
+            Intervals per chunk (so at most that many candles per array), 1 to 10,000,000.
+
+        Yields
+        ------
+        numpy.ndarray
+            Read-only CANDLE_DTYPE arrays, ascending and consecutive (each starts after the last).
+
+        Raises
+        ------
+        InvalidRequestError
+            Bad symbol, timeframe, range or chunk (at the call, before anything is read).
+        """
+        self._check_open()
+        sym = self._sym(symbol)
+        tf = parse_timeframe(timeframe)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or not 0 < int(chunk) <= 10_000_000:
+            raise InvalidRequestError(f"chunk must be an int in 1..10000000, not {chunk!r}")
+        s, e = time_range(start, end)
+        if s is None:
+            raise InvalidRequestError("iter_candles needs start")
+        hi = tf.floor(int(self._clock())) if e is None else e
+        return self._chunks(sym, tf, tf.ceil(s), hi, int(chunk))
+
+    def _chunks(self, sym: str, tf: Timeframe, lo: int, hi: int, chunk: int) -> Iterator[np.ndarray]:
+        a = lo
+        while a < hi:
+            b = min(tf.add(a, chunk), hi)
+            arr = self.candles(sym, tf, start=a, end=b)
+            if len(arr):
+                yield arr
+            a = b
+
+    def export_dataset(
+        self,
+        directory: str | os.PathLike[str],
+        symbols: Any = None,
+        timeframes: Any = None,
+        start: Any = None,
+        end: Any = None,
+    ) -> list[SeriesInfo]:
+        """Write stored series as a Hive-partitioned Parquet dataset
+        (``symbol=.../timeframe=.../year=.../part-0.parquet``) with their coverage.
+
+        Reads what is stored (never Layer 1), chunk by chunk. The dataset appears at
+        ``directory`` whole or not at all (written beside it, renamed when complete); pyarrow,
+        DuckDB and Polars read it as it is, and :meth:`import_dataset` restores the series and
+        their gap kinds exactly. Needs the ``parquet`` (or ``arrow``) extra.
+
+        Parameters
+        ----------
+        directory
+            A new or empty directory.
+        symbols, timeframes
+            Only these (a name or a list of names); None: every stored one.
+        start, end
+            Only candles and coverage in ``[start, end)``; None: unbounded.
+
+        Returns
+        -------
+        list of SeriesInfo
+            The series written, as the dataset holds them.
+
+        Raises
+        ------
+        ImportError
+            pyarrow is not installed (names the extra).
+        InvalidRequestError
+            Bad arguments, or ``directory`` exists and is not an empty directory.
+        StorageUnavailableError
+            Storage could not answer; nothing is left at ``directory``.
+        """
+        self._check_open()
+        from mds import _dataset
+
+        syms = None if symbols is None else {self._sym(x) for x in _names(symbols, "symbols")}
+        tfs = None if timeframes is None else {parse_timeframe(x).name for x in _names(timeframes, "timeframes")}
+        s, e = time_range(start, end)
+        parts = (self._health, self._coverage, self._slots, self._lock)
+        return _dataset.export_dataset(directory, *parts, syms, tfs, s, e)
+
+    def import_dataset(self, directory: str | os.PathLike[str]) -> list[SeriesInfo]:
+        """Store a dataset written by :meth:`export_dataset`: its candles and coverage.
+
+        Everything is checked before anything is stored (the manifest, every file's size and
+        SHA-256, the schema, every candle through the write path's validation); then it is
+        written in one :meth:`batch`. Candles of a time already stored are replaced.
+
+        Returns
+        -------
+        list of SeriesInfo
+            The series the dataset held.
+
+        Raises
+        ------
+        ImportError
+            pyarrow is not installed (names the extra).
+        InvalidRequestError
+            Not a complete mds dataset, or a file that differs from what was exported: nothing
+            is stored.
+        InvalidCandleError
+            An invalid candle (or one after this store's clock): nothing is stored.
+        StorageUnavailableError
+            The write failed: nothing is stored.
+        """
+        self._check_open()
+        from mds import _dataset
+
+        return _dataset.import_dataset(directory, self._writer, self._clock)
+
     # ------------------------------------------------------------------ realtime
     def put_ticker(self, ticker: Mapping[str, Any]) -> None:
         """Store a ticker (Upbit REST, WebSocket DEFAULT or SIMPLE). Memory only."""
@@ -385,7 +608,10 @@ class Store:
         """JSON-serialisable figures: hits and misses per tier, hit rate, latency percentiles per
         tier and per API, Layer 1 calls and candles fetched, sizes per tier, degraded tiers."""
         connector = None if self._fetcher is None else self._fetcher.monitor
-        return self._metrics.stats(self._health, self._lock, self._realtime, connector)
+        out = self._metrics.stats(self._health, self._lock, self._realtime, connector)
+        if self._peeks is not None:
+            out["layer1"]["policy"] = self._peeks.report()
+        return out
 
     def close(self) -> None:
         """Flush and release files. Further calls raise StorageUnavailableError."""
@@ -421,6 +647,19 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageUnavailableError("the store is closed")
+
+
+def _names(value: Any, what: str) -> list[Any]:
+    """A name or an iterable of names (``symbols=``, ``timeframes=``)."""
+    if isinstance(value, (str, Timeframe)):
+        return [value]
+    try:
+        names = list(value)
+    except TypeError:
+        raise InvalidRequestError(f"{what} must be a name or a list of names, not {value!r}") from None
+    if not names:
+        raise InvalidRequestError(f"{what} is empty (give None for all)")
+    return names
 
 
 def open(  # the public name fixed by DESIGN.md

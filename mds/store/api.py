@@ -20,9 +20,11 @@ from mds._dtypes import TRADE_DTYPE
 from mds.convert import candles_to_upbit
 from mds.errors import InvalidRequestError, Layer1Error
 from mds.models import Config, DataType, StorageMetadata, StorageRequest, StorageResponse
+from mds.store import derived
 from mds.store.fetch import Fetcher
 from mds.store.health import StorageDown
 from mds.store.metrics import Metrics, slowest
+from mds.store.peeks import CachePeeks
 from mds.store.reads import NeedsLayer1, Reader
 from mds.tiers.realtime import RealtimeCache
 from mds.timeframes import Timeframe, parse_timeframe
@@ -39,6 +41,7 @@ class AsyncApi:
     config: Config
     lock: Any
     check_open: Callable[[], None]
+    peeks: CachePeeks | None = None
 
     async def get(self, request: StorageRequest) -> StorageResponse:
         t0 = time.perf_counter()
@@ -70,10 +73,12 @@ class AsyncApi:
             return StorageResponse(False, {}, meta, f"{type(exc).__name__}: {exc}")
 
     async def _candles(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
-        tf = parse_timeframe(req.timeframe or "")
+        tf = parse_timeframe(req.timeframe or "", derived=True)
+        if tf.derived:  # "2h", "3d" ...: resampled from a native series; Layer 1 holds none of them
+            return await asyncio.to_thread(self._derived, req, tf)
         peeked = None
-        if self.fetcher is not None and self.config.lookup == "layer1_first" and req.count is not None:
-            peeked = await self.fetcher.peek_async(req, tf)
+        if self.peeks is not None and self.config.lookup == "layer1_first":
+            peeked = await self.peeks.latest_async(req, tf)
         if peeked is not None:
             self.metrics.hits["layer1_cache"] += len(peeked)
             self.metrics.requests += 1
@@ -112,11 +117,29 @@ class AsyncApi:
         self.metrics.requests += 1
         return {s: out[s] for s in req.symbols}, source
 
+    def _derived(self, req: StorageRequest, tf: Timeframe) -> tuple[dict[str, Any], str]:
+        out: dict[str, Any] = {}
+        source = "storage_memory"
+        with self.lock:
+            for sym in req.symbols:
+                arr, src = derived.read(self.reader, sym, tf, req.count, req.start_time, req.end_time, False)
+                self.metrics.hits[src] += 1
+                out[sym] = arr
+                source = slowest(source, src)
+        self.metrics.requests += 1
+        return out, source
+
     def _locked_read(self, sym: str, tf: Timeframe, count: Any, start: Any, end: Any) -> tuple[np.ndarray, str]:
         with self.lock:
             return self.reader.read(sym, tf, count, start, end, False, allow_layer1=True)
 
     async def _realtime(self, req: StorageRequest) -> tuple[dict[str, Any], str]:
+        if self.peeks is not None and self.config.lookup == "layer1_first":
+            peeked = await self.peeks.realtime_async(req)
+            if peeked is not None:
+                self.metrics.hits["layer1_cache"] += len(peeked)
+                self.metrics.requests += 1
+                return peeked, "layer1_cache"
         out: dict[str, Any] = {}
         missing: list[str] = []
         cache = self.realtime

@@ -2,27 +2,25 @@
 
 :class:`Fetcher` runs the connector's coroutines on the store's own event-loop thread (so the
 synchronous API can call an async Layer 1), validates every candle it returns before anything is
-stored, turns what Layer 1 proved (an empty page before the oldest candle) into coverage, and
-peeks into Layer 1's cache for ``lookup="layer1_first"`` reads without touching the network.
+stored, and turns what Layer 1 proved (an empty page before the oldest candle) into coverage.
+Peeking into Layer 1's cache is :mod:`mds.store.peeks`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
 from mds import _kernels as K
-from mds._dtypes import read_only
-from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error, MdsError
+from mds.errors import InvalidCandleError, InvalidRequestError, Layer1Error
 from mds.models import Config, DataType, StorageRequest
 from mds.store.coverage import EMPTY_RANGES, HISTORY_START
 from mds.store.metrics import Metrics
@@ -32,9 +30,6 @@ from mds.timeframes import Timeframe
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Candles a Layer 1 cache keeps per series when it does not say (Upbit's page size).
-_PAGE = 200
 
 
 @dataclass(eq=False)
@@ -62,8 +57,6 @@ class Fetcher:
     first_stored: Callable[[str, Timeframe], int | None]
     loop_thread: threading.Thread | None = field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
-    _peek_limit: int | None = field(default=None, init=False)
-    _peek_sync: bool = field(default=False, init=False)
 
     # ------------------------------------------------------------------ the Layer 1 thread
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -183,86 +176,6 @@ class Fetcher:
         """The candles of ``[s, e)`` from Layer 1 alone (validated, not stored)."""
         arr, _ = self.checked(sym, tf, start=s, end=e)
         return arr[arr["ts"] >= s]
-
-    # ------------------------------------------------------------------ peeking into Layer 1's cache
-    def peek_latest(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
-        """Answer a latest-N read from Layer 1's cache when it holds it fresh (never the network)."""
-        if not self.can_peek(n):
-            return None
-        # one more than asked: the cache's newest candle may be the forming one
-        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=n + 1)
-        try:
-            if self._peek_sync:  # an ordinary function: ask it here, no hop to the Layer 1 thread
-                ans = self.connector.peek_now(req)
-            else:
-                ans = self.run(self.connector.get_from_layer1_cache(req))
-        except MdsError:
-            ans = None
-        return self._peek_check(ans, sym, tf, n, end)
-
-    def can_peek(self, n: int) -> bool:
-        """Whether Layer 1's cache could hold a latest-n answer (it has a peek and keeps n + 1)."""
-        if self._peek_limit is None:
-            l1 = self.connector.layer1
-            limit = 0
-            if callable(getattr(l1, "peek_cache", None)):
-                limit = _PAGE
-                try:
-                    policy = getattr(l1, "cache_policy", None)
-                    pol = policy() if callable(policy) else None
-                    if asyncio.iscoroutine(pol):
-                        pol.close()  # an async policy is read by sync_cache_policies, not here
-                        pol = None
-                    if isinstance(pol, Mapping) and isinstance(pol.get("candle_cache_count"), int):
-                        limit = int(pol["candle_cache_count"])
-                except Exception:  # foreign code; a policy we cannot read is no policy
-                    limit = _PAGE
-                except BaseException as exc:  # SystemExit and the like from foreign code, not the user's Ctrl-C
-                    if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
-                        raise
-                    limit = _PAGE
-            self._peek_limit = limit
-            self._peek_sync = limit > 0 and not inspect.iscoroutinefunction(getattr(l1, "peek_cache", None))
-        return n + 1 <= self._peek_limit
-
-    def _peek_check(self, ans: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
-        if ans is None or sym not in ans.arrays:
-            self.metrics.misses["layer1_cache"] += 1
-            return None
-        lo, hi = ans.covered.get(sym, (0, 0))
-        arr = np.ascontiguousarray(ans.arrays[sym])
-        arr = arr[arr["ts"] < end]
-        idx, _ = K.validate(arr, *tf.kernel_args, int(self.clock()))
-        # fresh only when the cache reaches the last closed interval and proves n candles
-        if len(idx) or hi < end or len(arr) < n or int(arr["ts"][-n]) < lo:
-            self.metrics.misses["layer1_cache"] += 1
-            return None
-        return read_only(arr[-n:].copy())
-
-    async def peek_async(self, req: StorageRequest, tf: Timeframe) -> dict[str, np.ndarray] | None:
-        """The layer1_first step of the async API: one peek for all symbols, in the caller's loop."""
-        if (
-            self.config.lookup != "layer1_first"
-            or req.count is None
-            or req.start_time is not None
-            or not self.can_peek(req.count)
-        ):
-            return None
-        try:
-            ans = await self.connector.get_from_layer1_cache(
-                StorageRequest(DataType.CANDLE, req.symbols, timeframe=tf.name, count=req.count + 1)
-            )
-        except MdsError:
-            return None
-        last_end = tf.floor(int(self.clock()))
-        end = last_end if req.end_time is None else min(tf.ceil(req.end_time), last_end)
-        out: dict[str, np.ndarray] = {}
-        for sym in req.symbols:
-            got = self._peek_check(ans, sym, tf, req.count, end)
-            if got is None:
-                return None
-            out[sym] = got
-        return out
 
     # ------------------------------------------------------------------ realtime
     def realtime(self, req: StorageRequest, symbols: list[str], cache: RealtimeCache) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from mds.store.coverage import HISTORY_START, Coverage, covered_tail
 from mds.store.fetch import Fetcher
 from mds.store.health import StorageDown, Tiers, unanswered
 from mds.store.metrics import SOURCE_RANK, TIER_SOURCE, Metrics, slowest
+from mds.store.peeks import CachePeeks
 from mds.store.writes import Writer
 from mds.timeframes import Timeframe
 from mds.timeutil import to_ms
@@ -51,6 +52,8 @@ class Reader:
     metrics: Metrics
     config: Config
     clock: Callable[[], int]
+    #: Layer 1's cache, asked first under ``lookup="layer1_first"`` (None without a Layer 1).
+    peeks: CachePeeks | None = None
     #: The interval of the last fast read, ``(timeframe, start, end)``: its floor, reused within it.
     _interval: tuple[Timeframe | None, int, int] = field(default=(None, 0, 0), init=False)
 
@@ -205,8 +208,8 @@ class Reader:
         fetcher = self.fetcher
         if fetcher is None:
             return self._latest_stored(sym, tf, n, end)
-        if self.config.lookup == "layer1_first" and allow_layer1:
-            hit = fetcher.peek_latest(sym, tf, n, end)
+        if self.peeks is not None and self.config.lookup == "layer1_first" and allow_layer1:
+            hit = self.peeks.latest(sym, tf, n, end)
             if hit is not None:
                 return hit, "layer1_cache"
         source = "storage_memory"
@@ -336,6 +339,10 @@ class Reader:
             return EMPTY_CANDLES, "storage_memory"
         tiers = self.tiers
         source = "storage_memory"
+        if self.peeks is not None and self.config.lookup == "layer1_first" and allow_layer1:
+            hit = self.peeks.range(sym, tf, s, e)
+            if hit is not None:
+                return hit, "layer1_cache"
         if self.fetcher is not None:
             missing = K.interval_subtract(np.array([[s, e]], dtype=np.int64), self.coverage.of(sym, tf))
             if len(missing):

@@ -393,6 +393,10 @@ class MemoryTier:
             return None
         return e.held_start, e.held_end
 
+    def series(self) -> list[tuple[str, str]]:
+        """``(symbol, timeframe name)`` of every series that holds a window now."""
+        return [k for k in list(self._entries) if self.held(*k) is not None]
+
     def partial(self, symbol: str, tf: str | Timeframe) -> np.ndarray | None:
         """The still-forming candle as a read-only 1-row array, or None.
 

@@ -455,6 +455,30 @@ class RealtimeCache:
             validate_symbol(sym)
         return sym, d
 
+    def checked(self, kind: str, msg: Any) -> dict[str, Any]:
+        """What :meth:`ticker` (``kind="ticker"``) or :meth:`orderbook` (``"orderbook"``) would
+        answer for ``msg`` once put, without keeping it: the same checks, a new object that
+        shares nothing with ``msg``.
+
+        Raises
+        ------
+        InvalidRequestError
+            As :meth:`put_ticker` / :meth:`put_orderbook`.
+        """
+        if kind == "ticker":
+            return self._ticker_item(msg)[1].copy()
+        if kind == "orderbook":
+            return self._orderbook_out(self._orderbook_item(msg)[1])
+        raise InvalidRequestError(f"checked() takes 'ticker' or 'orderbook', not {kind!r}")
+
+    def set_ttls(self, *, ticker_ms: int, orderbook_ms: int, trades_ms: int) -> None:
+        """Keep tickers, orderbooks and trades this long from now on (ms, each > 0)."""
+        for name, v in (("ticker_ms", ticker_ms), ("orderbook_ms", orderbook_ms), ("trades_ms", trades_ms)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidRequestError(f"{name} must be a positive int, not {v!r}")
+        self._ticker_ttl, self._orderbook_ttl, self._trades_ttl = ticker_ms, orderbook_ms, trades_ms
+        self._next_expiry = [0, 0, 0]
+
     def ticker(self, symbol: str) -> dict[str, Any] | None:
         """The latest ticker of ``symbol`` in REST field names (a copy), or None.
 
