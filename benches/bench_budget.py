@@ -23,6 +23,7 @@ from typing import Any
 
 from _gate import gate
 
+import mds
 from mds.testing import FakeUpbit, generate_market
 from mds.timeutil import to_ms
 
@@ -36,9 +37,14 @@ RATE = 10  # requests a second per group, Upbit's quotation limit
 
 
 def backfill_four(tmp: Path, candles_each: int) -> dict[str, Any]:
+    tmp.mkdir(parents=True, exist_ok=True)
     end = T0 + candles_each * M
     data = {(s, "1m"): generate_market(s, "1m", T0, end, seed=i) for i, s in enumerate(SYMS)}
-    env = dict(os.environ, MDS_BUDGET_DIR=str(tmp / "budget"))
+    # `python -m` puts the working directory first on sys.path: run the children away from a
+    # source tree (whose mds has no compiled core when the package is installed, as in CI) and
+    # point them at the mds this process imported
+    here = str(Path(mds.__file__).resolve().parent.parent)
+    env = dict(os.environ, MDS_BUDGET_DIR=str(tmp / "budget"), PYTHONPATH=here)
     with FakeUpbit(data, rate_limit=RATE, rate_window_s=1.0) as up:
         t0 = time.monotonic()
         procs = []
@@ -48,6 +54,7 @@ def backfill_four(tmp: Path, candles_each: int) -> dict[str, Any]:
                 subprocess.Popen(
                     [sys.executable, "-m", "mds.cli", *argv, "--base-url", up.base_url],
                     env=env,
+                    cwd=tmp,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

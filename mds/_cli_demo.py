@@ -5,6 +5,11 @@ The backfill runs through a store of its own, closed before the reads start: its
 wait for Upbit's pacing (10 requests a second), and those waits are the backfill's wall time in
 the phase table, not read latency. The gap table covers the backfilled window only; FakeUpbit
 holds a day more, which nobody asked for and which the store rightly does not hold.
+
+During the strategy reads the store follows FakeUpbit's WebSocket (``store.follow``), which hands
+closed candles to history, so the reads need Layer 1 only where the stream has not yet proved a
+minute closed. The clock is simulated: after each step the demo waits until the store holds what
+the stream sent at that clock (:class:`_StreamSync`), as a real clock would give it time to.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 from mds._cli_output import fmt_bytes, print_table
 from mds._importers import BadInput
 from mds.timeframes import DAY_MS, MINUTE_MS, TIMEFRAMES, parse_timeframe
-from mds.timeutil import iso_utc_z, now_ms
+from mds.timeutil import iso_utc_z, now_ms, to_ms
 
 __all__ = ["DEMO_MARKETS", "cmd_demo", "cmd_fake_upbit"]
 
@@ -60,12 +65,82 @@ def _latency_row(label: str, count: int, lat: dict[str, Any] | None) -> list[Any
     return [label, count, f"{lat['p50_ms']:.4f}", f"{lat['p99_ms']:.4f}"]
 
 
+class _StreamSync:
+    """Waits, after a step of the demo's clock, until the store holds what FakeUpbit's stream
+    sent at that clock and has handed it over to history.
+
+    Why: the clock is simulated and jumps, while the stream needs wall time to send and the
+    store to apply. A read made before would fetch over REST what the stream is about to hand
+    over (a count that would change from run to run), and a step to a clock ``live_grace_s``
+    past a minute's end taken before that minute's final candle arrived would let the store take
+    the forming candle it holds as final (DESIGN.md section 8: the grace stands for frames in
+    flight on a real clock, and a simulated one outruns them).
+
+    Done when (1) every market's ticker carries the clock (FakeUpbit sends tickers first in each
+    send, once per clock second), (2) every ticker, trade and candle FakeUpbit sent was applied,
+    and (3) every market's coverage reaches what the stream proved by then: the current minute's
+    start where FakeUpbit holds a candle of it (the stream sent that candle, so the minute before
+    is final), else ``grace_ms`` before the clock. After ``timeout_s`` without it the demo stops
+    waiting (``timed_out``) and reads anyway: REST then answers what the stream did not.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        live: Any,
+        ws: Any,
+        held: dict[str, np.ndarray],
+        clock: Any,
+        grace_ms: int,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.store, self.live, self.ws, self.held, self.clock = store, live, ws, held, clock
+        self.grace_ms = grace_ms
+        self.timeout_s = timeout_s
+        self.waits_ms: list[float] = []
+        self.timed_out = False
+
+    def _caught_up(self, t: int) -> bool:
+        store = self.store
+        for sym in self.held:
+            tick = store.ticker(sym)
+            if tick is None or tick.get("timestamp", 0) < t:
+                return False
+        applied = self.live.stats()["applied"]
+        sent = self.ws.sent
+        if any(applied[k] < sent[k] for k in ("ticker", "trade", "candle")):
+            return False
+        minute = t - t % MINUTE_MS
+        for sym, ts in self.held.items():
+            i = int(np.searchsorted(ts, minute))
+            forming = i < len(ts) and int(ts[i]) == minute
+            want = minute if forming else (t - self.grace_ms) - (t - self.grace_ms) % MINUTE_MS
+            cov = store.coverage(sym, "1m")
+            if not cov or cov[-1][1] < want:
+                return False
+        return True
+
+    def __call__(self) -> None:
+        if self.timed_out:
+            return
+        t = self.clock()
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout_s
+        while not self._caught_up(t):
+            if time.perf_counter() > deadline or not self.live.running:
+                self.timed_out = True
+                return
+            time.sleep(0.0005)
+        self.waits_ms.append(1000 * (time.perf_counter() - t0))
+
+
 def cmd_demo(args: argparse.Namespace, demo_path: Path | None) -> int:
     """Backfill and read seeded markets served by a local FakeUpbit, then print what happened.
 
     ``demo_path`` is the checked ``--path`` (None: a temporary directory).
     """
     import mds
+    from mds.layer1 import UpbitStream
     from mds.layer1.router import UpbitRouter
     from mds.testing import FakeUpbit, generate_market
 
@@ -101,9 +176,15 @@ def cmd_demo(args: argparse.Namespace, demo_path: Path | None) -> int:
         out.write(
             f"mds demo: {len(markets)} markets ({n_liquid} liquid, {len(markets) - n_liquid} illiquid), "
             f"{args.days} days of 1m candles, then {args.minutes} simulated minutes x "
-            f"{args.reads_per_minute} reads of latest 200 and 1000 per market (seed {args.seed})\n"
+            f"{args.reads_per_minute} reads of latest 200 and 1000 per market, following FakeUpbit's "
+            f"WebSocket (seed {args.seed})\n"
         )
-        out.write(f"FakeUpbit at {fake.base_url} (10 requests/s per group, as Upbit), store at {path}\n")
+        # Each clock step waits for the stream's next send (_StreamSync): FakeUpbit's default
+        # 20 ms send loop would make those waits most of the strategy phase's wall time.
+        fake.ws.interval_s = 0.001
+        out.write(
+            f"FakeUpbit at {fake.base_url} (10 requests/s per group, as Upbit) and {fake.ws_url}, store at {path}\n"
+        )
         out.write(
             "config: lookup=storage_first; memory keeps 1000 candles a series, disk (LMDB) 31 days, SQLite all; "
             "a second reader opens the same store with SQLite only\n\n"
@@ -141,15 +222,33 @@ def cmd_demo(args: argparse.Namespace, demo_path: Path | None) -> int:
 
         store = stack.enter_context(mds.open(path, layer1=router, config=config, clock=clock))
         step = MINUTE_MS // args.reads_per_minute
+        symbols = [sym for sym, _ in markets]
+        live_box: dict[str, Any] = {}
 
         def workload() -> None:
+            feed = UpbitStream(
+                symbols, kinds=("ticker", "trade"), candles=("1m",), url=fake.ws_url, format="SIMPLE", clock=clock
+            )
+            live = store.follow(feed)
+            held = {sym: data[(sym, "1m")]["ts"] for sym in symbols}
+            grace_ms = round(config.live_grace_s * 1000)
+            sync = live_box["sync"] = _StreamSync(store, live, fake.ws, held, clock, grace_ms)
+            sync()  # subscribed: the snapshot is in
             for _minute in range(args.minutes):
                 for _tick in range(args.reads_per_minute):
                     now[0] += step
-                    for sym, _ in markets:
+                    sync()
+                    for sym in symbols:
                         store.candles(sym, "1m", count=200)
                         store.candles(sym, "1m", count=1000)
-                now[0] = _DEMO_ANCHOR_MS + (_minute + 1) * MINUTE_MS
+                # steps land on each minute's end (whatever the step), so that no step passes a
+                # minute's end by Config.live_grace_s before its final candle was received
+                boundary = _DEMO_ANCHOR_MS + (_minute + 1) * MINUTE_MS
+                if now[0] != boundary:
+                    now[0] = boundary
+                    sync()
+            live.close()
+            live_box["stats"] = live.stats()
 
         history_windows = 8
         lo_min = start // MINUTE_MS
@@ -175,13 +274,20 @@ def cmd_demo(args: argparse.Namespace, demo_path: Path | None) -> int:
                 reader_stats.update(other.stats())
 
         hits0 = dict(store.stats()["hits"])
-        phase("strategy reads", 2 * len(markets) * args.minutes * args.reads_per_minute, store, workload)
+        req0 = fake.request_count()
+        phase("strategy reads + live feed", 2 * len(markets) * args.minutes * args.reads_per_minute, store, workload)
+        # Layer 1 requests for minutes that closed during the reads (the stream's part) apart from
+        # older history the latest-1000 reads asked for (with or without a stream alike)
+        during = fake.requests()[req0:]
+        live_requests = sum(1 for r in during if "to" not in r.params or to_ms(r.params["to"]) > _DEMO_ANCHOR_MS)
+        live_box["older"] = len(during) - live_requests
         hits1 = dict(store.stats()["hits"])
         phase("history reads (1 h windows)", len(windows), store, history)
         phase("2nd reader, SQLite only", len(windows) + len(markets), store, reader)
 
         print_table(["phase", "reads", "wall s", "Layer 1 requests", "candles fetched"], phases, out)
         _report_reads(out, store.stats(), hits0, hits1, reader_stats, fake)
+        _report_live(out, live_box, live_requests, args.minutes, len(markets), config.live_grace_s)
         _report_gaps(out, store, markets, start, parse_timeframe("1m").floor(now[0]))
         report = _report_store(out, store)
         out.write(f"core: {store.stats()['core']}, wall time {time.perf_counter() - t_start:.1f} s\n")
@@ -199,7 +305,7 @@ def _report_reads(
     out.write(
         f"\nreads after the backfill: {st['requests']}, hit rate {_pct(st['hit_rate'])} overall, "
         f"{_pct(work_rate)} during the strategy reads "
-        f"(a Layer 1 fetch only when a new minute has closed)\n\n"
+        f"(a Layer 1 fetch only where a closed minute was not yet handed over by the stream)\n\n"
     )
     rows = []
     for key, label in _LABELS.items():
@@ -219,6 +325,58 @@ def _report_reads(
         f"{l1['calls']} calls, {l1['candles_fetched']} candles fetched, {l1['errors']} errors "
         "(the backfill's time is in the phase table: paced requests, not read latency)\n\n"
     )
+
+
+def _report_live(out: Any, box: dict[str, Any], requests: int, minutes: int, n_markets: int, grace_s: float) -> None:
+    st, sync = box["stats"], box["sync"]
+    msgs, lag = st["messages"], st["lag_ms"]
+    waits = sorted(sync.waits_ms)
+    without = minutes * n_markets
+
+    def ms(v: Any) -> str:
+        return "n/a" if v is None else f"{v:g}"
+
+    rows = [
+        ["messages received: ticker", msgs.get("ticker", 0)],
+        ["messages received: trade", msgs.get("trade", 0)],
+        ["messages received: candle (1m)", msgs.get("candle", 0)],
+        ["lag p50 / p99, ms of the simulated clock (1)", f"{ms(lag['p50'])} / {ms(lag['p99'])}"],
+        [
+            "wall ms from a clock step to its messages applied, p50 / p99 (2)",
+            f"{waits[len(waits) // 2]:.1f} / {waits[min(len(waits) - 1, len(waits) * 99 // 100)]:.1f}"
+            if waits
+            else "n/a",
+        ],
+        ["closed candles handed to history by the stream", st["candles_written"]],
+        ["closed minutes x markets covered by the stream", st["covered_intervals"]],
+        ["Layer 1 requests for minutes closed during the reads (3)", requests],
+        [f"the same without the stream: {minutes} min x {n_markets} markets (4)", without],
+        ["REST requests saved", without - requests],
+        ["Layer 1 requests for older history (with or without the stream)", box["older"]],
+        [
+            "stream/REST candle differences, reconnects, dropped, malformed",
+            f"{st['rest_differences']}, {st['reconnects']}, {st['dropped']}, {st['malformed']}",
+        ],
+    ]
+    out.write(
+        "live feed during the strategy reads: UpbitStream(ticker, trade, candle.1m; SIMPLE) followed by "
+        f"store.follow, Config.live_grace_s = {grace_s:g} s\n"
+    )
+    print_table(["live feed", "value"], rows, out)
+    out.write(
+        "(1) receipt minus Upbit's timestamp, both on the demo's clock: a trade arrives when the clock "
+        "passes it, so this is the clock's step, not network time.\n"
+        "(2) the demo waits after each clock step until the store holds what FakeUpbit sent at it "
+        "(FakeUpbit's send loop looks at the clock every 1 ms).\n"
+        "(3) requests ending after the backfill. They are for minutes followed by a minute without a trade: "
+        f"the stream proves such a minute final only {grace_s:g} s after its end, and a read at its end "
+        "fetches it first.\n"
+        "(4) without the stream a latest-N read fetches each newly closed minute of each market once "
+        "(the strategy phase made exactly that many before the demo followed the stream).\n"
+    )
+    if sync.timed_out or st["error"]:
+        out.write(f"the stream fell behind or stopped ({st['error'] or 'a wait timed out'}); REST answered the rest\n")
+    out.write("\n")
 
 
 def _report_gaps(out: Any, store: Any, markets: Any, start: int, gap_end: int) -> None:
@@ -262,9 +420,20 @@ def _report_store(out: Any, store: Any) -> Any:
     return report
 
 
+#: How far past its start ``mds fake-upbit`` generates its markets: the stream's trades and
+#: candles run out after this (a day of 1 s candles takes about 0.02 s a market to generate).
+_FAKE_AHEAD_MS = DAY_MS
+
+
 def cmd_fake_upbit(args: argparse.Namespace) -> int:
     """``mds fake-upbit``: serve FakeUpbit on 127.0.0.1 with the demo's markets, in every timeframe,
-    generated up to the wall clock, until Ctrl-C (or SIGTERM)."""
+    until Ctrl-C (or SIGTERM).
+
+    The markets are generated from ``--days`` back to :data:`_FAKE_AHEAD_MS` past the start: the
+    WebSocket stream sends trades and candles as the wall clock reaches them, so it keeps going
+    for that long. FakeUpbit follows the wall clock (``clock=now_ms``): REST serves only candles
+    that opened by now, the newest one partial, never the generated future.
+    """
     from mds.testing import FakeUpbit, generate_market
 
     if args.markets > len(DEMO_MARKETS):
@@ -276,7 +445,7 @@ def cmd_fake_upbit(args: argparse.Namespace) -> int:
         for name, tf in TIMEFRAMES.items():
             back = spans.get(name, int(args.days * DAY_MS))
             data[(sym, name)] = generate_market(
-                sym, tf, tf.floor(now - back), tf.add(tf.floor(now), 1), liquidity=liq, seed=args.seed
+                sym, tf, tf.floor(now - back), tf.add(tf.floor(now + _FAKE_AHEAD_MS), 1), liquidity=liq, seed=args.seed
             )
     try:
         fake = FakeUpbit(data, clock=now_ms, port=args.port).start()
@@ -288,8 +457,10 @@ def cmd_fake_upbit(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"FakeUpbit serving {args.markets} markets ({', '.join(s for s, _ in DEMO_MARKETS[: args.markets])}) "
             f"at {fake.base_url}\n"
+            f"  WebSocket (Upbit's quotation stream; mds watch KRW-BTC --url URL): {fake.ws_url}\n"
             f"  e.g. {fake.base_url}/v1/market/all  {fake.base_url}/v1/candles/minutes/1?market=KRW-BTC&count=5\n"
-            "  10 requests a second per group, as Upbit; candles follow the wall clock. Ctrl-C stops it.\n"
+            "  10 requests a second per group, as Upbit; candles follow the wall clock (generated for the next "
+            f"{_FAKE_AHEAD_MS // 3_600_000} h). Ctrl-C stops it.\n"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):

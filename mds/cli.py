@@ -1,7 +1,7 @@
 """The ``mds`` command: demo, backfill, list, get, gaps, import, export, delete, stats, maintain,
-check, plot, fake-upbit, migrate.
+check, plot, fake-upbit, watch, migrate.
 
-Every command but ``fake-upbit`` takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``; the
+Every command but ``fake-upbit`` and ``watch`` takes ``--path`` (default ``$MDS_HOME``, else ``~/.mds``; the
 demo's default is a temporary directory). Reading commands need a store there and never create
 one; ``import``, ``backfill`` and ``demo`` create one in a new or empty directory, never in one
 holding something else. Every command that opens a store also takes ``--history URL`` (default
@@ -1157,6 +1157,35 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("--seed", type=int, default=7, help="seed of the generated markets (default 7)")
     fk.set_defaults(func=_fake_upbit)
 
+    from mds._cli_watch import _RATE_WINDOW_S, WATCH_KINDS
+    from mds.layer1.stream import DEFAULT_WS_URL
+
+    wt = sub.add_parser(
+        "watch",
+        help="show Upbit's live feed (last price, change, spread, trades/s, lag) until Ctrl-C",
+        description="Subscribe to Upbit's WebSocket feed for the markets given and show, per market, the last "
+        "price, the change against the previous close, the spread of the best orderbook level, trades a second "
+        f"(over the last {_RATE_WINDOW_S:.0f} s) and the lag (receipt minus Upbit's timestamp, median of the latest "
+        "messages), redrawn on a terminal and as plain lines (one per market a second) otherwise, until "
+        "Ctrl-C (exit 130) or --seconds. No store is opened. --record FILE writes every frame received as "
+        'JSON Lines ({"received": epoch ms, "binary": bool, "frame": text}) for a replay. '
+        "'mds fake-upbit' prints a ws:// URL to watch offline.",
+    )
+    wt.add_argument("markets", nargs="+", metavar="MARKET", help="Upbit market codes, e.g. KRW-BTC KRW-ETH")
+    wt.add_argument(
+        "--kinds",
+        default=",".join(WATCH_KINDS),
+        help=f"comma-separated message kinds to subscribe to (default {','.join(WATCH_KINDS)})",
+    )
+    wt.add_argument(
+        "--format", choices=("DEFAULT", "SIMPLE"), default="DEFAULT", help="Upbit's message format (default DEFAULT)"
+    )
+    wt.add_argument("--url", default=DEFAULT_WS_URL, help=f"the WebSocket endpoint (default {DEFAULT_WS_URL})")
+    wt.add_argument("--record", metavar="FILE", default=None, help="write every frame received to FILE (JSON Lines)")
+    wt.add_argument("--force", action="store_true", help="overwrite the --record FILE if it exists")
+    wt.add_argument("--seconds", type=_positive_float, default=None, help="stop after N seconds (default: Ctrl-C)")
+    wt.set_defaults(func=_watch)
+
     mg = add(
         "migrate",
         "copy the SQLite history under --path into PostgreSQL (resumable)",
@@ -1187,6 +1216,12 @@ def _fake_upbit(args: argparse.Namespace) -> int:
     from mds._cli_demo import cmd_fake_upbit
 
     return cmd_fake_upbit(args)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from mds._cli_watch import cmd_watch
+
+    return cmd_watch(args)
 
 
 def _demo(args: argparse.Namespace) -> int:

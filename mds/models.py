@@ -59,6 +59,10 @@ class Config:
         lost). True: also survives power loss, at an fsync per commit.
     layer1_timeout_s
         Upper bound of one Layer 1 call made by the store.
+    live_grace_s
+        Live feed (``Store.follow``): how long after an interval closed (store clock) a candle
+        the stream sent is taken as final when no message of a later interval came, and how much
+        of an epoch's end is left uncovered (a frame sent before the loss may still be in flight).
     """
 
     lookup: Literal["layer1_first", "storage_first"] = "layer1_first"
@@ -76,6 +80,7 @@ class Config:
     orderbook_ttl_s: float = 1800.0
     durable: bool = False
     layer1_timeout_s: float = 30.0
+    live_grace_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.lookup not in ("layer1_first", "storage_first"):
@@ -97,6 +102,7 @@ class Config:
             "realtime_ttl_s",
             "orderbook_ttl_s",
             "layer1_timeout_s",
+            "live_grace_s",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

@@ -111,6 +111,40 @@ def test_demo_small_runs_offline_and_keeps_a_store_that_checks_ok(tmp_path: Path
     assert "no_trades" in gaps.stdout and "missing runs" in gaps.stdout
 
 
+def test_demo_follows_the_stream_and_its_candles_equal_fakeupbits(tmp_path: Path) -> None:
+    import mds
+    from mds._cli_demo import _DEMO_ANCHOR_MS, DEMO_MARKETS
+
+    store = tmp_path / "demo"
+    args = ("--days", "1", "--markets", "2", "--minutes", "3", "--reads-per-minute", "3")
+    res = run(tmp_path / "unused", "demo", "--path", str(store), *args)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    table = out.split("live feed during the strategy reads", 1)[1].split("\n\n", 1)[0]
+    cells = {
+        ln.rsplit("  ", 1)[0].strip(): ln.rsplit("  ", 1)[1].strip() for ln in table.splitlines()[3:] if "  " in ln
+    }
+    for kind in ("ticker", "trade", "candle (1m)"):
+        assert int(cells[f"messages received: {kind}"]) > 0, table
+    assert int(cells["closed candles handed to history by the stream"]) > 0, table
+    assert int(cells["closed minutes x markets covered by the stream"]) > 0, table
+    live = int(cells["Layer 1 requests for minutes closed during the reads (3)"])
+    without = int(cells["the same without the stream: 3 min x 2 markets (4)"])
+    assert without == 6 and live < without and int(cells["REST requests saved"]) == without - live, table
+    assert cells["stream/REST candle differences, reconnects, dropped, malformed"] == "0, 0, 0, 0", table
+    assert "a wait timed out" not in out and "check: ok" in out
+    # every candle the store holds for the live minutes (the stream's, or REST's where it was
+    # first) equals the one FakeUpbit generated, and none of them is missing
+    end = _DEMO_ANCHOR_MS + 3 * 60_000
+    with mds.open(store, config=mds.Config(tiers=("sqlite",))) as s:
+        for sym, liq in DEMO_MARKETS[:2]:
+            want = generate_market(sym, "1m", _DEMO_ANCHOR_MS - 2 * 86_400_000, end + 2 * 60_000, liquidity=liq, seed=7)
+            want = want[(want["ts"] >= _DEMO_ANCHOR_MS) & (want["ts"] < end)]
+            got = s.candles(sym, "1m", start=_DEMO_ANCHOR_MS, end=end)
+            assert np.array_equal(got, want), sym
+            assert all(g.kind == "no_trades" for g in s.gaps(sym, "1m", start=_DEMO_ANCHOR_MS, end=end)), sym
+
+
 def test_demo_rejects_too_many_markets(tmp_path: Path) -> None:
     assert_clean_error(run(tmp_path, "demo", "--markets", "99"), 2, "--markets")
 

@@ -5,7 +5,6 @@ terminal (a pseudo-terminal here; without one the output is plain, as the other 
 from __future__ import annotations
 
 import os
-import pty
 import re
 import signal
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _terminal import run_on_terminal
 from test_cli import RAW_1M, SMTM_3M, assert_clean_error, run
 
 from mds.testing import FakeUpbit, generate_market
@@ -213,32 +213,8 @@ def test_fake_upbit_listens_on_the_port_given() -> None:
 
 
 def test_tables_are_drawn_by_rich_on_a_terminal(home: Path) -> None:
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            mds_cmd("list"),
-            env=dict(os.environ, MDS_HOME=str(home), COLUMNS="120", TERM="xterm"),
-            stdout=slave,
-            stderr=subprocess.PIPE,
-            text=False,
-        )
-        os.close(slave)
-        slave = -1
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    text = b"".join(chunks).decode("utf-8", "replace")
+    rc, text = run_on_terminal(mds_cmd("list"), dict(os.environ, MDS_HOME=str(home), COLUMNS="120", TERM="xterm"))
+    assert rc == 0
     assert "KRW-BTC" in text and "2021-01-30T13:47:00Z" in text
     assert any(c in text for c in "┃━┏│─"), text  # a rich box, not the plain dashed rule
     assert "-------" not in text

@@ -458,7 +458,18 @@ def test_malformed_frames_are_counted_and_skipped_and_the_connection_stays() -> 
         sent = up.ws.sent
     assert sent["malformed"] == 3 and sent["wrong_type"] == 2 and sent["unknown_field"] == 4
     assert stats["malformed"] == 5 and stats["unknown_fields"] == 4
-    assert stats["connects"] == 1 and len(of(events, Connected)) == 1
+    # A frame that could not be read is a loss: the epoch ends at the last good frame and the
+    # next good message opens a new one, on the same connection.
+    assert stats["connects"] == 1 and stats["reconnects"] == 0
+    marks = [e for e in events if isinstance(e, (Connected, Disconnected))]
+    lost = [e for e in marks if isinstance(e, Disconnected)]
+    assert lost and all(d.reason == "malformed" for d in lost) and stats["disconnects"]["malformed"] == len(lost)
+    assert [type(e) for e in marks] == [Connected, Disconnected] * len(lost) + [Connected]
+    for i, e in enumerate(events):
+        if isinstance(e, Disconnected):
+            before = events[i - 1]
+            assert e.at == (before.at if isinstance(before, Connected) else before.received)  # type: ignore[union-attr]
+            assert isinstance(events[i + 1], Connected) and events[i + 1].at == events[i + 2].received  # type: ignore[union-attr]
     keys = Counter(
         (type(e).__name__, e.market, e.timestamp, getattr(e, "sequential_id", None))
         for e in events

@@ -7,8 +7,10 @@
 Modules: ``connector.py`` (requests into Layer 1 calls) with ``_foreign.py`` (the guarded call
 into foreign code), ``_answers.py`` (checking answers, :class:`Layer1Answer`), ``_peeking.py``
 (the Layer 1's cache) and ``_metrics.py``; ``router.py`` (Upbit's endpoints) with
-``_transport.py`` (HTTP, pacing, retries) and ``_response_cache.py``; ``_paging.py`` (candle
-pagination, used by both).
+``_transport.py`` (HTTP, pacing, retries), ``_response_cache.py`` and ``_budget.py`` (the
+machine-wide request budget); ``_paging.py`` (candle pagination, used by both); ``stream.py``
+(:class:`UpbitStream`, the WebSocket feed) with ``_ws_parse.py`` (frames into messages) and
+``_replay.py`` (:class:`ReplayStream`, recorded frames with the same consumer API).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 from mds.layer1.connector import Layer1Answer, SmartRouterConnector
 
 if TYPE_CHECKING:
+    from mds.layer1._replay import ReplayStream
     from mds.layer1.router import DEFAULT_BASE_URL, UpbitRouter
     from mds.layer1.stream import UpbitStream
 
-__all__ = ["DEFAULT_BASE_URL", "Layer1Answer", "SmartRouterConnector", "UpbitRouter", "UpbitStream"]
+__all__ = ["DEFAULT_BASE_URL", "Layer1Answer", "ReplayStream", "SmartRouterConnector", "UpbitRouter", "UpbitStream"]
 
 
 def __getattr__(name: str) -> Any:
@@ -33,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from mds.layer1.stream import UpbitStream
 
         return UpbitStream
+    if name == "ReplayStream":
+        from mds.layer1._replay import ReplayStream
+
+        return ReplayStream
     raise AttributeError(f"module 'mds.layer1' has no attribute {name!r}")

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from mds._dtypes import CANDLE_DTYPE
 from mds.convert import candles_from_upbit
-from mds.errors import InvalidCandleError
+from mds.errors import InvalidCandleError, InvalidRequestError
 from mds.timeframes import parse_timeframe
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "OrderbookMessage",
     "TickerMessage",
     "TradeMessage",
+    "Watermark",
     "candle_rows",
     "simple_keys",
 ]
@@ -46,6 +47,73 @@ KINDS = ("ticker", "trade", "orderbook")
 CANDLE_TYPES: dict[str, str] = {
     f"candle.{u}": parse_timeframe(u).name for u in ("1s", "1m", "3m", "5m", "10m", "15m", "30m", "60m", "240m")
 }
+
+
+def candle_types(candles: Iterable[str]) -> tuple[str, ...]:
+    """Upbit's ``candle.*`` types of the timeframes ``candles`` (any mds spelling), in order.
+
+    Raises
+    ------
+    InvalidRequestError
+        A timeframe Upbit does not stream.
+    """
+    by_tf = {tf: ty for ty, tf in CANDLE_TYPES.items()}
+    types = []
+    for c in candles:
+        tf = parse_timeframe(c).name
+        if tf not in by_tf:
+            raise InvalidRequestError(f"Upbit streams no {c!r} candles; use one of {', '.join(by_tf)}")
+        types.append(by_tf[tf])
+    return tuple(dict.fromkeys(types))
+
+
+async def deliver(
+    get_batch: Callable[[int], Awaitable[list[Any]]],
+    done: Callable[[], bool],
+    callback: Callable[[list[Any]], Awaitable[None] | None],
+    max_items: int,
+) -> None:
+    """The ``run(callback)`` of a stream: every batch to ``callback`` (sync or async) until an
+    empty batch comes when ``done()``."""
+    while True:
+        batch = await get_batch(max_items)
+        if batch:
+            res = callback(batch)
+            if res is not None:
+                await res
+        elif done():
+            return
+
+
+def lag_percentiles(lags: Iterable[int]) -> dict[str, int | None]:
+    """``{"p50", "p99"}`` of lag samples (ms; None without samples)."""
+    xs = sorted(lags)
+    if not xs:
+        return {"p50": None, "p99": None}
+    return {"p50": xs[len(xs) // 2], "p99": xs[min(len(xs) - 1, len(xs) * 99 // 100)]}
+
+class Watermark:
+    """How far one epoch of a connection is known to have delivered what the server sent.
+
+    Upbit stamps ticker, orderbook and candle messages with its time (``timestamp``) and sends
+    them in order on one connection; a server sends the messages of one moment together, in no
+    promised order among themselves. So a message stamped later than any before proves that the
+    previous newest moment was sent in full: :meth:`see` returns that moment (never later than
+    the message's receipt). A clock that jumped ahead of the server proves nothing by itself.
+    Trade messages carry the trade's time, not the sending time, and are not seen.
+    """
+
+    __slots__ = ("prev", "top")
+
+    def __init__(self, start: int) -> None:
+        self.prev = self.top = start
+
+    def see(self, timestamp: int, received: int) -> int:
+        """Note a message; returns what the epoch proved through (ms)."""
+        if timestamp > self.top:
+            self.prev, self.top = self.top, timestamp
+        return self.prev if self.prev < received else received
+
 
 _NUM = (float, int)
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -260,12 +328,20 @@ class _Bad(Exception):
 
 
 def _loads_json(data: bytes | str) -> Any:
-    # parse_constant: Python's json accepts NaN/Infinity, which are not JSON and not prices.
-    return json.loads(data, parse_constant=_reject_constant)
+    # parse_constant: Python's json accepts NaN/Infinity, which are not JSON and not prices;
+    # parse_float: nor 1e400, which it would read as inf (orjson refuses all three)
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text} is out of a double's range")
+    return x
 
 
 class FrameParser:
@@ -308,7 +384,12 @@ class FrameParser:
         log.log(level, "upbit stream: skipped a malformed frame (%s, %d so far): %.200r", why, n, data)
 
     def parse(self, data: bytes | str) -> Message | None:
-        """The message in ``data`` (one frame), or None for a keepalive, an error or a bad frame."""
+        """The message in ``data`` (one frame), or None for a keepalive, an error or a bad frame.
+
+        Which of the three a None was shows in the counters: ``keepalives``, ``errors`` or
+        ``malformed`` grew by one. A stream must tell them apart: a keepalive proves that
+        everything sent before it arrived, a bad frame is a loss.
+        """
         try:
             obj = self.loads(data)
         except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError

@@ -101,6 +101,7 @@ class Store:
         self._metrics = Metrics()
         self._symbols_ok: set[str] = set()
         self._closed = False
+        self._live: list[Any] = []  # the LiveFeeds started by follow(), closed by close()
         persistent = any(t in cfg.tiers for t in ("disk", "sqlite"))
         writable = True
         if persistent:
@@ -563,6 +564,54 @@ class Store:
 
         return _dataset.import_dataset(directory, self._writer, self._clock)
 
+    # ------------------------------------------------------------------ live feed
+    def follow(self, feed: Any) -> Any:
+        """Follow a live feed in the background: returns a started :class:`~mds.store.live.LiveFeed`.
+
+        Parameters
+        ----------
+        feed
+            An :class:`mds.layer1.UpbitStream` (give it the store's clock) or a replay of recorded
+            frames; a feed is followed once.
+
+        Returns
+        -------
+        LiveFeed
+            ``stats()`` and ``close()`` (any thread; also a context manager). Tickers,
+            orderbooks and trades go to the realtime cache, the forming candle to memory, and
+            closed candles to history with the coverage the stream watched
+            (:mod:`mds.store.live`, ``Config.live_grace_s``). :meth:`close` closes it too.
+
+        Raises
+        ------
+        InvalidRequestError
+            Not a feed, a closed one, or one already followed (by any store) or started by
+            another consumer.
+        """
+        self._check_open()
+        from mds.store.live import LiveFeed, claim_feed
+
+        live = LiveFeed(
+            feed,
+            writer=self._writer,
+            reader=self._reader,
+            tiers=self._health,
+            realtime=self._realtime,
+            lock=self._lock,
+            clock=self._clock,
+            grace_s=self.config.live_grace_s,
+            on_close=self._live_closed,
+        )
+        claim_feed(feed)  # a feed runs in one event loop: a second consumer would stop both
+        with self._lock:
+            self._live.append(live)
+        return live.start()
+
+    def _live_closed(self, live: Any) -> None:
+        with self._lock:
+            if live in self._live:
+                self._live.remove(live)
+
     # ------------------------------------------------------------------ realtime
     def put_ticker(self, ticker: Mapping[str, Any]) -> None:
         """Store a ticker (Upbit REST, WebSocket DEFAULT or SIMPLE). Memory only."""
@@ -617,6 +666,8 @@ class Store:
         """Flush and release files. Further calls raise StorageUnavailableError."""
         if self._closed:
             return
+        for live in list(self._live):  # before the tiers: a feed's last write must find them open
+            live.close()
         self._closed = True
         self._close_tiers()
         if self._fetcher is not None:

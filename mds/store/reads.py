@@ -56,6 +56,12 @@ class Reader:
     peeks: CachePeeks | None = None
     #: The interval of the last fast read, ``(timeframe, start, end)``: its floor, reused within it.
     _interval: tuple[Timeframe | None, int, int] = field(default=(None, 0, 0), init=False)
+    #: Called (under the store lock) with ``(symbol, timeframe, rows, covered)`` after candles
+    #: fetched from Layer 1 were stored: a live feed compares them with the candles it streamed.
+    on_fetched: list[Callable[[str, Timeframe, np.ndarray, np.ndarray], None]] = field(default_factory=list, init=False)
+    #: Live feeds that keep a series' forming candle in memory now: ``(symbol, timeframe, the
+    #: forming interval's open) -> bool``; then ``include_partial`` is answered from memory.
+    live_forming: list[Callable[[str, Timeframe, int], bool]] = field(default_factory=list, init=False)
 
     def fast_latest(self, sym: str, tf: Timeframe, n: int) -> np.ndarray | None:
         """The memory hit of a latest-N read, with the same checks as the general path, in few
@@ -391,6 +397,10 @@ class Reader:
         forming = tf.floor(now)
         mem = self.tiers.tier("memory")
         if self.fetcher is not None:
+            if mem is not None and any(live(sym, tf, forming) for live in self.live_forming):
+                part = mem.partial(sym, tf)  # a connected feed keeps it: newer than REST's
+                if part is not None and len(part) and int(part["ts"][0]) == forming:
+                    return read_only(part), "storage_memory"
             if not allow_layer1:
                 raise NeedsLayer1()
             rows = self.fetcher.candles(sym, tf, count=1)[0]
@@ -416,6 +426,8 @@ class Reader:
         except StorageUnavailableError as exc:
             logger.warning("storing fetched candles failed, answering from Layer 1: %s", exc)
             raise StorageDown(arr) from exc
+        for hook in self.on_fetched:
+            hook(sym, tf, arr, covered)
         return arr
 
     def _fetch_tail(self, sym: str, tf: Timeframe, n: int, end: int, cov: np.ndarray) -> None:

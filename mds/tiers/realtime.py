@@ -455,6 +455,12 @@ class RealtimeCache:
             validate_symbol(sym)
         return sym, d
 
+    @property
+    def duplicates(self) -> int:
+        """Trades offered to :meth:`put_trades` so far that were already held (same
+        ``sequential_id``), in all."""
+        return self._counts["duplicates"]
+
     def checked(self, kind: str, msg: Any) -> dict[str, Any]:
         """What :meth:`ticker` (``kind="ticker"``) or :meth:`orderbook` (``"orderbook"``) would
         answer for ``msg`` once put, without keeping it: the same checks, a new object that
