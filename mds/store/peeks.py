@@ -205,14 +205,7 @@ class CachePeeks:
         if not self.can_peek(want):
             return None
         # one more than asked: the cache's newest candle may be the forming one
-        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=want + 1)
-        try:
-            if self._sync:  # an ordinary function: ask it here, no hop to the Layer 1 thread
-                ans = self.fetcher.connector.peek_now(req)
-            else:
-                ans = self.fetcher.run(self.fetcher.connector.get_from_layer1_cache(req))
-        except MdsError:
-            ans = None
+        ans = self._ask(StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, count=want + 1))
         got = self._check(ans, sym, tf, n, end)
         if got is not None and self._sync and ans.origin is not None:
             now = self.clock()
@@ -228,29 +221,33 @@ class CachePeeks:
         """The candles of ``[s, e)`` from Layer 1's cache when it covers all of it (``e`` at most
         the last closed interval's end); None when it cannot prove the whole range."""
         self.apply_policy()
-        limit = self._peek_limit()
-        if limit <= 0 or e <= s:
+        now = int(self.clock())
+        if not self._may_cover(tf, s, e, tf.floor(now)):
             return None
-        now = self.clock()
-        if s < tf.add(tf.floor(now), -limit):
-            return None  # older than the latest `limit` candles the cache can hold
-        req = StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, start_time=s, end_time=e)
+        ans = self._ask(StorageRequest(DataType.CANDLE, [sym], timeframe=tf.name, start_time=s, end_time=e))
+        return self._range_rows(ans, sym, tf, now)
+
+    def _ask(self, req: StorageRequest) -> Any:
+        """Layer 1's cache answer to ``req`` (a Layer1Answer or None; a failing peek is a miss)."""
         try:
-            if self._sync:
-                ans = self.fetcher.connector.peek_now(req)
-            else:
-                ans = self.fetcher.run(self.fetcher.connector.get_from_layer1_cache(req))
+            if self._sync:  # an ordinary function: ask it here, no hop to the Layer 1 thread
+                return self.fetcher.connector.peek_now(req)
+            return self.fetcher.run(self.fetcher.connector.get_from_layer1_cache(req))
         except MdsError:
-            ans = None
-        if ans is None or sym not in ans.arrays:
+            return None
+
+    def _may_cover(self, tf: Timeframe, s: int, e: int, last_end: int) -> bool:
+        """Whether the cache could hold all of ``[s, e)``: not empty, and not older than the
+        latest candles it keeps (no peek is made otherwise)."""
+        limit = self._peek_limit()
+        return limit > 0 and e > s and s >= tf.add(last_end, -limit)
+
+    def _range_rows(self, ans: Any, sym: str, tf: Timeframe, now: int) -> np.ndarray | None:
+        """The validated candles of a range answer for ``sym`` (a copy), or None (a miss)."""
+        if ans is None or sym not in ans.arrays or len(K.validate(ans.arrays[sym], *tf.kernel_args, now)[0]):
             self.metrics.misses["layer1_cache"] += 1
             return None
-        arr = ans.arrays[sym]
-        idx, _ = K.validate(arr, *tf.kernel_args, int(now))
-        if len(idx):
-            self.metrics.misses["layer1_cache"] += 1
-            return None
-        return read_only(arr.copy())
+        return read_only(ans.arrays[sym].copy())
 
     def _check(self, ans: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
         if ans is None or sym not in ans.arrays:
@@ -284,8 +281,7 @@ class CachePeeks:
         elif want is None and req.start_time is not None:
             s = tf.ceil(req.start_time)
             e = last_end if req.end_time is None else min(req.end_time, last_end)
-            limit = self._peek_limit()
-            if limit <= 0 or e <= s or s < tf.add(last_end, -limit):
+            if not self._may_cover(tf, s, e, last_end):
                 return None
             ask = StorageRequest(DataType.CANDLE, req.symbols, timeframe=tf.name, start_time=s, end_time=e)
         else:
@@ -296,13 +292,7 @@ class CachePeeks:
             return None
         out: dict[str, np.ndarray] = {}
         for sym in req.symbols:
-            if want is not None:
-                got = self._check(ans, sym, tf, want, end)
-            elif ans is None or sym not in ans.arrays or len(K.validate(ans.arrays[sym], *tf.kernel_args, now)[0]):
-                self.metrics.misses["layer1_cache"] += 1
-                got = None
-            else:
-                got = read_only(ans.arrays[sym].copy())
+            got = self._check(ans, sym, tf, want, end) if want is not None else self._range_rows(ans, sym, tf, now)
             if got is None:
                 return None
             out[sym] = got
