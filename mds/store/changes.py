@@ -2,9 +2,10 @@
 
 ``changes.bin`` in the store directory holds one 8-byte stamp per hash slot of series, shared by
 every process through a memory map, and after them the highest durable ``commit_seq`` any store
-on the path acknowledged. A writer stamps a series' slot *in progress* (odd) before its durable
-write and *final* (even) after the commit; a reader compares the stamp with the one it saw last
-before trusting its memory tier (about 0.2 us, where ``PRAGMA data_version`` costs about 5 us).
+on the path acknowledged, and the same record for a shared history server (:class:`SharedAcks`).
+A writer stamps a series' slot *in progress* (odd) before its durable write and *final* (even)
+after the commit; a reader compares the stamp with the one it saw last before trusting its memory
+tier (about 0.2 us, where ``PRAGMA data_version`` costs about 5 us).
 Hash collisions only cause a spurious refresh.
 """
 
@@ -28,6 +29,10 @@ from mds.timeframes import Timeframe
 logger = logging.getLogger(__name__)
 
 SLOTS = 4096
+#: Words after the hash slots: the SQLite ``commit_seq`` acknowledged, then the shared history's
+#: record (:class:`SharedAcks`): the server's identity, its ``commit_seq`` acknowledged, the
+#: acknowledged value found missing there (0: none).
+_TAIL = 4
 
 
 class _Pid:
@@ -72,28 +77,34 @@ class ChangeSlots:
         self._keys_at: dict[int, list[tuple[str, str]]] = {}  # the series of this process per slot
         #: False when the map is read-only here (a read-only store directory): stamps are read only
         self.writable = False
+        #: The shared history's acknowledgement record (None: a file of an older mds, read-only)
+        self.shared: SharedAcks | None = None
 
     def open(self, path: Path, writable: bool) -> None:
         """Map ``path``; blocks are allocated before the map, so a full disk is an error here,
         never a SIGBUS later. A read-only directory without the file has no stamps."""
         try:
-            size = (SLOTS + 1) * 8
-            self._map = map_shared(path, size, readonly=not writable)
+            self._map = map_shared(path, (SLOTS + _TAIL) * 8, readonly=not writable)
         except StorageUnavailableError as exc:
             if writable:
                 raise
-            logger.warning("no cross-process change slots (%s): rewrites by other processes show late", exc)
-            self.array = None
-            return
+            try:  # the size an mds before the shared record wrote: read-only, it cannot grow
+                self._map = map_shared(path, (SLOTS + 1) * 8, readonly=True)
+            except StorageUnavailableError:
+                logger.warning("no cross-process change slots (%s): rewrites by other processes show late", exc)
+                self.array = None
+                return
         self.writable = writable
         self.array = np.frombuffer(self._map, dtype=np.int64, count=SLOTS)
         self.words = memoryview(self._map)[: SLOTS * 8].cast("q")
         # after the hash slots: the highest SQLite commit_seq any store acknowledged on this path
         self.acked = np.frombuffer(self._map, dtype=np.int64, count=1, offset=SLOTS * 8)
+        if len(self._map) >= (SLOTS + _TAIL) * 8:
+            self.shared = SharedAcks(np.frombuffer(self._map, dtype=np.int64, count=3, offset=(SLOTS + 1) * 8))
 
     def close(self) -> None:
         if self._map is not None:
-            self.array = self.acked = None  # views into the map: it cannot close while they live
+            self.array = self.acked = self.shared = None  # views into the map: it cannot close while they live
             if self.words is not None:
                 self.words.release()
                 self.words = None
@@ -136,6 +147,8 @@ class ChangeSlots:
         # writer's move
         if words[slot] != (self._last.get(slot) if key in self.dirty else self.seen.get(key)):
             self.contested.add(key)
+        if not self.dirty and self.shared is not None:
+            self.shared.before()
         self._write(words, slot, key, (time.time_ns() ^ _PID.bits) | 1)
         self.dirty.add(key)
 
@@ -211,3 +224,74 @@ class ChangeSlots:
         else:
             self.seen[key] = stamp
         return stamp
+
+
+class SharedAcks:
+    """What this store directory's writes got acknowledged by a shared history server, kept in
+    ``changes.bin`` beside the change stamps: so that a server that lost them (restored from an
+    older backup, re-created empty) is reported, however many commits other hosts made since.
+
+    A server counts every host's commits in one ``commit_seq``, so "fewer commits than
+    acknowledged" proves nothing once other hosts wrote past the old count. The server also keeps,
+    per store directory (``origin``), the ``commit_seq`` of that directory's latest commit (the
+    tier's ledger); it only grows, in commit order. So the ledger's entry falling below the value
+    recorded here means acknowledged commits are gone. It is compared in :meth:`lost` (``check()``,
+    at open) and at every commit (the entry before this commit, against the value recorded before
+    the transaction began: a later commit must not bury the evidence).
+
+    Words: ``[0]`` the server's identity (a hash of its address: a record for another server
+    does not apply), ``[1]`` the highest ``commit_seq`` acknowledged there, ``[2]`` an
+    acknowledged value found missing (0: none; kept until ``changes.bin`` is deleted).
+    """
+
+    __slots__ = ("_before", "words")
+
+    def __init__(self, words: np.ndarray) -> None:
+        self.words = words
+        self._before: tuple[int, int] | None = None
+
+    def before(self) -> None:
+        """Record the acknowledged value before a write transaction begins: every commit counted in
+        it is visible to that transaction's statements, so its ledger entry cannot be lower."""
+        w = self.words
+        self._before = (int(w[0]), int(w[1]))
+
+    def commit(self, identity: int, seq: int, prev: int) -> str | None:
+        """Record a commit acknowledged by server ``identity`` as ``seq``, whose ledger entry was
+        ``prev`` before it (0: none). A message when ``prev`` shows acknowledged commits lost."""
+        w = self.words
+        before, self._before = self._before, None
+        found = None
+        if before is not None and before[0] == identity and prev < before[1]:
+            found = self._missing(before[1], prev)
+            if not w[2]:
+                w[2] = before[1]
+        if int(w[0]) != identity:  # the first commit to this server from here: a new record
+            w[0], w[1], w[2] = identity, seq, 0
+        elif seq > w[1]:
+            w[1] = seq
+        return found
+
+    def lost(self, identity: int, have: Callable[[], int | None]) -> str | None:
+        """A message when server ``identity`` lost commits acknowledged here; ``have()`` reads the
+        ledger entry (after this record is read: a commit acknowledged meanwhile is in both; None:
+        the server keeps no ledger, nothing to compare)."""
+        w = self.words
+        if int(w[0]) != identity:
+            return None  # no record for this server (never written to it from here)
+        acked, missing = int(w[1]), int(w[2])
+        got = have()
+        if got is not None and got < acked:
+            return self._missing(acked, got)
+        if missing:
+            return self._missing(missing, None)
+        return None
+
+    @staticmethod
+    def _missing(acked: int, got: int | None) -> str:
+        found = "" if got is None else f"; its record of this store directory ends at commit {got}"
+        return (
+            f"history: the server lost writes this store directory had acknowledged (up to its commit {acked}"
+            f"{found}): restored from an older backup, or re-created? The data of that window cannot be vouched "
+            "for. Refetch it (mds backfill), then delete changes.bin to accept the server as it is"
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from mds.errors import InvalidRequestError
 from mds.models import CheckReport, MaintenanceReport
 from mds.store.changes import ChangeSlots
 from mds.store.health import BACKEND_ERRORS, Tiers, checked
-from mds.tiers.durable import DurableTier
+from mds.tiers.durable import DurableTier, SharedHistory
 from mds.timeframes import Timeframe, parse_timeframe
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,14 @@ def check(tiers: Tiers, slots: ChangeSlots, lock: Any = None) -> CheckReport:
     if db is not None:
         name = tiers.durable_name.lower()
         problems += checked(name, lambda: [f"{name}: {p}" for p in db.integrity_problems()])
-    if db is not None and tiers.history is None:  # a file this directory owns (see Writer._stamp_final)
+    if db is not None:
         try:
-            lost = slots.lost_commits(db.commit_seq)
+            lost = _lost_commits(tiers, slots, db)
         except BACKEND_ERRORS as exc:
-            lost = f"sqlite: cannot read its commit sequence: {exc}"
+            lost = f"{tiers.durable_name.lower()}: cannot read its record of commits: {exc}"
         if lost:
             problems.append(lost)
-        elif slots.acked is None:
+        elif slots.acked is None and tiers.history is None:
             problems.append(
                 "sqlite: no record of acknowledged commits (changes.bin unavailable): "
                 "cannot tell whether acknowledged writes were lost"
@@ -131,16 +131,26 @@ def _moved_after_release(lock: Any, slots: ChangeSlots, sym: str, tf: Timeframe,
         lock._acquire_restore(held)
 
 
+def _lost_commits(tiers: Tiers, slots: ChangeSlots, db: DurableTier) -> str | None:
+    """A message when the durable tier lost commits this directory acknowledged: a file this
+    directory owns holds fewer than recorded (``lost_commits``), a shared server's ledger entry of
+    this directory is behind the record (``SharedAcks``)."""
+    if tiers.history is None:
+        return slots.lost_commits(db.commit_seq)
+    server = cast(SharedHistory, db)
+    return None if slots.shared is None else slots.shared.lost(server.identity, server.acknowledged)
+
+
 def warn_lost_commits(tiers: Tiers, slots: ChangeSlots) -> None:
-    """At open: log a warning when the durable tier holds fewer commits than were acknowledged
-    (``check()`` reports it as a problem; an unreadable sequence is left to the tier's reads)."""
+    """At open: log a warning when the durable tier lost acknowledged commits (``check()``
+    reports it as a problem; an unreadable record is left to the tier's reads)."""
     state = tiers.states.get("sqlite")
-    if state is None or state.obj is None or tiers.history is not None:
+    if state is None or state.obj is None:
         return
     try:
-        lost = slots.lost_commits(state.obj.commit_seq)
+        lost = _lost_commits(tiers, slots, state.obj)
     except BACKEND_ERRORS as exc:  # the tier's own reads will report it
-        logger.debug("commit sequence unreadable at open: %s", exc)
+        logger.debug("commit record unreadable at open: %s", exc)
         return
     if lost:
         logger.warning("%s", lost)

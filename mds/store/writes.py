@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from mds.models import Config, WriteResult
 from mds.store.changes import ChangeSlots
 from mds.store.coverage import EMPTY_RANGES, Coverage, intersect
 from mds.store.health import BACKEND_ERRORS, Tiers
-from mds.tiers.durable import DamagedChunkError
+from mds.tiers.durable import DamagedChunkError, SharedHistory
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import to_ms
 
@@ -211,14 +211,17 @@ class Writer:
     def _stamp_final(self) -> set[tuple[str, str]]:
         """Final stamps after a commit. Returns the series another writer wrote meanwhile
         (contested, see ChangeSlots), which this process has dropped."""
-        if not self.slots.dirty:
-            return set()  # nothing stamped in progress: no commit to acknowledge
         state = self.tiers.states.get("sqlite")
         seq = None
         # the acknowledged commit_seq vouches for a file this directory owns; a server's counter
-        # is shared by every host, so it proves nothing about this host's writes
-        if self.tiers.history is None and state is not None and state.obj is not None:
-            seq = state.obj.last_commit_seq
+        # is shared by every host, so this directory's commits there are recorded apart
+        if state is not None and state.obj is not None:
+            if self.tiers.history is None:
+                seq = state.obj.last_commit_seq
+            else:
+                self._acknowledged(cast(SharedHistory, state.obj))
+        if not self.slots.dirty:
+            return set()  # nothing stamped in progress: no commit to acknowledge
         self.slots.end(seq)
         contested = self.slots.take_contested()
         if contested:
@@ -229,6 +232,16 @@ class Writer:
                 self.coverage.forget(sym, parse_timeframe(name))
             self._deferred = [f._replace(exact=None) if (f.sym, f.tf.name) in contested else f for f in self._deferred]
         return contested
+
+    def _acknowledged(self, server: SharedHistory) -> None:
+        """Record a commit the shared history server acknowledged (see SharedAcks); warn when its
+        ledger shows that commits acknowledged here before were lost."""
+        commit = server.take_commit()
+        shared = self.slots.shared
+        if commit is not None and shared is not None and self.slots.writable:
+            lost = shared.commit(server.identity, *commit)
+            if lost:
+                logger.warning("%s", lost)
 
     def _unhold_batch(self) -> None:
         """:meth:`_unhold_disk` for every write of the batch, before it commits, with what LMDB

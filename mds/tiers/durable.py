@@ -34,7 +34,16 @@ from mds.errors import InvalidRequestError, StorageUnavailableError
 from mds.models import Config
 from mds.timeframes import Timeframe
 
-__all__ = ["ChangeFeed", "DamagedChunkError", "DurableTier", "is_server_url", "open_durable", "redact", "shown_url"]
+__all__ = [
+    "ChangeFeed",
+    "DamagedChunkError",
+    "DurableTier",
+    "SharedHistory",
+    "is_server_url",
+    "open_durable",
+    "redact",
+    "shown_url",
+]
 
 
 class DamagedChunkError(StorageUnavailableError):
@@ -187,6 +196,23 @@ class ChangeFeed(Protocol):
 def is_server_url(history: str | None) -> bool:
     """Whether ``history`` names a database server (``postgresql://`` or ``postgres://``)."""
     return history is not None and history.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+class SharedHistory(DurableTier, Protocol):
+    """A durable tier on a server that many store directories write (PostgreSQL): besides its
+    shared ``commit_seq`` it keeps a ledger of each directory's latest commit, so a directory can
+    tell when the server lost commits it acknowledged (``mds.store.changes.SharedAcks``)."""
+
+    #: The server's address as a number: a directory's record of commits applies to this server only.
+    identity: int
+
+    def take_commit(self) -> tuple[int, int] | None:
+        """``(commit_seq, this directory's ledger entry before it)`` of the latest commit, once."""
+        ...
+
+    def acknowledged(self) -> int | None:
+        """This directory's ledger entry (0: none; None: the server keeps no ledger)."""
+        ...
 
 
 def open_durable(

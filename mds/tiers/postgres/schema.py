@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS mds_coverage(
 )
 
 
+#: The ledger of acknowledged commits (see mds.store.changes.SharedAcks), added to version 2 without
+#: a new version: an mds that does not know it writes without it, and readers never need it.
+#: One row per store directory (``origin``): the ``commit_seq`` of its latest commit.
+_ACKS = "CREATE TABLE IF NOT EXISTS mds_acks(origin text PRIMARY KEY, seq bigint NOT NULL)"
+
+
 def stored_version(conn: psycopg.Connection[Any]) -> int | None:
     """The stored schema version; None when the database has no mds tables."""
     if conn.execute("SELECT to_regclass('mds_meta')").fetchone() == (None,):
@@ -84,7 +90,8 @@ def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> 
     opened ``readonly``; psycopg errors are left to the caller.
     """
     version = stored_version(conn)
-    if not readonly and (version is None or version < SCHEMA_VERSION):
+    ledger = version is not None and conn.execute("SELECT to_regclass('mds_acks')").fetchone() != (None,)
+    if not readonly and (version is None or version < SCHEMA_VERSION or (version == SCHEMA_VERSION and not ledger)):
         conn.execute("BEGIN")
         try:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -100,6 +107,7 @@ def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> 
                 logger.info("PostgreSQL tier %s: migrating schema %d -> %d", where, version, SCHEMA_VERSION)
                 conn.execute(_MIGRATE_V1)
                 conn.execute("UPDATE mds_meta SET v = %s WHERE k = 'schema_version'", (SCHEMA_VERSION,))
+            conn.execute(_ACKS)
             conn.execute("COMMIT")
         except BaseException:
             rollback_quietly(conn, where)

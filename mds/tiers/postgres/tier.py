@@ -6,6 +6,7 @@ role module of :mod:`mds.tiers.postgres`), and the change feed between hosts.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -34,13 +35,20 @@ logger = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-#: One statement at commit: bump ``commit_seq`` and queue the change notifications (delivered by
-#: the server when, and only if, the transaction commits).
+#: One statement at commit: bump ``commit_seq``, move this origin's entry in the ledger of
+#: acknowledged commits to it (returning the entry before: see mds.store.changes.SharedAcks) and
+#: queue the change notifications (delivered by the server when, and only if, the transaction
+#: commits). The UPDATE serialises every host's commits, so ledger entries grow in commit order.
 _SQL_COMMIT_MARK = (
-    "WITH s AS (UPDATE mds_meta SET v = v + 1 WHERE k = 'commit_seq' RETURNING v) "
-    f"SELECT s.v, (SELECT count(pg_notify('{CHANNEL}', p)) FROM unnest(%s::text[]) AS p) FROM s"
+    "WITH s AS (UPDATE mds_meta SET v = v + 1 WHERE k = 'commit_seq' RETURNING v), "
+    "p AS (SELECT seq FROM mds_acks WHERE origin = %(o)s), "
+    "a AS (INSERT INTO mds_acks(origin, seq) SELECT %(o)s, v FROM s "
+    "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq) "
+    f"SELECT s.v, (SELECT seq FROM p), (SELECT count(pg_notify('{CHANNEL}', n)) FROM unnest(%(n)s::text[]) AS n) "
+    "FROM s"
 )
 _SQL_SEQ = "SELECT v FROM mds_meta WHERE k = 'commit_seq'"
+_SQL_ACKED = "SELECT seq FROM mds_acks WHERE origin = %s"
 _SQL_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
@@ -104,11 +112,11 @@ class _Txn:
             return
         conn = t._conn
         if et is None and not t._doomed and conn is not None:
-            seq = None
+            seq = prev = None
             try:
                 if t._dirty:
-                    row = conn.execute(_SQL_COMMIT_MARK, (list(dict.fromkeys(t._spans)),)).fetchone()
-                    seq = None if row is None else row[0]
+                    row = conn.execute(_SQL_COMMIT_MARK, {"o": t.origin, "n": list(dict.fromkeys(t._spans))}).fetchone()
+                    seq, prev = (None, None) if row is None else row[:2]
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
                 _Txn.rollback(t)
@@ -116,6 +124,7 @@ class _Txn:
                 raise translate(exc, t.where) from exc
             if t._dirty:
                 t.last_commit_seq = None if seq is None else int(seq)
+                t._commit = None if seq is None else (int(seq), int(prev or 0))
                 t._dirty = False
                 t._spans.clear()
                 t.maybe_maintain()
@@ -131,6 +140,7 @@ class _Txn:
         if t.readonly:
             t._connection().execute(_SQL_BEGIN_READ)
         else:
+            t._commit = None  # take_commit tells of this transaction's commit alone
             t._connection().execute("BEGIN")
 
     @staticmethod
@@ -173,6 +183,17 @@ class _Snapshot:
             conn.execute("COMMIT")
         else:
             rollback_quietly(conn, self._t.where)
+
+
+def identity(url: str) -> int:
+    """The server and database ``url`` names, as a positive 63-bit number: host, port, database
+    and user (not the password or session options, which change nothing of what is stored)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        info = {"url": redact(url)}
+    key = "\x00".join(f"{k}={info.get(k, '')}" for k in ("host", "hostaddr", "port", "dbname", "user", "url"))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1 or 1
 
 
 class PostgresTier:
@@ -256,6 +277,10 @@ class PostgresTier:
         self._closed = False
         #: The commit sequence of this connection's latest committed data change (None before one).
         self.last_commit_seq: int | None = None
+        self._commit: tuple[int, int] | None = None  # see take_commit
+        #: The server's address as a number (see :func:`identity`): what a record of commits it
+        #: acknowledged is kept for.
+        self.identity = identity(url)
         self._conn: psycopg.Connection[Any] | None = None
         conn = self._connection()
         try:
@@ -457,6 +482,24 @@ class PostgresTier:
         """The database's ``commit_seq``: it changes whenever any host commits a data change
         (one indexed row read; hosts that subscribe to the change feed need not poll it)."""
         row = self._connection().execute(_SQL_SEQ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def take_commit(self) -> tuple[int, int] | None:
+        """``(commit_seq, entry before)`` of the latest commit of a data change, once (None: no
+        commit since the last call). The entry before is this origin's ledger entry before that
+        commit (0: none); see :class:`mds.store.changes.SharedAcks`."""
+        out, self._commit = self._commit, None
+        return out
+
+    @_translated
+    def acknowledged(self) -> int | None:
+        """This origin's entry in the ledger of acknowledged commits: the ``commit_seq`` of its
+        latest commit (0: none); None when the database has no ledger (written by an older mds,
+        opened readonly)."""
+        try:
+            row = self._connection().execute(_SQL_ACKED, (self.origin,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
         return 0 if row is None else int(row[0])
 
     def commit_seq(self) -> int:

@@ -19,7 +19,7 @@ from mds.tiers.postgres.schema import TABLES, stored_version
 logger = logging.getLogger(__name__)
 
 _COMPRESS_BATCH = 64  # chunks compressed per transaction
-_SQL_VACUUM = "VACUUM (ANALYZE) mds_meta, mds_series, mds_chunk, mds_tail, mds_coverage"  # the TABLES
+_SQL_VACUUM = "VACUUM (ANALYZE) mds_meta, mds_series, mds_chunk, mds_tail, mds_coverage, mds_acks"  # TABLES, ledger
 _SQL_ANALYZE = "ANALYZE mds_meta, mds_series, mds_chunk, mds_tail, mds_coverage"
 
 _SQL_DEAD = (
