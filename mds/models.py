@@ -59,6 +59,10 @@ class Config:
         lost). True: also survives power loss, at an fsync per commit.
     layer1_timeout_s
         Upper bound of one Layer 1 call made by the store.
+    history_timeout_s
+        Shared history (``history=`` a PostgreSQL URL): bound on every statement, and on every
+        call of a server that stops answering (cut 2 s later; the store's lock is never held
+        longer). Maintenance and ``check()`` are not bounded.
     live_grace_s
         Live feed (``Store.follow``): how long after an interval closed (store clock) a candle
         the stream sent is taken as final when no message of a later interval came, and how much
@@ -81,6 +85,7 @@ class Config:
     durable: bool = False
     layer1_timeout_s: float = 30.0
     live_grace_s: float = 2.0
+    history_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.lookup not in ("layer1_first", "storage_first"):
@@ -103,6 +108,7 @@ class Config:
             "orderbook_ttl_s",
             "layer1_timeout_s",
             "live_grace_s",
+            "history_timeout_s",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -350,13 +351,24 @@ def transient(exc: BaseException) -> bool:
     """Whether a backend failure is a state of the moment (busy, locked, full, read-only) rather
     than a broken tier: the call fails, the tier stays in service."""
     seen: BaseException | None = exc
+    kinds = (*_TRANSIENT_ERRORS, *_server_transient(), DamagedChunkError)  # damaged rows: that span only
     for _ in range(4):
         if seen is None:
             return False
-        if isinstance(seen, (*_TRANSIENT_ERRORS, DamagedChunkError)):  # damaged rows: that span only
+        if isinstance(seen, kinds):
             return True
         seen = seen.__cause__
     return False
+
+
+def _server_transient() -> tuple[type[BaseException], ...]:
+    """A shared history server's states of the moment: another host's lock held past
+    ``lock_timeout``, a deadlock the server broke by rolling this transaction back. (psycopg is
+    loaded once such a tier was opened; it is an optional dependency, not imported here.)"""
+    pg = sys.modules.get("psycopg")
+    if pg is None:
+        return ()
+    return (pg.errors.LockNotAvailable, pg.errors.DeadlockDetected)
 
 
 _CHECK_ERRORS: tuple[type[BaseException], ...] = (*BACKEND_ERRORS, MdsError)

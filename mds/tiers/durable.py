@@ -246,6 +246,7 @@ def open_durable(
             readonly=readonly,
             clock=clock,
             origin=origin,
+            timeout_s=config.history_timeout_s,
             compress_after_days=config.compress_after_days,
             vacuum_threshold=config.vacuum_threshold,
         )

@@ -17,10 +17,15 @@ docs/ARCHITECTURE.md, "PostgreSQL tier"), in tables named ``mds_*``:
 - ``mds_coverage``: half-open covered ranges per series, merged, each with its checksum.
 - ``mds_meta``: ``schema_version`` (2; a database at 1 is migrated by the first writer, a newer
   one is refused) and ``commit_seq``.
+- ``mds_acks``: the ledger of acknowledged commits, one row per store directory (``origin``)
+  holding the ``commit_seq`` of its latest commit, moved by the commit itself; a directory
+  compares it with its own record to find commits the server lost
+  (:class:`mds.store.changes.SharedAcks`). Added to schema 2 by the first writer of this version.
 
 Modules, each importing only those listed before it:
 
 - ``connection``: connecting (bounded timeout, session settings), psycopg errors translated.
+- ``deadline``: the client's bound on a call when the server stops answering.
 - ``schema``: the DDL, created or migrated idempotently under an advisory lock.
 - ``catalog``: series ids, the per-series write lock, the series list.
 - ``coverage``: coverage rows with their checksums.

@@ -27,7 +27,9 @@ def translate(exc: BaseException, where: str) -> StorageUnavailableError:
         return exc
     text = " ".join(str(exc).split()) or type(exc).__name__
     low = text.lower()
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        hint = "the statement ran longer than the session's statement_timeout (Config.history_timeout_s); retry"
+    elif isinstance(exc, psycopg.errors.LockNotAvailable):
         hint = "another host held the series' write lock too long (lock_timeout); retry"
     elif isinstance(exc, psycopg.errors.DeadlockDetected):
         hint = "two transactions locked the same series in opposite orders; this one was rolled back: retry"
@@ -50,12 +52,21 @@ def translate(exc: BaseException, where: str) -> StorageUnavailableError:
     return StorageUnavailableError(f"PostgreSQL tier {where}: {hint} ({text})")
 
 
-def connect(url: str, *, timeout_s: float, readonly: bool, application: str = "mds") -> psycopg.Connection[Any]:
+def connect(
+    url: str,
+    *,
+    timeout_s: float,
+    readonly: bool,
+    application: str = "mds",
+    statement_timeout_s: float | None = None,
+) -> psycopg.Connection[Any]:
     """A new autocommit connection to ``url`` (transactions are opened explicitly), failing
     within ``timeout_s`` (rounded up to whole seconds, at least 1, as libpq counts them).
 
-    Sessions get a ``lock_timeout`` (see :data:`LOCK_TIMEOUT_MS`), TCP keepalives (a silently
-    lost server is noticed), and ``default_transaction_read_only`` when ``readonly``.
+    Sessions get a ``statement_timeout`` of ``statement_timeout_s`` (unless the URL's options
+    set one), a ``lock_timeout`` (see :data:`LOCK_TIMEOUT_MS`, at most ``statement_timeout_s``:
+    a write waiting for another host's lock says so), TCP keepalives (a silently lost server is
+    noticed), and ``default_transaction_read_only`` when ``readonly``.
 
     Raises
     ------
@@ -63,14 +74,20 @@ def connect(url: str, *, timeout_s: float, readonly: bool, application: str = "m
         Naming the problem: a malformed URL, an unknown host, refused credentials, a missing
         database, or no answer within the timeout.
     """
-    options = f"-c lock_timeout={LOCK_TIMEOUT_MS}"
+    lock_ms = LOCK_TIMEOUT_MS
+    first = ""  # settings the URL's own options may override
+    if statement_timeout_s is not None:
+        limit_ms = max(1, math.ceil(statement_timeout_s * 1000))
+        first = f"-c statement_timeout={limit_ms}"
+        lock_ms = min(lock_ms, max(1, limit_ms * 4 // 5))
+    options = f"-c lock_timeout={lock_ms}"
     if readonly:
         options += " -c default_transaction_read_only=on"
     try:
-        # the URL's own options (a search_path, a statement_timeout) are kept, ours follow them
-        given = psycopg.conninfo.conninfo_to_dict(url).get("options")
-        if given:
-            options = f"{given} {options}"
+        # the URL's own options (a search_path, a statement_timeout) are kept: the statement
+        # bound before them, ours after
+        given = str(psycopg.conninfo.conninfo_to_dict(url).get("options") or "")
+        options = " ".join(o for o in (first, given, options) if o)
         conn = psycopg.connect(
             url,
             autocommit=True,

@@ -182,6 +182,10 @@ class Listener:
                 if fields is None:
                     logger.warning("PostgreSQL tier %s: malformed change payload %r", self._where, note.payload)
                 elif fields[0] != self._origin:
+                    began = time.monotonic()
                     self._deliver(*fields[1:])
+                    # the callback may wait for the store's lock (a long call holds it): that time
+                    # is this thread's, not the server's silence (its heartbeat waits, unread)
+                    heard += time.monotonic() - began
                 if self._stop.is_set():
                     return

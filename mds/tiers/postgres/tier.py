@@ -24,6 +24,7 @@ from mds.tiers.postgres import reads, upkeep
 from mds.tiers.postgres.catalog import Catalog, Series, list_series
 from mds.tiers.postgres.connection import close_quietly, connect, rollback_quietly, translate
 from mds.tiers.postgres.coverage import change_coverage, read_coverage
+from mds.tiers.postgres.deadline import Deadline
 from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
 from mds.tiers.postgres.integrity import invariant_problems, quarantine
 from mds.tiers.postgres.schema import ensure_schema
@@ -63,17 +64,46 @@ def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable
     @functools.wraps(method)
     def call(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         outside = self._depth == 0
+        armed = self._deadline.arm()  # the call, its retry included, is bounded (see Deadline)
+        try:
+            try:
+                return method(self, *args, **kwargs)
+            except psycopg.Error as exc:
+                if self._deadline.cut() or not (self._drop_if_broken() and outside and not self._closed):
+                    raise self._failure(exc) from exc
+                logger.info("PostgreSQL tier %s: connection lost (%s); reconnecting once", self.where, exc)
+            try:
+                return method(self, *args, **kwargs)
+            except psycopg.Error as exc:
+                raise self._failure(exc) from exc
+        finally:
+            if armed:
+                self._deadline.disarm()
+
+    return call
+
+
+def _unbounded(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable[Concatenate[PostgresTier, _P], _R]:
+    """:func:`_translated` for a call that takes as long as the data needs (a VACUUM, a full
+    integrity pass): neither the session's ``statement_timeout`` and ``lock_timeout`` nor the
+    :class:`Deadline` bounds it."""
+
+    @functools.wraps(method)
+    def body(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        conn = self._connection()
+        conn.execute("SET statement_timeout = 0; SET lock_timeout = 0", prepare=False)
         try:
             return method(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            if not (self._drop_if_broken() and outside and not self._closed):
-                raise translate(exc, self.where) from exc
-            logger.info("PostgreSQL tier %s: connection lost (%s); reconnecting once", self.where, exc)
-        try:
-            return method(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            self._drop_if_broken()
-            raise translate(exc, self.where) from exc
+        finally:
+            if self._conn is conn and not conn.broken:
+                conn.execute("RESET statement_timeout; RESET lock_timeout", prepare=False)
+
+    bounded = _translated(body)
+
+    @functools.wraps(method)
+    def call(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._deadline.suspended():
+            return bounded(self, *args, **kwargs)
 
     return call
 
@@ -89,16 +119,19 @@ class _Txn:
     def __enter__(self) -> PostgresTier:
         t = self._t
         if t._depth == 0:
+            armed = t._deadline.arm()
             try:
                 _Txn.begin(t)
             except psycopg.Error as exc:
-                if not t._drop_if_broken():
-                    raise translate(exc, t.where) from exc
+                if t._deadline.cut() or not t._drop_if_broken():
+                    raise t._failure(exc) from exc
                 try:  # nothing was begun: a connection cut while idle is replaced once
                     _Txn.begin(t)
                 except psycopg.Error as exc2:
-                    t._drop_if_broken()
-                    raise translate(exc2, t.where) from exc2
+                    raise t._failure(exc2) from exc2
+            finally:
+                if armed:
+                    t._deadline.disarm()
             t._doomed = False
         t._depth += 1
         return t
@@ -113,6 +146,7 @@ class _Txn:
         conn = t._conn
         if et is None and not t._doomed and conn is not None:
             seq = prev = None
+            armed = t._deadline.arm()
             try:
                 if t._dirty:
                     row = conn.execute(_SQL_COMMIT_MARK, {"o": t.origin, "n": list(dict.fromkeys(t._spans))}).fetchone()
@@ -120,8 +154,10 @@ class _Txn:
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
                 _Txn.rollback(t)
-                t._drop_if_broken()
-                raise translate(exc, t.where) from exc
+                raise t._failure(exc) from exc
+            finally:
+                if armed:
+                    t._deadline.disarm()
             if t._dirty:
                 t.last_commit_seq = None if seq is None else int(seq)
                 t._commit = None if seq is None else (int(seq), int(prev or 0))
@@ -219,6 +255,11 @@ class PostgresTier:
         a random one (each instance its own origin).
     connect_timeout_s : float
         Bound on every connection attempt (open, reconnect, the listener).
+    timeout_s : float or None
+        Bound on every statement (the session's ``statement_timeout``, and its ``lock_timeout``
+        at most), and on every call when the server does not answer at all: a call still waiting
+        2 s after it is cut (see :mod:`mds.tiers.postgres.deadline`). :meth:`maintain` and
+        :meth:`integrity_problems` are not bounded. None: no bound.
     compress_after_days : float or None
         Chunks whose newest candle is older than this are stored compressed; None: all raw.
     vacuum_threshold : float
@@ -256,6 +297,7 @@ class PostgresTier:
         clock: Callable[[], int] | None = None,
         origin: str = "",
         connect_timeout_s: float = 5.0,
+        timeout_s: float | None = 10.0,
         compress_after_days: float | None = 7.0,
         vacuum_threshold: float = 0.15,
     ) -> None:
@@ -264,6 +306,7 @@ class PostgresTier:
         self.readonly = bool(readonly)
         self.origin = origin or uuid.uuid4().hex
         self.connect_timeout_s = float(connect_timeout_s)
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
         self.compress_after_days = compress_after_days
         self.vacuum_threshold = float(vacuum_threshold)
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
@@ -275,6 +318,8 @@ class PostgresTier:
         self._catalog = Catalog()
         self._listener: Listener | None = None
         self._closed = False
+        #: The client's bound on every call (see :class:`~mds.tiers.postgres.deadline.Deadline`).
+        self._deadline = Deadline(timeout_s, self.where)
         #: The commit sequence of this connection's latest committed data change (None before one).
         self.last_commit_seq: int | None = None
         self._commit: tuple[int, int] | None = None  # see take_commit
@@ -283,13 +328,19 @@ class PostgresTier:
         self.identity = identity(url)
         self._conn: psycopg.Connection[Any] | None = None
         conn = self._connection()
+        armed = self._deadline.arm()
         try:
             ensure_schema(conn, self.where, self.readonly)
         except BaseException as exc:
-            self.close()
             if isinstance(exc, psycopg.Error):
-                raise translate(exc, self.where) from exc
+                failure = self._failure(exc)
+                self.close()
+                raise failure from exc
+            self.close()
             raise
+        finally:
+            if armed:
+                self._deadline.disarm()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -299,6 +350,7 @@ class PostgresTier:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.stop()
+        self._deadline.close()
         conn, self._conn = self._conn, None
         if self._depth:
             self._depth = 0
@@ -521,14 +573,18 @@ class PostgresTier:
         self._next_upkeep_ms = now + interval * 1000
         cutoff = self._compress_cutoff()
         if cutoff is not None:
+            armed = self._deadline.arm()
             try:
                 upkeep.compress_old(self._conn, self.where, cutoff, time.perf_counter() + 0.05)
             except psycopg.Error as exc:
                 self._drop_if_broken()
                 logger.warning("PostgreSQL tier %s: scheduled upkeep failed (will retry): %s", self.where, exc)
+            finally:
+                if armed:
+                    self._deadline.disarm()
         return True
 
-    @_translated
+    @_unbounded
     def maintain(self, force: bool = False) -> dict[str, Any]:
         """Compress old chunks, then VACUUM (when the dead-tuple share passed
         ``vacuum_threshold``, or ``force``) and ANALYZE the tier's tables on the server.
@@ -546,7 +602,7 @@ class PostgresTier:
         self._next_upkeep_ms = self._clock() + (self.maintenance_interval_s or 0) * 1000
         return report
 
-    @_translated
+    @_unbounded
     def integrity_problems(self) -> list[str]:
         """Every chunk, tail row and coverage row checked against its checksum, plus the layout's
         invariants (see :mod:`mds.tiers.postgres`); empty when all is sound. A full pass."""
@@ -580,11 +636,21 @@ class PostgresTier:
             )
         close_quietly(conn)
         self._conn = None
-        self._conn = connect(self.url, timeout_s=self.connect_timeout_s, readonly=self.readonly)
+        self._conn = self._deadline.conn = connect(
+            self.url, timeout_s=self.connect_timeout_s, readonly=self.readonly, statement_timeout_s=self.timeout_s
+        )
         listener = self._listener
         if listener is not None and not listener.connected.is_set():
             listener.wake()  # the server answers again: the feed need not wait out its backoff
         return self._conn
+
+    def _failure(self, exc: psycopg.Error) -> StorageUnavailableError:
+        """The error a call raises for ``exc``: the server did not answer within the bound (the
+        connection was cut), or ``exc`` translated; a lost connection is dropped."""
+        self._drop_if_broken()
+        if self._deadline.cut():
+            return StorageUnavailableError(self._deadline.message())
+        return translate(exc, self.where)
 
     def _drop_if_broken(self) -> bool:
         """Drop the connection if it is lost (the next use reconnects); whether it was."""

@@ -1,0 +1,142 @@
+"""The bound on the PostgreSQL tier's calls (Config.history_timeout_s, mds.tiers.postgres.deadline):
+a server that stops answering fails the call within the bound and leaves nothing partial, a
+slow statement on a live server is ended by the server itself, and maintenance is not bounded.
+
+A hung server is played by stopping the store connection's backend process (SIGSTOP): its
+socket stays open and silent, as with a frozen host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from test_pg_review import MIN, NOW, SYM, T0, _rows, _until
+
+import mds
+from mds import Config, StorageUnavailableError
+from mds.tiers.postgres import PostgresTier
+
+
+def _open(path: Path, url: str, timeout_s: float) -> mds.Store:
+    cfg = Config(lookup="storage_first", history_timeout_s=timeout_s)
+    return mds.open(path, config=cfg, clock=lambda: NOW, history=url)
+
+
+def test_a_write_to_a_hung_server_fails_within_the_bound_and_stores_nothing(
+    tmp_path: Path, pg_url: str, stopped: list[int]
+) -> None:
+    rows = _rows()
+    with _open(tmp_path / "a", pg_url, 1.0) as a:
+        a.write_candles(SYM, "1m", rows[:50])
+        pid = a._health.states["sqlite"].obj._connection().info.backend_pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailableError, match="did not answer"):
+            a.write_candles(SYM, "1m", rows[50:])
+        took = time.monotonic() - t0
+        assert 1.0 <= took < 10.0, took  # the bound (1 s) and its grace (2 s), with room for a busy machine
+        os.kill(pid, signal.SIGCONT)
+        with PostgresTier(pg_url, readonly=True) as t:  # the server: nothing of the failed batch
+            assert len(t.read_range(SYM, "1m", T0, T0 + 100 * MIN)) == 50
+        assert _until(lambda: _write_ok(a, rows))  # the store reconnects by itself (degraded tier retried)
+        got = a.candles(SYM, "1m", start=T0, end=T0 + 100 * MIN)
+        assert np.array_equal(got, rows)
+
+
+def _write_ok(store: mds.Store, rows: np.ndarray) -> bool:
+    try:
+        store.write_candles(SYM, "1m", rows[50:])
+    except StorageUnavailableError:
+        return False
+    return True
+
+
+def test_a_write_waiting_for_another_hosts_lock_ends_within_the_bound(tmp_path: Path, pg_url: str) -> None:
+    """The server ends it (lock_timeout, at most the statement bound) and says what it waited for;
+    the connection stays usable."""
+    rows = _rows()
+    with _open(tmp_path / "a", pg_url, 1.0) as a:
+        a.write_candles(SYM, "1m", rows[:50])
+        with psycopg.connect(pg_url) as other:  # another host's writer holds the series' lock
+            other.execute("SELECT 1 FROM mds_series WHERE symbol = %s FOR UPDATE", (SYM,))
+            t0 = time.monotonic()
+            with pytest.raises(StorageUnavailableError, match="lock"):
+                a.write_candles(SYM, "1m", rows[50:])
+            assert time.monotonic() - t0 < 10.0
+        assert a.candles(SYM, "1m", start=T0, end=T0 + 50 * MIN).tobytes() == rows[:50].tobytes()
+
+
+def test_maintenance_waits_as_long_as_it_must(tmp_path: Path, pg_url: str) -> None:
+    """VACUUM waits for another session's lock on a table well past the bound, and completes."""
+    with _open(tmp_path / "a", pg_url, 0.5) as a:
+        a.write_candles(SYM, "1m", _rows())
+        locked, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with psycopg.connect(pg_url) as other:
+                other.execute("LOCK TABLE mds_chunk IN SHARE UPDATE EXCLUSIVE MODE")
+                locked.set()
+                release.wait(30)
+
+        th = threading.Thread(target=hold, daemon=True)
+        th.start()
+        assert locked.wait(10)
+        threading.Timer(3.5, release.set).start()  # the bound (0.5 s) and its grace (2 s) pass first
+        t0 = time.monotonic()
+        report = a.maintain(force=True)
+        assert time.monotonic() - t0 >= 3.0
+        assert report.vacuumed
+        th.join(10)
+        a.write_candles(SYM, "1m", _rows(110)[100:])  # the session's bounds are back and it writes
+        assert len(a.candles(SYM, "1m", start=T0, end=T0 + 110 * MIN)) == 110
+
+
+def test_the_urls_own_statement_timeout_is_kept(pg_url: str) -> None:
+    sep = "&" if "?" in pg_url else "?"
+    url = f"{pg_url}{sep}options=-c%20statement_timeout%3D1234"
+    with PostgresTier(url, timeout_s=10.0) as t:
+        assert t._connection().execute("SHOW statement_timeout").fetchone() == ("1234ms",)
+    with PostgresTier(pg_url, timeout_s=10.0) as t:
+        assert t._connection().execute("SHOW statement_timeout").fetchone() == ("10s",)
+        assert t._connection().execute("SHOW lock_timeout").fetchone() == ("8s",)
+
+
+def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
+    tmp_path: Path, pg_url: str, stopped: list[int]
+) -> None:
+    """Another host's change arrives while a (hung) call holds the store's lock: the feed's
+    thread waits for the lock to apply it, its heartbeat unread meanwhile. That wait is not the
+    server's silence: the feed must not reconnect (which drops every copy this host holds)."""
+    with _open(tmp_path / "b", pg_url, 2.0) as b:
+        assert _until(lambda: b._health.feed_live)
+        b.write_candles(SYM, "1m", _rows())
+        tier = b._health.states["sqlite"].obj
+        listener = tier._listener
+        pid = tier._connection().info.backend_pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        done = threading.Event()
+
+        def read() -> None:
+            with contextlib.suppress(StorageUnavailableError):
+                b.candles("KRW-ETH", "1m", start=T0, end=T0 + 10 * MIN)  # not in B's fast tiers
+            done.set()
+
+        heard = b._remote.received
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(0.5)
+        with PostgresTier(pg_url, compress_after_days=None) as other:  # its change waits for B's lock
+            other.write("KRW-XRP", "1m", _rows(5, seed=9))
+        assert done.wait(30.0)
+        assert _until(lambda: b._remote.received > heard)
+        time.sleep(1.0)  # a deaf feed would be reconnecting now
+        assert listener.reconnects == 0 and b._health.feed_live
