@@ -108,6 +108,7 @@ class Store:
             # no planted links, ours and private (0700); raises before anything is opened
             writable = check_store_dir(self.path, create=True)
         self._health = Tiers(self.path, cfg, self._clock, writable, history)
+        self._health.lock = self._lock
         self._slots = ChangeSlots()
         self._coverage = Coverage(self._health, self._slots)
         self._remote = RemoteChanges(self._health, self._slots, self._coverage, self._lock)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from mds._dtypes import EMPTY_CANDLES
 from mds._files import open_private
 from mds.errors import MdsError, StorageUnavailableError
 from mds.models import Config
-from mds.tiers.durable import DamagedChunkError, DurableTier, open_durable
+from mds.tiers.durable import DamagedChunkError, DurableTier, SharedHistory, open_durable
 from mds.timeframes import Timeframe
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class Tiers:
         self.copies_trusted = True
         #: Called with (name, tier object) each time a tier opens (also on a reopen after a failure).
         self.on_open: list[Callable[[str, Any], None]] = []
+        #: The Store's lock (set by the Store): :meth:`read_db` lets other threads have it while a
+        #: shared durable tier's server answers.
+        self.lock: Any = None
 
     @property
     def durable(self) -> bool:
@@ -319,6 +322,31 @@ class Tiers:
         if not self.feed_live:
             self.copies_trusted = False  # the server answers: other hosts may write unheard
         return answer
+
+    def read_db(self, method: str, *args: Any) -> Any:
+        """:meth:`ask_db` of the durable tier's read ``method``. On a shared durable tier (a
+        server) the read runs on a connection of its own while other threads use the store (the
+        caller holds its lock): memory hits of other threads never wait for a server round trip,
+        and threads read the server at once. What the caller fills its fast tiers with afterwards
+        must be guarded (``Writer.fill_guard``): writes may happen meanwhile."""
+        db = self.db()
+        lock = self.lock
+        spare = None
+        if self.history is not None and lock is not None and lock._is_owned():
+            spare = cast(SharedHistory, db).off_lock()
+        if spare is None:
+            return self.ask_db(getattr(db, method), *args)
+        off = spare
+
+        def call(*a: Any) -> Any:
+            held = lock._release_save()
+            try:
+                with off as reader:
+                    return getattr(reader, method)(*a)
+            finally:
+                lock._acquire_restore(held)
+
+        return self.ask_db(call, *args)
 
     def first_stored(self, sym: str, tf: Timeframe) -> int | None:
         """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""

@@ -278,8 +278,9 @@ class Reader:
         db = tiers.db()
         if db is not None:
             guard = self.writer.fill_guard(sym, tf)  # taken before the read it protects
-            got = tiers.ask_db(db.read_latest, sym, tf, n, end)
-            self._to_memory(sym, tf, got, end)
+            got = tiers.read_db("read_latest", sym, tf, n, end)
+            if guard is None or guard():  # no write began since (other threads ran meanwhile)
+                self._to_memory(sym, tf, got, end)
             if len(got):
                 self.writer.put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
             return read_only(got), "sqlite_db"
@@ -371,7 +372,7 @@ class Reader:
         db = tiers.db()
         if db is not None:
             guard = self.writer.fill_guard(sym, tf)  # taken before the read it protects
-            got = tiers.ask_db(db.read_range, sym, tf, s, e)
+            got = tiers.read_db("read_range", sym, tf, s, e)
             self.writer.put_disk(sym, tf, s, e, got, guard)
             return read_only(got), slowest(source, "sqlite_db")
         mem = tiers.tier("memory")

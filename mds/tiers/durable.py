@@ -214,6 +214,11 @@ class SharedHistory(DurableTier, Protocol):
         """This directory's ledger entry (0: none; None: the server keeps no ledger)."""
         ...
 
+    def off_lock(self) -> AbstractContextManager[DurableTier] | None:
+        """A tier on a connection of its own for one read that runs while other threads use the
+        store (None: read this tier itself, e.g. inside a transaction)."""
+        ...
+
 
 def open_durable(
     path: str | os.PathLike[str],

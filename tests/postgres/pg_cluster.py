@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -128,3 +129,25 @@ def fresh_database(cluster: Cluster) -> Iterator[str]:
     finally:
         with suppress(psycopg.Error), psycopg.connect(cluster.url(), autocommit=True, connect_timeout=5) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def hang(cluster: Cluster, url: str, stopped: list[int], application: str = "mds") -> list[int]:
+    """Freeze the server as a hung host would, for the connections of a store: SIGSTOP the
+    postmaster (a new connection waits) and every backend of ``url``'s database whose
+    ``application_name`` is ``application`` (a store's own and read connections; its change feed
+    has its own names and keeps hearing). The pids go to ``stopped`` (a fixture continues them);
+    returns the backends'."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+            (application,),
+        ).fetchall()
+    with open(os.path.join(cluster.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    backends = [int(pid) for (pid,) in rows]
+    for pid in [postmaster, *backends]:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+    return backends

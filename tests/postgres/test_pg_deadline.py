@@ -113,12 +113,13 @@ def test_the_urls_own_statement_timeout_is_kept(pg_url: str) -> None:
 def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
     tmp_path: Path, pg_url: str, stopped: list[int]
 ) -> None:
-    """Another host's change arrives while a (hung) call holds the store's lock: the feed's
+    """Another host's change arrives while a (hung) write holds the store's lock: the feed's
     thread waits for the lock to apply it, its heartbeat unread meanwhile. That wait is not the
     server's silence: the feed must not reconnect (which drops every copy this host holds)."""
+    rows = _rows()
     with _open(tmp_path / "b", pg_url, 2.0) as b:
         assert _until(lambda: b._health.feed_live)
-        b.write_candles(SYM, "1m", _rows())
+        b.write_candles(SYM, "1m", rows[:50])
         tier = b._health.states["sqlite"].obj
         listener = tier._listener
         pid = tier._connection().info.backend_pid
@@ -126,13 +127,13 @@ def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
         stopped.append(pid)
         done = threading.Event()
 
-        def read() -> None:
+        def write() -> None:
             with contextlib.suppress(StorageUnavailableError):
-                b.candles("KRW-ETH", "1m", start=T0, end=T0 + 10 * MIN)  # not in B's fast tiers
+                b.write_candles(SYM, "1m", rows[50:])  # holds the store's lock until it is cut
             done.set()
 
         heard = b._remote.received
-        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
         time.sleep(0.5)
         with PostgresTier(pg_url, compress_after_days=None) as other:  # its change waits for B's lock
             other.write("KRW-XRP", "1m", _rows(5, seed=9))
@@ -140,3 +141,68 @@ def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
         assert _until(lambda: b._remote.received > heard)
         time.sleep(1.0)  # a deaf feed would be reconnecting now
         assert listener.reconnects == 0 and b._health.feed_live
+
+
+def test_a_read_off_the_lock_does_not_fill_memory_with_rows_a_write_replaced(
+    tmp_path: Path, pg_url: str, stopped: list[int]
+) -> None:
+    """Thread A reads a series from the server on a read connection, off the store's lock; this
+    host writes a revision of it meanwhile. A's rows (the server's state before the write) must
+    not become the fast tiers' copy: the next reads answer the revision."""
+    rows = _rows()
+    with _open(tmp_path / "b", pg_url, 10.0) as b:
+        assert _until(lambda: b._health.feed_live)
+        with PostgresTier(pg_url, compress_after_days=None) as other:  # in no fast tier of B
+            other.write(SYM, "1m", rows)
+            other.write("KRW-ETH", "1m", _rows(5, seed=3))
+        b.candles("KRW-ETH", "1m", start=T0, end=T0 + 5 * MIN)  # leaves an idle read connection
+        readers = b._health.states["sqlite"].obj.readers
+        assert len(readers._idle) == 1
+        pid = readers._idle[0]._conn.info.backend_pid
+        os.kill(pid, signal.SIGSTOP)  # A's read will wait on it
+        stopped.append(pid)
+        got: list[np.ndarray] = []
+        reader = threading.Thread(target=lambda: got.append(b.candles(SYM, "1m", count=50)), daemon=True)
+        reader.start()
+        time.sleep(0.3)  # A waits for the server, off the lock
+        new = rows[-1:].copy()
+        new["close"] = new["open"] = float(rows["close"][-1]) + 1.0
+        new["high"] = max(float(rows["high"][-1]), float(new["close"][0]))
+        with b._lock:  # A gets its answer (the state before the write) and waits for the lock ...
+            os.kill(pid, signal.SIGCONT)
+            assert _until(lambda: len(readers._idle) == 1)  # A has its rows and gave the connection back
+            b.write_candles(SYM, "1m", new)  # ... while this thread writes the revision
+        reader.join(30.0)
+        assert got and float(got[0]["close"][-1]) == float(rows["close"][-1])  # A's read came first
+        for _ in range(2):  # then memory (or LMDB) answers: the revision
+            assert float(b.candles(SYM, "1m", count=50)["close"][-1]) == float(new["close"][0])
+            rng = b.candles(SYM, "1m", start=T0, end=T0 + 100 * MIN)
+            assert float(rng["close"][-1]) == float(new["close"][0])
+
+
+def test_threads_read_the_server_at_once_on_connections_of_their_own(tmp_path: Path, pg_url: str) -> None:
+    markets = [f"KRW-M{i}" for i in range(8)]
+    with PostgresTier(pg_url, compress_after_days=None) as other:
+        for i, sym in enumerate(markets):
+            other.write(sym, "1m", _rows(200, seed=i))
+    cfg = Config(lookup="storage_first", tiers=("sqlite",), history_timeout_s=10.0)  # every read asks the server
+    with mds.open(tmp_path / "b", config=cfg, clock=lambda: NOW, history=pg_url) as b:
+        errors: list[BaseException] = []
+
+        def work(sym: str, seed: int) -> None:
+            want = _rows(200, seed=seed)
+            try:
+                for _ in range(30):
+                    got = b.candles(sym, "1m", start=T0, end=T0 + 200 * MIN)
+                    assert got.tobytes() == want.tobytes()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(sym, i)) for i, sym in enumerate(markets)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors[:3]
+        readers = b._health.states["sqlite"].obj.readers
+        assert 2 <= readers.opened <= 4  # reads overlapped; never more connections than the pool's size

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from pg_cluster import Cluster
+from pg_cluster import Cluster, hang
 
 import mds
 import mds.store.health
@@ -273,22 +273,23 @@ def test_a_feed_that_hears_nothing_is_trusted_and_memory_answers_stale(
         assert seen, "B still answers the old candle 10 s after A's revision"
 
 
-def test_a_hung_server_read_blocks_every_thread_of_the_store(tmp_path: Path, pg_url: str, stopped: list[int]) -> None:
+def test_a_hung_server_read_blocks_every_thread_of_the_store(
+    tmp_path: Path, pg_url: str, pg_cluster: Cluster, stopped: list[int]
+) -> None:
     """No statement timeout: a read whose server process stops answering waits for ever, holding
     the store lock, so even memory hits of other series in other threads wait ("never a hang").
-    (Fixed: Config.history_timeout_s bounds every call, mds.tiers.postgres.deadline; the default
-    10 s is what this test runs with.)"""
+    (Fixed: Config.history_timeout_s bounds every call, mds.tiers.postgres.deadline, the default
+    10 s here; and a server read runs off the store's lock on a read connection of its own,
+    mds.tiers.postgres.pool, so the memory hit does not wait for it at all.)"""
     rows = _rows()
     with _open(tmp_path / "b", pg_url) as b:
         assert _until(lambda: b._health.feed_live)  # before the memory fill: the feed's start drops copies
         b.write_candles(SYM, "1m", rows, complete=(T0, T0 + 100 * MIN))
         b.candles(SYM, "1m", count=10)
+        b.candles(SYM, "1m", count=10)  # a memory hit now
         with PostgresTier(pg_url, compress_after_days=None) as other:  # not in B's fast tiers
             other.write("KRW-ETH", "1m", generate_market("KRW-ETH", "1m", T0, T0 + 10 * MIN, seed=3))
-        tier = b._health.states["sqlite"].obj
-        pid = tier._connection().info.backend_pid
-        os.kill(pid, signal.SIGSTOP)
-        stopped.append(pid)
+        hang(pg_cluster, pg_url, stopped)  # the server, and B's connections to it (not its feed)
         done = threading.Event()
         hit = threading.Event()
         outcome: list[Any] = []
@@ -301,17 +302,20 @@ def test_a_hung_server_read_blocks_every_thread_of_the_store(tmp_path: Path, pg_
             done.set()
 
         threading.Thread(target=read, daemon=True).start()
+        time.sleep(0.2)  # the read is waiting for the server
 
         def memory_read() -> None:
             b.candles(SYM, "1m", count=10)
             hit.set()
 
         threading.Thread(target=memory_read, daemon=True).start()
+        memory_hit = hit.wait(5.0)
+        waiting = not done.is_set()
         finished = done.wait(30.0)
-        memory_hit = hit.wait(1.0)
-        os.kill(pid, signal.SIGCONT)
-        done.wait(WAIT_S)
-        assert finished and memory_hit, f"after 30 s: server read ended {finished}, memory hit ended {memory_hit}"
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert memory_hit and waiting, f"memory hit ended {memory_hit} while the server read waited {waiting}"
+        assert finished, "the server read did not end within 30 s"
         assert isinstance(outcome[0], StorageUnavailableError) and "did not answer" in str(outcome[0]), outcome
 
         def answered() -> bool:  # the store reconnects by itself once the degraded tier is retried

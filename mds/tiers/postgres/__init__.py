@@ -34,6 +34,7 @@ Modules, each importing only those listed before it:
 - ``reads``: ranges, newest/first ``n``, the newest open time (binary results, prepared).
 - ``upkeep``: compression, VACUUM/ANALYZE, the server's figures.
 - ``feed``: the change feed (NOTIFY payloads, the listener thread).
+- ``pool``: read-only tiers of their own connections, for reads off the Store's lock.
 - ``tier``: :class:`PostgresTier`, the facade.
 """
 

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -27,6 +28,7 @@ from mds.tiers.postgres.coverage import change_coverage, read_coverage
 from mds.tiers.postgres.deadline import Deadline
 from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
 from mds.tiers.postgres.integrity import invariant_problems, quarantine
+from mds.tiers.postgres.pool import Readers
 from mds.tiers.postgres.schema import ensure_schema
 from mds.tiers.postgres.writes import delete_rows, write_rows
 from mds.timeframes import Timeframe, parse_timeframe
@@ -267,7 +269,10 @@ class PostgresTier:
 
     Notes
     -----
-    Concurrency: one connection, not thread-safe by itself (the Store calls it under its lock).
+    Concurrency: one connection for writes, transactions and the reads inside them, not
+    thread-safe by itself (the Store calls it under its lock); :meth:`off_lock` lends a read-only
+    tier of a pooled connection (:attr:`readers`, :mod:`mds.tiers.postgres.pool`) for a read
+    other threads need not wait for.
     Writers on any number of hosts: every write takes the series' row lock in ``mds_series``
     first (``SELECT ... FOR UPDATE``), so two writers of one series follow one another and the
     later batch wins per ``ts``; writers of different series do not wait for each other. A
@@ -320,6 +325,9 @@ class PostgresTier:
         self._closed = False
         #: The client's bound on every call (see :class:`~mds.tiers.postgres.deadline.Deadline`).
         self._deadline = Deadline(timeout_s, self.where)
+        limit = self._deadline.limit_s
+        #: Read-only tiers for reads off the Store's lock (see :meth:`off_lock`).
+        self.readers = Readers(self._open_reader, None if limit is None else 2 * limit + self.connect_timeout_s)
         #: The commit sequence of this connection's latest committed data change (None before one).
         self.last_commit_seq: int | None = None
         self._commit: tuple[int, int] | None = None  # see take_commit
@@ -351,6 +359,7 @@ class PostgresTier:
         if listener is not None:
             listener.stop()
         self._deadline.close()
+        self.readers.close()
         conn, self._conn = self._conn, None
         if self._depth:
             self._depth = 0
@@ -373,6 +382,25 @@ class PostgresTier:
         connection is lost): while False, other hosts' changes may go unreported."""
         listener = self._listener
         return listener is not None and listener.connected.is_set()
+
+    def off_lock(self) -> AbstractContextManager[PostgresTier] | None:
+        """A read-only tier of its own connection (from :attr:`readers`) for one read while the
+        caller lets other threads use the store; None inside a transaction, whose reads must see
+        its writes on this connection."""
+        if self._depth or self._closed:
+            return None
+        return self.readers.reader()
+
+    def _open_reader(self) -> PostgresTier:
+        return PostgresTier(
+            self.url,
+            readonly=True,
+            clock=self._clock,
+            origin=self.origin,
+            connect_timeout_s=self.connect_timeout_s,
+            timeout_s=self.timeout_s,
+            compress_after_days=None,
+        )
 
     def transaction(self) -> _Txn:
         """One transaction over many calls: ``with tier.transaction(): ...`` (nestable; if an
