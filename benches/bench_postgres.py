@@ -13,6 +13,9 @@ MDS_REQUIRE_POSTGRES=1, where they fail.
 - ``pg-range``: a 1,000-candle range from the middle of a 1M series, fast tiers off (answered by
   PostgreSQL each call), against ``SELECT ... WHERE ts >= %s AND ts < %s ORDER BY ts`` into a
   numpy CANDLE_DTYPE array. Target: >= 5x.
+- ``pg-threads``: 200 of those range reads by one thread against the same 200 split over four
+  threads sharing the store (reads run on pooled connections off the store's lock); the
+  ``speedup`` is one thread's median over four threads'. Reported, no target.
 - ``pg-memory-hit``: ``store.candles(count=1000)`` answered by the memory tier (default tiers,
   ``lookup="storage_first"``, no Layer 1) of a PostgreSQL-backed store against the same on a
   SQLite-backed store. Target: the same.
@@ -220,6 +223,63 @@ def test_range_1000_naive_select(benchmark: Any, range_pair: tuple[mds.Store, An
     assert got.tobytes() == want.tobytes()
     benchmark.extra_info.update(candles=RANGE, series=N)
     _ratio(benchmark, "range_naive", "naive_over_store", "range_naive", "range_store")
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-threads: 200 of those range reads by one thread, against the same 200 split over 4 threads
+# ---------------------------------------------------------------------------------------------
+THREADS = 4
+READS = 200
+
+
+def _read_ranges(st: mds.Store, starts: list[int]) -> None:
+    for s in starts:
+        got = st.candles(SYM, "1m", start=s, end=s + RANGE * MIN)
+        if len(got) != RANGE:
+            raise AssertionError(f"{len(got)} candles from {s}")
+
+
+def _starts(start: int) -> list[int]:
+    return [start + (k % 50) * RANGE * MIN for k in range(READS)]
+
+
+@pytest.mark.benchmark(group="pg-threads")
+def test_ranges_one_thread(benchmark: Any, range_pair: tuple[mds.Store, Any, int, int, np.ndarray]) -> None:
+    st, _, start, _, _ = range_pair
+    benchmark.pedantic(_read_ranges, args=(st, _starts(start)), rounds=5, iterations=1)
+    benchmark.extra_info.update(reads=READS, candles=RANGE, threads=1)
+    _ratio(benchmark, "threads_1", "speedup", "threads_1", "threads_n")
+
+
+@pytest.mark.benchmark(group="pg-threads")
+def test_ranges_four_threads(benchmark: Any, range_pair: tuple[mds.Store, Any, int, int, np.ndarray]) -> None:
+    """The reads run on the pool's read connections, off the store's lock (issue 16)."""
+    import threading
+
+    st, _, start, _, _ = range_pair
+    starts = _starts(start)
+    parts = [starts[k::THREADS] for k in range(THREADS)]
+
+    def run() -> None:
+        errors: list[BaseException] = []
+
+        def work(part: list[int]) -> None:
+            try:
+                _read_ranges(st, part)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(part,)) for part in parts]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    benchmark.extra_info.update(reads=READS, candles=RANGE, threads=THREADS)
+    _ratio(benchmark, "threads_n", "speedup", "threads_1", "threads_n")
 
 
 # ---------------------------------------------------------------------------------------------

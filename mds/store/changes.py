@@ -239,9 +239,10 @@ class SharedAcks:
     at open) and at every commit (the entry before this commit, against the value recorded before
     the transaction began: a later commit must not bury the evidence).
 
-    Words: ``[0]`` the server's identity (a hash of its address: a record for another server
-    does not apply), ``[1]`` the highest ``commit_seq`` acknowledged there, ``[2]`` an
-    acknowledged value found missing (0: none; kept until ``changes.bin`` is deleted).
+    Words: ``[0]`` the server's identity (a hash of its address and this directory's origin: a
+    record for another server, or made by the directory before it was copied here, does not
+    apply), ``[1]`` the highest ``commit_seq`` acknowledged there, ``[2]`` an acknowledged value
+    found missing (0: none; kept until ``changes.bin`` is deleted).
     """
 
     __slots__ = ("_before", "words")
@@ -275,13 +276,15 @@ class SharedAcks:
     def lost(self, identity: int, have: Callable[[], int | None]) -> str | None:
         """A message when server ``identity`` lost commits acknowledged here; ``have()`` reads the
         ledger entry (after this record is read: a commit acknowledged meanwhile is in both; None:
-        the server keeps no ledger, nothing to compare)."""
+        the server keeps no ledger, as before this directory's first commit there)."""
         w = self.words
         if int(w[0]) != identity:
             return None  # no record for this server (never written to it from here)
         acked, missing = int(w[1]), int(w[2])
         got = have()
-        if got is not None and got < acked:
+        if got is None:
+            got = 0  # no ledger at all: every commit acknowledged here wrote one, so it was lost
+        if got < acked:
             return self._missing(acked, got)
         if missing:
             return self._missing(missing, None)

@@ -323,30 +323,57 @@ class Tiers:
             self.copies_trusted = False  # the server answers: other hosts may write unheard
         return answer
 
-    def read_db(self, method: str, *args: Any) -> Any:
-        """:meth:`ask_db` of the durable tier's read ``method``. On a shared durable tier (a
-        server) the read runs on a connection of its own while other threads use the store (the
-        caller holds its lock): memory hits of other threads never wait for a server round trip,
-        and threads read the server at once. What the caller fills its fast tiers with afterwards
-        must be guarded (``Writer.fill_guard``): writes may happen meanwhile."""
+    def read_db(self, method: str, *args: Any, guard: Callable[[], bool] | None = None) -> Any:
+        """:meth:`ask_db` of the durable tier's read ``method``, off the store's lock where it can
+        be (:meth:`off_lock`). ``guard`` (``Writer.fill_guard`` of the series, taken before) says
+        whether no write to the series began since: when one did while the lock was free, the
+        read is made again under the lock, so the answer agrees with what the caller reads next
+        (a derived timeframe reads rows, then the coverage that proves them). The caller guards
+        what it fills its fast tiers with by the same ``guard``."""
         db = self.db()
-        lock = self.lock
-        spare = None
-        if self.history is not None and lock is not None and lock._is_owned():
-            spare = cast(SharedHistory, db).off_lock()
-        if spare is None:
+        if db is None:
+            raise StorageDown(reason="the store has no durable tier")
+        off = self._off_lock(db, method, False)
+        if off is None:
             return self.ask_db(getattr(db, method), *args)
+        got = self.ask_db(off, *args)
+        if guard is not None and not guard():
+            got = self.ask_db(getattr(db, method), *args)  # a write came between: read it again, on the lock
+        return got
+
+    def off_lock(self, db: DurableTier, method: str, writable: bool = False) -> Callable[..., Any]:
+        """``db``'s ``method``, made to run on a connection of its own while other threads use the
+        store, where ``db`` is a shared durable tier (a server: a round trip, or a server that
+        stopped answering, must not stall memory hits of other threads) and the caller holds the
+        store's lock once. Held recursively, an outer caller counts on the lock across several
+        calls (a derived timeframe reads rows, then the coverage that proves them): the method
+        itself, under the lock; as it is inside a transaction, or without a connection to spare.
+        ``writable``: the method writes (upkeep), on a connection of its own too."""
+        off = self._off_lock(db, method, writable)
+        return getattr(db, method) if off is None else off
+
+    def _off_lock(self, db: DurableTier, method: str, writable: bool) -> Callable[..., Any] | None:
+        """:meth:`off_lock`'s call, or None where the method itself must run."""
+        fn: Callable[..., Any] = getattr(db, method)
+        lock = self.lock
+        if self.history is None or lock is None or getattr(lock, "_recursion_count", lambda: 0)() != 1:
+            return None
+        spare = cast(SharedHistory, db).off_lock(writable)
+        if spare is None:
+            return None
         off = spare
 
-        def call(*a: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
             held = lock._release_save()
             try:
-                with off as reader:
-                    return getattr(reader, method)(*a)
+                with off as other:
+                    if other is not None:
+                        return getattr(other, method)(*a, **kw)
             finally:
                 lock._acquire_restore(held)
+            return fn(*a, **kw)
 
-        return self.ask_db(call, *args)
+        return call
 
     def first_stored(self, sym: str, tf: Timeframe) -> int | None:
         """Open time of the oldest candle the durable tier holds (None: none, or it cannot say)."""

@@ -97,6 +97,8 @@ def claim_feed(feed: Any) -> None:
         if getattr(feed, "started", False):
             raise InvalidRequestError("this feed was started by another consumer; give follow() a new one")
         _FOLLOWED.add(feed)
+
+
 #: A flush: final candles by series and open time, coverage to record, forming candles.
 _Work = tuple[
     dict[_Key, dict[int, np.ndarray]],

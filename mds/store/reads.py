@@ -278,7 +278,7 @@ class Reader:
         db = tiers.db()
         if db is not None:
             guard = self.writer.fill_guard(sym, tf)  # taken before the read it protects
-            got = tiers.read_db("read_latest", sym, tf, n, end)
+            got = tiers.read_db("read_latest", sym, tf, n, end, guard=guard)
             if guard is None or guard():  # no write began since (other threads ran meanwhile)
                 self._to_memory(sym, tf, got, end)
             if len(got):
@@ -372,7 +372,7 @@ class Reader:
         db = tiers.db()
         if db is not None:
             guard = self.writer.fill_guard(sym, tf)  # taken before the read it protects
-            got = tiers.read_db("read_range", sym, tf, s, e)
+            got = tiers.read_db("read_range", sym, tf, s, e, guard=guard)
             self.writer.put_disk(sym, tf, s, e, got, guard)
             return read_only(got), slowest(source, "sqlite_db")
         mem = tiers.tier("memory")

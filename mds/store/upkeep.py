@@ -26,7 +26,7 @@ def maintain(tiers: Tiers, force: bool) -> MaintenanceReport:
     vacuumed = analyzed = False
     db = tiers.tier("sqlite")
     if db is not None:
-        rep = db.maintain(force=force)
+        rep = tiers.off_lock(db, "maintain", writable=True)(force=force)  # a server's VACUUM stalls no reader
         before = float(rep.get("fragmentation_before", 0.0))
         after = float(rep.get("fragmentation_after", before))
         vacuumed = bool(rep.get("vacuumed", False))
@@ -44,7 +44,8 @@ def check(tiers: Tiers, slots: ChangeSlots, lock: Any = None) -> CheckReport:
     db = tiers.tier("sqlite")
     if db is not None:
         name = tiers.durable_name.lower()
-        problems += checked(name, lambda: [f"{name}: {p}" for p in db.integrity_problems()])
+        integrity = tiers.off_lock(db, "integrity_problems")  # a server's full pass stalls no reader
+        problems += checked(name, lambda: [f"{name}: {p}" for p in integrity()])
     if db is not None:
         try:
             lost = _lost_commits(tiers, slots, db)

@@ -203,7 +203,8 @@ class SharedHistory(DurableTier, Protocol):
     shared ``commit_seq`` it keeps a ledger of each directory's latest commit, so a directory can
     tell when the server lost commits it acknowledged (``mds.store.changes.SharedAcks``)."""
 
-    #: The server's address as a number: a directory's record of commits applies to this server only.
+    #: The server's address and this directory's origin as a number: a directory's record of
+    #: commits applies to this pair only.
     identity: int
 
     def take_commit(self) -> tuple[int, int] | None:
@@ -214,9 +215,10 @@ class SharedHistory(DurableTier, Protocol):
         """This directory's ledger entry (0: none; None: the server keeps no ledger)."""
         ...
 
-    def off_lock(self) -> AbstractContextManager[DurableTier] | None:
-        """A tier on a connection of its own for one read that runs while other threads use the
-        store (None: read this tier itself, e.g. inside a transaction)."""
+    def off_lock(self, writable: bool = False) -> AbstractContextManager[DurableTier | None] | None:
+        """A tier on a connection of its own for one call that runs while other threads use the
+        store, read-only unless ``writable`` (None, or None from the context: call this tier
+        itself, e.g. inside a transaction or without a connection to spare)."""
         ...
 
 

@@ -24,8 +24,10 @@ class Series(NamedTuple):
 class Catalog:
     """The ``sid`` of each series this connection has seen, cached.
 
-    A sid never changes (series rows are kept when a series is deleted), so the cache stays
-    right whatever other hosts do; it is cleared on a rollback, which may have undone the row.
+    A sid never changes in a database (series rows are kept when a series is deleted), so the
+    cache stays right whatever other hosts do; it is cleared on a rollback, which may have undone
+    the row, and whenever the connection is dropped or replaced: the URL may then name a
+    database created again, where the same sid is another series.
     """
 
     __slots__ = ("sids",)

@@ -46,7 +46,11 @@ class Deadline:
     def __init__(self, timeout_s: float | None, where: str, grace_s: float = 2.0) -> None:
         self.timeout_s = timeout_s
         self.where = where
-        self.limit_s = None if timeout_s is None else float(timeout_s) + float(grace_s)
+        self.grace_s = float(grace_s)
+        self._limit_s = None if timeout_s is None else float(timeout_s) + self.grace_s
+        #: The session's own ``statement_timeout`` (ms; 0: none), set at every connect: a URL
+        #: that gives a longer one than ``timeout_s`` moves the cut past it.
+        self.server_bound_ms = 0
         #: The connection calls wait on (the tier sets it at every connect); None: none open.
         self.conn: Any = None
         #: How many calls were cut.
@@ -56,6 +60,14 @@ class Deadline:
         self._off = 0  # suspended() depth
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def limit_s(self) -> float | None:
+        """Seconds after which a call is cut (None: never)."""
+        limit = self._limit_s
+        if limit is None:
+            return None
+        return max(limit, self.server_bound_ms / 1000 + self.grace_s)
 
     def arm(self) -> bool:
         """Start bounding a call; False when one is bounded already (the outer call's bound
@@ -99,11 +111,11 @@ class Deadline:
         self._thread.start()
 
     def _watch(self) -> None:
-        limit = self.limit_s
-        assert limit is not None
-        poll = min(0.25, limit / 8)
-        while not self._stop.wait(poll):
+        while not self._stop.wait(min(0.25, (self.limit_s or 2.0) / 8)):
+            limit = self.limit_s
             since = self._since
+            if limit is None:
+                continue
             if not since or since == self._cut_at or time.monotonic() - since < limit:
                 continue
             conn = self.conn

@@ -42,21 +42,27 @@ class Readers:
         self.opened = 0
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[PostgresTier]:
-        """A reader for one call; back to the pool afterwards unless its connection was lost."""
+    def reader(self) -> Iterator[PostgresTier | None]:
+        """A reader for one call, back to the pool afterwards unless its connection was lost;
+        None when none can be had (all busy past the wait, or the server refuses another
+        connection: at ``max_connections``): the caller then reads on its tier's own connection."""
         if not self._free.acquire(timeout=-1 if self._wait_s is None else self._wait_s):
-            raise StorageUnavailableError(
-                f"PostgreSQL tier: all {SIZE} read connections stayed busy for {self._wait_s:g} s (a server that "
-                "does not answer?)"
-            )
+            logger.warning("PostgreSQL tier: all %d read connections stayed busy for %g s", SIZE, self._wait_s)
+            yield None
+            return
         try:
             with self._guard:
-                if self._closed:
-                    raise StorageUnavailableError("the PostgreSQL tier is closed")
-                r = self._idle.pop() if self._idle else None
+                r = None if self._closed else (self._idle.pop() if self._idle else None)
+                closed = self._closed
+            if r is None and not closed:
+                try:
+                    r = self._open_reader()
+                    self.opened += 1
+                except StorageUnavailableError as exc:
+                    logger.info("PostgreSQL tier: no read connection (%s); reading on the tier's own", exc)
             if r is None:
-                r = self._open_reader()
-                self.opened += 1
+                yield None
+                return
             try:
                 yield r
             finally:

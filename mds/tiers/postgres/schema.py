@@ -81,17 +81,35 @@ def stored_version(conn: psycopg.Connection[Any]) -> int | None:
     return None if row is None else int(row[0])
 
 
-def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> None:
+def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> bool:
     """Check the database's schema version; create the tables when there are none, migrate an
     older version (unless ``readonly``: version 1 is version 2 without codec-2 chunks, read as
     it is).
+
+    Returns whether the database keeps the ledger of acknowledged commits (``mds_acks``): a writer
+    adds it to a version-2 database without one, unless its role may not create tables (then it
+    writes without, and its directory keeps no record of commits there, with a warning).
 
     Raises StorageUnavailableError for a newer version, or for a database without the tables
     opened ``readonly``; psycopg errors are left to the caller.
     """
     version = stored_version(conn)
-    ledger = version is not None and conn.execute("SELECT to_regclass('mds_acks')").fetchone() != (None,)
-    if not readonly and (version is None or version < SCHEMA_VERSION or (version == SCHEMA_VERSION and not ledger)):
+    ledger = _has_ledger(conn) if version is not None else False
+    if not readonly and version == SCHEMA_VERSION and not ledger:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(_ACKS)
+            return True
+        except psycopg.errors.InsufficientPrivilege as exc:
+            logger.warning(
+                "PostgreSQL tier %s: cannot add the ledger of acknowledged commits (%s): a server that "
+                "loses this host's writes (restored from an older backup) will not be noticed",
+                where,
+                " ".join(str(exc).split()),
+            )
+            return False
+    if not readonly and (version is None or version < SCHEMA_VERSION):
         conn.execute("BEGIN")
         try:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -121,3 +139,8 @@ def ensure_schema(conn: psycopg.Connection[Any], where: str, readonly: bool) -> 
         raise StorageUnavailableError(
             f"PostgreSQL tier {where} has schema version {version}, newer than this mds ({SCHEMA_VERSION}): upgrade mds"
         )
+    return _has_ledger(conn)
+
+
+def _has_ledger(conn: psycopg.Connection[Any]) -> bool:
+    return conn.execute("SELECT to_regclass('mds_acks')").fetchone() != (None,)

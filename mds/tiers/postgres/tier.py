@@ -5,12 +5,13 @@ role module of :mod:`mds.tiers.postgres`), and the change feed between hosts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -23,7 +24,7 @@ from mds.tiers._chunks import EMPTY_RANGES, NEG_INF, POS_INF, check_batch, empty
 from mds.tiers.durable import redact
 from mds.tiers.postgres import reads, upkeep
 from mds.tiers.postgres.catalog import Catalog, Series, list_series
-from mds.tiers.postgres.connection import close_quietly, connect, rollback_quietly, translate
+from mds.tiers.postgres.connection import LOCK_TIMEOUT_MS, close_quietly, connect, rollback_quietly, translate
 from mds.tiers.postgres.coverage import change_coverage, read_coverage
 from mds.tiers.postgres.deadline import Deadline
 from mds.tiers.postgres.feed import CHANNEL, Callback, Listener, payload
@@ -49,6 +50,11 @@ _SQL_COMMIT_MARK = (
     "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq) "
     f"SELECT s.v, (SELECT seq FROM p), (SELECT count(pg_notify('{CHANNEL}', n)) FROM unnest(%(n)s::text[]) AS n) "
     "FROM s"
+)
+#: The same without a ledger (a role that may not create it): no commit is recorded.
+_SQL_COMMIT_MARK_BARE = (
+    "WITH s AS (UPDATE mds_meta SET v = v + 1 WHERE k = 'commit_seq' RETURNING v) "
+    f"SELECT s.v, NULL, (SELECT count(pg_notify('{CHANNEL}', n)) FROM unnest(%(n)s::text[]) AS n) FROM s"
 )
 _SQL_SEQ = "SELECT v FROM mds_meta WHERE k = 'commit_seq'"
 _SQL_ACKED = "SELECT seq FROM mds_acks WHERE origin = %s"
@@ -87,13 +93,13 @@ def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable
 
 def _unbounded(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable[Concatenate[PostgresTier, _P], _R]:
     """:func:`_translated` for a call that takes as long as the data needs (a VACUUM, a full
-    integrity pass): neither the session's ``statement_timeout`` and ``lock_timeout`` nor the
-    :class:`Deadline` bounds it."""
+    integrity pass): neither the session's ``statement_timeout`` nor the :class:`Deadline` bounds
+    it; waiting for another session's lock still ends after :data:`LOCK_TIMEOUT_MS`."""
 
     @functools.wraps(method)
     def body(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         conn = self._connection()
-        conn.execute("SET statement_timeout = 0; SET lock_timeout = 0", prepare=False)
+        conn.execute(f"SET statement_timeout = 0; SET lock_timeout = {LOCK_TIMEOUT_MS}", prepare=False)
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -151,7 +157,8 @@ class _Txn:
             armed = t._deadline.arm()
             try:
                 if t._dirty:
-                    row = conn.execute(_SQL_COMMIT_MARK, {"o": t.origin, "n": list(dict.fromkeys(t._spans))}).fetchone()
+                    mark = _SQL_COMMIT_MARK if t._ledger else _SQL_COMMIT_MARK_BARE
+                    row = conn.execute(mark, {"o": t.origin, "n": list(dict.fromkeys(t._spans))}).fetchone()
                     seq, prev = (None, None) if row is None else row[:2]
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
@@ -162,7 +169,7 @@ class _Txn:
                     t._deadline.disarm()
             if t._dirty:
                 t.last_commit_seq = None if seq is None else int(seq)
-                t._commit = None if seq is None else (int(seq), int(prev or 0))
+                t._commit = None if seq is None or not t._ledger else (int(seq), int(prev or 0))
                 t._dirty = False
                 t._spans.clear()
                 t.maybe_maintain()
@@ -223,14 +230,23 @@ class _Snapshot:
             rollback_quietly(conn, self._t.where)
 
 
-def identity(url: str) -> int:
-    """The server and database ``url`` names, as a positive 63-bit number: host, port, database
-    and user (not the password or session options, which change nothing of what is stored)."""
+def _statement_timeout_ms(conn: psycopg.Connection[Any]) -> int:
+    """The session's ``statement_timeout`` in ms (0: none), ours or the URL's own."""
+    row = conn.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def identity(url: str, origin: str) -> int:
+    """The server and database ``url`` names, with ``origin``, as a positive 63-bit number: host,
+    port, database and user (not the password or session options, which change nothing of what
+    is stored). A store directory copied elsewhere is another origin: a new record."""
     try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
+        info = dict(psycopg.conninfo.conninfo_to_dict(url))
     except psycopg.Error:
         info = {"url": redact(url)}
-    key = "\x00".join(f"{k}={info.get(k, '')}" for k in ("host", "hostaddr", "port", "dbname", "user", "url"))
+    info["origin"] = origin
+    names = ("host", "hostaddr", "port", "dbname", "user", "url", "origin")
+    key = "\x00".join(f"{k}={info.get(k, '')}" for k in names)
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1 or 1
 
 
@@ -331,14 +347,14 @@ class PostgresTier:
         #: The commit sequence of this connection's latest committed data change (None before one).
         self.last_commit_seq: int | None = None
         self._commit: tuple[int, int] | None = None  # see take_commit
-        #: The server's address as a number (see :func:`identity`): what a record of commits it
-        #: acknowledged is kept for.
-        self.identity = identity(url)
+        #: The server's address and this origin as a number (see :func:`identity`): what a record
+        #: of the commits it acknowledged to this origin is kept for.
+        self.identity = identity(url, self.origin)
         self._conn: psycopg.Connection[Any] | None = None
-        conn = self._connection()
+        self._ledger = False  # whether the database keeps mds_acks (settled at every connect)
         armed = self._deadline.arm()
         try:
-            ensure_schema(conn, self.where, self.readonly)
+            self._connection()
         except BaseException as exc:
             if isinstance(exc, psycopg.Error):
                 failure = self._failure(exc)
@@ -383,13 +399,36 @@ class PostgresTier:
         listener = self._listener
         return listener is not None and listener.connected.is_set()
 
-    def off_lock(self) -> AbstractContextManager[PostgresTier] | None:
-        """A read-only tier of its own connection (from :attr:`readers`) for one read while the
-        caller lets other threads use the store; None inside a transaction, whose reads must see
-        its writes on this connection."""
+    def off_lock(self, writable: bool = False) -> AbstractContextManager[PostgresTier | None] | None:
+        """A tier of its own connection for one call while the caller lets other threads use the
+        store: a read-only one from :attr:`readers`, or (``writable``, for :meth:`maintain`) a new
+        one of this tier's mode, closed afterwards. The context gives None when none can be had;
+        None inside a transaction, whose calls must see its writes on this connection."""
         if self._depth or self._closed:
             return None
-        return self.readers.reader()
+        return self._side() if writable else self.readers.reader()
+
+    @contextlib.contextmanager
+    def _side(self) -> Iterator[PostgresTier | None]:
+        try:
+            side = PostgresTier(
+                self.url,
+                readonly=self.readonly,
+                clock=self._clock,
+                origin=self.origin,
+                connect_timeout_s=self.connect_timeout_s,
+                timeout_s=self.timeout_s,
+                compress_after_days=self.compress_after_days,
+                vacuum_threshold=self.vacuum_threshold,
+            )
+        except StorageUnavailableError as exc:
+            logger.info("PostgreSQL tier %s: no connection to spare (%s); using the tier's own", self.where, exc)
+            yield None
+            return
+        try:
+            yield side
+        finally:
+            side.close()
 
     def _open_reader(self) -> PostgresTier:
         return PostgresTier(
@@ -664,9 +703,22 @@ class PostgresTier:
             )
         close_quietly(conn)
         self._conn = None
-        self._conn = self._deadline.conn = connect(
+        conn = connect(
             self.url, timeout_s=self.connect_timeout_s, readonly=self.readonly, statement_timeout_s=self.timeout_s
         )
+        self._deadline.conn = conn
+        # A new connection may meet another database under the same URL (created again, restored
+        # from a backup): the cached series ids may name other series there, and the tables may
+        # be missing or older. Both are settled before the connection is used.
+        self._catalog.clear()
+        try:
+            self._ledger = ensure_schema(conn, self.where, self.readonly)
+            self._deadline.server_bound_ms = _statement_timeout_ms(conn)
+        except BaseException:
+            self._deadline.conn = None
+            close_quietly(conn)
+            raise
+        self._conn = conn
         listener = self._listener
         if listener is not None and not listener.connected.is_set():
             listener.wake()  # the server answers again: the feed need not wait out its backoff
@@ -676,6 +728,11 @@ class PostgresTier:
         """The error a call raises for ``exc``: the server did not answer within the bound (the
         connection was cut), or ``exc`` translated; a lost connection is dropped."""
         self._drop_if_broken()
+        if isinstance(exc, psycopg.errors.UndefinedTable) and self._conn is not None and not self._depth:
+            # the tables went (a database restored or created again under this URL): the next
+            # call reconnects, and connecting settles the schema
+            logger.warning("PostgreSQL tier %s: a table is missing (%s); reconnecting", self.where, exc)
+            self._drop()
         if self._deadline.cut():
             return StorageUnavailableError(self._deadline.message())
         return translate(exc, self.where)
@@ -686,13 +743,18 @@ class PostgresTier:
         if conn is None or not (conn.closed or conn.broken):
             return False
         logger.warning("PostgreSQL tier %s: connection lost; the next call reconnects", self.where)
-        self._conn = None
-        close_quietly(conn)
+        self._drop()
         return True
 
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._catalog.clear()  # the next connection may meet another database under the URL
+        close_quietly(conn)
+
     def _series(self, symbol: str, tf: Timeframe) -> Series | None:
+        conn = self._connection()  # first: a new connection forgets the cached ids (see _connection)
         sid = self._catalog.sids.get((symbol, tf.name))
-        return Series(sid, symbol, tf) if sid is not None else self._catalog.lookup(self._connection(), symbol, tf)
+        return Series(sid, symbol, tf) if sid is not None else self._catalog.lookup(conn, symbol, tf)
 
     def _changed(self, s: Series, start: int, end: int) -> None:
         self._spans.append(payload(self.origin, s.symbol, s.tf.name, start, end))
