@@ -117,3 +117,30 @@ def test_concurrent_writers_of_one_directory_and_other_hosts_report_no_loss(tmp_
         assert a.check().ok, a.check().problems
         got = a.candles("KRW-ETH", "1m", start=T0, end=T0 + 60 * MIN)
         assert len(got) == 60 and np.all(np.diff(got["ts"]) == MIN)
+
+
+def test_a_role_that_may_not_create_the_ledger_writes_without_it(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database of schema 2 from before the ledger, used by a role with data rights only: it
+    opens and writes (a warning says losses will not be noticed), and reports nothing lost."""
+    with PostgresTier(pg_url, compress_after_days=None) as t:  # the tables, as an older mds left them
+        t.write(SYM, "1m", _rows(5))
+    role = "limited_" + psycopg.conninfo.conninfo_to_dict(pg_url)["dbname"]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DROP TABLE mds_acks")
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        admin.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    url = pg_url.replace("postgres@", f"{role}@")
+    try:
+        with caplog.at_level(logging.WARNING, logger="mds"), _open(tmp_path / "a", url) as a:
+            assert any("ledger" in r.getMessage() for r in caplog.records), caplog.text
+            a.write_candles(SYM, "1m", _rows(20)[5:])
+            assert len(a.candles(SYM, "1m", start=T0, end=T0 + 20 * MIN)) == 20
+            assert a.check().ok, a.check().problems
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
