@@ -46,7 +46,7 @@ from mds.store.api import AsyncApi
 from mds.store.changes import ChangeSlots
 from mds.store.coverage import Coverage, gap_kinds
 from mds.store.fetch import Fetcher
-from mds.store.health import Tiers, storage_errors
+from mds.store.health import Tiers, counting, storage_errors
 from mds.store.metrics import Metrics
 from mds.store.peeks import CachePeeks
 from mds.store.reads import Reader, time_range
@@ -97,7 +97,7 @@ class Store:
         self._config = cfg
         self._clock: Callable[[], int] = checked_clock(clock) if clock is not None else now_ms
         self.path = Path(path).expanduser() if path is not None else default_path()
-        self._lock = threading.RLock()
+        self._lock = counting(threading.RLock())  # Tiers.off_lock asks how often it is held
         self._metrics = Metrics()
         self._symbols_ok: set[str] = set()
         self._closed = False

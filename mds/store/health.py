@@ -75,6 +75,59 @@ class _Reading(threading.local):
 
     #: True while a read bypasses the memory tier (the series is being written elsewhere)
     bypass = False
+    #: True while a read keeps the store's lock for its server reads (see Moved)
+    stay = False
+
+
+def counting(lock: Any) -> Any:
+    """``lock`` (a ``threading.RLock``) able to say how many times the calling thread holds it
+    (``_recursion_count()``, which Python 3.11's RLock has and 3.10's lacks: wrapped there)."""
+    return lock if hasattr(lock, "_recursion_count") else _Counting(lock)
+
+
+class _Counting:
+    """An RLock that counts its owner's holds (see :func:`counting`); the count is the owner's
+    alone, as only the owner changes it."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = bool(self._lock.acquire(blocking, timeout))
+        if got:
+            self._depth += 1
+        return got
+
+    def release(self) -> None:
+        self._depth -= 1
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _recursion_count(self) -> int:
+        return self._depth if self._lock._is_owned() else 0
+
+    def _is_owned(self) -> bool:
+        return bool(self._lock._is_owned())
+
+    def _release_save(self) -> tuple[Any, int]:
+        depth, self._depth = self._depth, 0
+        return self._lock._release_save(), depth
+
+    def _acquire_restore(self, saved: tuple[Any, int]) -> None:
+        self._lock._acquire_restore(saved[0])
+        self._depth = saved[1]
+
+
+class Moved(Exception):
+    """A write to the series began while the store's lock was free for a server read
+    (:meth:`Tiers.read_db`): what the read decided before (coverage, what to fetch) may no longer
+    hold, so ``Reader.read`` starts it over, keeping the lock this time."""
 
 
 class Tiers:
@@ -206,7 +259,7 @@ class Tiers:
             return
         try:
             self.states["disk"].obj.clear()
-            marker.unlink()
+            marker.unlink(missing_ok=True)  # another process of the directory may have cleared it too
             logger.info("disk tier cleared: SQLite was written while it could not follow")
         except BACKEND_ERRORS as exc:
             self.degrade("disk", exc)
@@ -256,8 +309,7 @@ class Tiers:
                 # span): it is emptied before it is trusted again, and refills lazily.
                 try:
                     state.obj.clear()
-                    if self._stale_marker.exists():
-                        self._stale_marker.unlink()
+                    self._stale_marker.unlink(missing_ok=True)
                 except BACKEND_ERRORS as exc:
                     self.degrade(name, exc)
                     return None
@@ -326,10 +378,11 @@ class Tiers:
     def read_db(self, method: str, *args: Any, guard: Callable[[], bool] | None = None) -> Any:
         """:meth:`ask_db` of the durable tier's read ``method``, off the store's lock where it can
         be (:meth:`off_lock`). ``guard`` (``Writer.fill_guard`` of the series, taken before) says
-        whether no write to the series began since: when one did while the lock was free, the
-        read is made again under the lock, so the answer agrees with what the caller reads next
-        (a derived timeframe reads rows, then the coverage that proves them). The caller guards
-        what it fills its fast tiers with by the same ``guard``."""
+        whether no write to the series began since: when one did while the lock was free,
+        :class:`Moved` is raised (the caller's read starts over on the lock: what it decided
+        before, such as the coverage, may have changed too, and a derived timeframe reads the
+        coverage that proves its rows after them). The caller guards what it fills its fast
+        tiers with by the same ``guard``."""
         db = self.db()
         if db is None:
             raise StorageDown(reason="the store has no durable tier")
@@ -338,7 +391,7 @@ class Tiers:
             return self.ask_db(getattr(db, method), *args)
         got = self.ask_db(off, *args)
         if guard is not None and not guard():
-            got = self.ask_db(getattr(db, method), *args)  # a write came between: read it again, on the lock
+            raise Moved(method)
         return got
 
     def off_lock(self, db: DurableTier, method: str, writable: bool = False) -> Callable[..., Any]:
@@ -356,7 +409,7 @@ class Tiers:
         """:meth:`off_lock`'s call, or None where the method itself must run."""
         fn: Callable[..., Any] = getattr(db, method)
         lock = self.lock
-        if self.history is None or lock is None or getattr(lock, "_recursion_count", lambda: 0)() != 1:
+        if self.history is None or lock is None or self.reading.stay or lock._recursion_count() != 1:
             return None
         spare = cast(SharedHistory, db).off_lock(writable)
         if spare is None:

@@ -78,8 +78,9 @@ def _series(store: Store, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np
             tail = np.array([[max(lo, closed), hi]], dtype=np.int64)
             missing = np.concatenate([missing, tail]) if len(missing) else tail
         return rows, missing
-    rows = store.candles(sym, tf, start=lo, end=hi)
-    gaps = [(g.start, g.end) for g in store.gaps(sym, tf, start=lo, end=hi) if g.kind == "missing"]
+    with store._lock:  # the rows and the gaps of one moment: a write between would make unread slots no-trade
+        rows = store.candles(sym, tf, start=lo, end=hi)
+        gaps = [(g.start, g.end) for g in store.gaps(sym, tf, start=lo, end=hi) if g.kind == "missing"]
     return rows, np.array(gaps, dtype=np.int64).reshape(-1, 2)
 
 

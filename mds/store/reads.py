@@ -24,7 +24,7 @@ from mds.models import Config
 from mds.store.changes import ChangeSlots
 from mds.store.coverage import HISTORY_START, Coverage, covered_tail
 from mds.store.fetch import Fetcher
-from mds.store.health import StorageDown, Tiers, unanswered
+from mds.store.health import Moved, StorageDown, Tiers, unanswered
 from mds.store.metrics import SOURCE_RANK, TIER_SOURCE, Metrics, slowest
 from mds.store.peeks import CachePeeks
 from mds.store.writes import Writer
@@ -121,7 +121,7 @@ class Reader:
         reading = self.tiers.reading
         reading.bypass = self.coverage.sync(sym, tf)
         try:
-            return self._read_synced(sym, tf, count, s, e, include_partial, allow_layer1)
+            return self._synced(sym, tf, count, s, e, include_partial, allow_layer1)
         except StorageDown as first:
             down = first
             if self.fetcher is None:
@@ -129,7 +129,7 @@ class Reader:
                     # the shared durable tier just stopped answering: the fast tiers, unused while
                     # it answered and the feed was down, answer what they prove (DESIGN.md 7)
                     try:
-                        return self._read_synced(sym, tf, count, s, e, include_partial, allow_layer1)
+                        return self._synced(sym, tf, count, s, e, include_partial, allow_layer1)
                     except StorageDown as again:
                         down = again
                 raise unanswered(sym, tf, down) from None
@@ -137,13 +137,27 @@ class Reader:
                 raise NeedsLayer1() from None
             if down.damaged is not None and self.writer.quarantine(down.damaged):
                 try:  # the damaged span is missing now: the read refetches and stores it
-                    return self._read_synced(sym, tf, count, s, e, include_partial, True)
+                    return self._synced(sym, tf, count, s, e, include_partial, True)
                 except StorageDown as again:
                     down = again
             logger.warning("%s %s: storage cannot answer (%s); passing the read through to Layer 1", sym, tf.name, down)
-            return self._read_synced(sym, tf, count, s, e, include_partial, True, passthrough=True)
+            return self._synced(sym, tf, count, s, e, include_partial, True, passthrough=True)
         finally:
             reading.bypass = False
+
+    def _synced(self, sym: str, tf: Timeframe, *args: Any, **kwargs: Any) -> Answer:
+        """:meth:`_read_synced`, started over keeping the store's lock for its server reads when
+        a write to the series came while the lock was free for one (:class:`Moved`)."""
+        try:
+            return self._read_synced(sym, tf, *args, **kwargs)
+        except Moved:
+            reading = self.tiers.reading
+            stay, reading.stay = reading.stay, True
+            try:
+                reading.bypass = self.coverage.sync(sym, tf)
+                return self._read_synced(sym, tf, *args, **kwargs)
+            finally:
+                reading.stay = stay
 
     def _read_synced(
         self,

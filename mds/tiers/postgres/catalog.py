@@ -7,10 +7,23 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from mds.errors import StorageUnavailableError
 from mds.tiers._chunks import NEG_INF
 from mds.timeframes import Timeframe
 
 _SQL_LOCK = "SELECT sid, seal_ts FROM mds_series WHERE symbol = %s AND timeframe = %s FOR UPDATE"
+
+
+#: ``NOT EXISTS`` of a series' catalog row as cached (sid, symbol, timeframe): true when the
+#: tables were created again under a live connection and the id now names another series (or
+#: none). The reads run it in their first statement (a primary-key probe) and raise StaleCatalog.
+SQL_STALE = "NOT EXISTS (SELECT 1 FROM mds_series WHERE sid = %s AND symbol = %s AND timeframe = %s)"
+
+
+class StaleCatalog(StorageUnavailableError):
+    """A cached series id no longer names the series (the tables were created again under a live
+    connection: ``pg_restore --clean``, an operator starting over). The tier forgets the cache
+    and asks again."""
 
 
 class Series(NamedTuple):
@@ -19,6 +32,11 @@ class Series(NamedTuple):
     sid: int
     symbol: str
     tf: Timeframe
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        """The parameters of :data:`SQL_STALE`."""
+        return self.sid, self.symbol, self.tf.name
 
 
 class Catalog:

@@ -12,8 +12,11 @@ import numpy as np
 from mds import _kernels as _k
 from mds.tiers._chunks import EMPTY_RANGES, coverage_crc
 from mds.tiers.durable import DamagedChunkError
+from mds.tiers.postgres.catalog import SQL_STALE, StaleCatalog
 
-_SQL_READ = "SELECT start_ts, end_ts, crc FROM mds_coverage WHERE sid = %s ORDER BY start_ts"
+_SQL_ROWS = "SELECT start_ts, end_ts, crc FROM mds_coverage WHERE sid = %s"
+#: The rows, and a row of NULLs (sorted last) when the cached sid names another series now.
+_SQL_READ = f"{_SQL_ROWS} UNION ALL SELECT NULL, NULL, NULL WHERE {SQL_STALE} ORDER BY 1"
 
 
 def _bad_rows(sid: int, rows: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -23,7 +26,9 @@ def _bad_rows(sid: int, rows: list[tuple[int, int, int]]) -> list[tuple[int, int
 def read_coverage(conn: Any, where: str, sid: int, symbol: str, tfname: str) -> np.ndarray:
     """The series' coverage, ``(k, 2)`` int64; DamagedChunkError when a row fails its checksum
     (a wrong bound would label never-fetched slots no_trades)."""
-    rows = conn.execute(_SQL_READ, (sid,)).fetchall()
+    rows = conn.execute(_SQL_READ, (sid, sid, symbol, tfname)).fetchall()
+    if rows and rows[-1][0] is None:  # NULL sorts last
+        raise StaleCatalog(symbol)
     if not rows:
         return EMPTY_RANGES.copy()
     bad = _bad_rows(sid, rows)
@@ -57,7 +62,7 @@ def change_coverage(conn: Any, where: str, sid: int, symbol: str, tfname: str, r
 
 def drop_damaged_coverage(conn: Any, sid: int) -> list[tuple[int, int]]:
     """Delete the series' coverage rows that fail their checksum; their spans (never empty)."""
-    bad = _bad_rows(sid, conn.execute(_SQL_READ, (sid,)).fetchall())
+    bad = _bad_rows(sid, conn.execute(_SQL_ROWS, (sid,)).fetchall())
     if bad:
         conn.execute("DELETE FROM mds_coverage WHERE sid = %s AND start_ts = ANY(%s)", (sid, [a for a, _ in bad]))
     return [(a, b if b > a else a + 1) for a, b in bad]

@@ -14,23 +14,31 @@ from typing import Any
 import numpy as np
 
 from mds.tiers._chunks import CHUNK_SLOTS, NEG_INF, POS_INF, chunk_key, concat, empty, sorted_by_ts
-from mds.tiers.postgres.catalog import Series
+from mds.tiers.postgres.catalog import SQL_STALE, Series, StaleCatalog
 from mds.tiers.postgres.integrity import checked_chunk, checked_tail
 
 _TAIL_KEY = (1 << 63) - 1  # sorts the live edge after every chunk
+_STALE_KEY = -2  # the row of _SQL_RANGE saying the series id is stale
 _SQL_RANGE = (
     "SELECT key, codec, crc, data FROM mds_chunk WHERE key BETWEEN %s AND %s "
     "UNION ALL "
     "SELECT %s::bigint, -1::smallint, 0::bigint, string_agg(v, ''::bytea ORDER BY ts) "
-    "FROM mds_tail WHERE sid = %s AND ts >= %s AND ts < %s"
+    "FROM mds_tail WHERE sid = %s AND ts >= %s AND ts < %s "
+    f"UNION ALL SELECT {_STALE_KEY}::bigint, 0::smallint, 0::bigint, NULL::bytea WHERE {SQL_STALE}"
 )
 _SQL_TAIL_LATEST = (
-    "SELECT string_agg(v, ''::bytea ORDER BY ts DESC) FROM "
+    f"SELECT string_agg(v, ''::bytea ORDER BY ts DESC), {SQL_STALE} FROM "
     "(SELECT ts, v FROM mds_tail WHERE sid = %s AND ts < %s ORDER BY ts DESC LIMIT %s) t"
 )
 _SQL_TAIL_FROM = (
     "SELECT string_agg(v, ''::bytea ORDER BY ts) FROM "
     "(SELECT ts, v FROM mds_tail WHERE sid = %s AND ts >= %s ORDER BY ts LIMIT %s) t"
+)
+_SQL_CHECK = f"SELECT {SQL_STALE}"
+_SQL_LAST_TS = (
+    "SELECT coalesce((SELECT max(ts) FROM mds_tail WHERE sid = %s), "
+    "(SELECT last_ts FROM mds_chunk WHERE key BETWEEN %s AND %s ORDER BY key DESC LIMIT 1)), "
+    f"{SQL_STALE}"
 )
 _SQL_CHUNKS_DOWN = "SELECT key, codec, crc, data FROM mds_chunk WHERE key BETWEEN %s AND %s ORDER BY key DESC LIMIT %s"
 _SQL_CHUNKS_UP = "SELECT key, codec, crc, data FROM mds_chunk WHERE key BETWEEN %s AND %s ORDER BY key LIMIT %s"
@@ -40,9 +48,11 @@ def read_range(conn: Any, where: str, s: Series, start: int, end: int) -> np.nda
     """Candles of the series with ``start <= ts < end`` (``start < end``), ascending."""
     rows = conn.execute(
         _SQL_RANGE,
-        (chunk_key(s.sid, s.tf, start), chunk_key(s.sid, s.tf, end - 1), _TAIL_KEY, s.sid, start, end),
+        (chunk_key(s.sid, s.tf, start), chunk_key(s.sid, s.tf, end - 1), _TAIL_KEY, s.sid, start, end, *s.key),
         binary=True,
     ).fetchall()
+    if any(r[0] == _STALE_KEY for r in rows):  # UNION ALL promises no order
+        raise StaleCatalog(s.symbol)
     if len(rows) > 2:
         rows.sort(key=lambda r: r[0])  # the server does not promise the chunks' order
     parts = [
@@ -90,7 +100,9 @@ def _walk(conn: Any, where: str, s: Series, lo_key: int, hi_key: int, n: int, de
 def read_latest(conn: Any, where: str, s: Series, n: int, hi: int) -> np.ndarray:
     """The newest ``n`` (> 0) candles of the series with ``ts < hi``, ascending: the live edge's
     newest, then whole chunks downwards until ``n`` are found, cut once at the end."""
-    data = conn.execute(_SQL_TAIL_LATEST, (s.sid, hi, n), binary=True).fetchone()[0]
+    data, stale = conn.execute(_SQL_TAIL_LATEST, (*s.key, s.sid, hi, n), binary=True).fetchone()
+    if stale:
+        raise StaleCatalog(s.symbol)
     tail = checked_tail(conn, where, s, data, NEG_INF, hi, descending=True) if data else empty()
     parts = [tail]
     if len(tail) < n:
@@ -105,6 +117,7 @@ def read_latest(conn: Any, where: str, s: Series, n: int, hi: int) -> np.ndarray
 def read_from(conn: Any, where: str, s: Series, start: int, n: int) -> np.ndarray:
     """The first ``n`` (> 0) candles of the series with ``ts >= start``, ascending: whole chunks
     upwards until ``n`` are found, then the live edge, cut once at the end."""
+    check_series(conn, s)
     low = chunk_key(s.sid, s.tf, start)
     parts = _walk(conn, where, s, low, chunk_key(s.sid, s.tf, POS_INF), n + CHUNK_SLOTS, False)
     a = concat(parts)
@@ -119,8 +132,14 @@ def read_from(conn: Any, where: str, s: Series, start: int, n: int) -> np.ndarra
 def last_ts(conn: Any, s: Series) -> int | None:
     """Open time of the newest stored candle of the series, or None."""
     row = conn.execute(
-        "SELECT coalesce((SELECT max(ts) FROM mds_tail WHERE sid = %s), "
-        "(SELECT last_ts FROM mds_chunk WHERE key BETWEEN %s AND %s ORDER BY key DESC LIMIT 1))",
-        (s.sid, chunk_key(s.sid, s.tf, NEG_INF), chunk_key(s.sid, s.tf, POS_INF)),
+        _SQL_LAST_TS, (s.sid, chunk_key(s.sid, s.tf, NEG_INF), chunk_key(s.sid, s.tf, POS_INF), *s.key)
     ).fetchone()
+    if row[1]:
+        raise StaleCatalog(s.symbol)
     return None if row[0] is None else int(row[0])
+
+
+def check_series(conn: Any, s: Series) -> None:
+    """Raise StaleCatalog when the cached id no longer names the series."""
+    if conn.execute(_SQL_CHECK, s.key).fetchone()[0]:
+        raise StaleCatalog(s.symbol)

@@ -23,7 +23,7 @@ from mds.errors import InvalidRequestError, MdsError, StorageUnavailableError
 from mds.tiers._chunks import EMPTY_RANGES, NEG_INF, POS_INF, check_batch, empty
 from mds.tiers.durable import redact
 from mds.tiers.postgres import reads, upkeep
-from mds.tiers.postgres.catalog import Catalog, Series, list_series
+from mds.tiers.postgres.catalog import Catalog, Series, StaleCatalog, list_series
 from mds.tiers.postgres.connection import LOCK_TIMEOUT_MS, close_quietly, connect, rollback_quietly, translate
 from mds.tiers.postgres.coverage import change_coverage, read_coverage
 from mds.tiers.postgres.deadline import Deadline
@@ -57,6 +57,9 @@ _SQL_COMMIT_MARK_BARE = (
     f"SELECT s.v, NULL, (SELECT count(pg_notify('{CHANNEL}', n)) FROM unnest(%(n)s::text[]) AS n) FROM s"
 )
 _SQL_SEQ = "SELECT v FROM mds_meta WHERE k = 'commit_seq'"
+#: A call that takes as long as the data needs (see _unbounded), and the session's bounds again.
+_SQL_UNBOUNDED = f"SET statement_timeout = 0; SET lock_timeout = {LOCK_TIMEOUT_MS}"
+_SQL_BOUNDED = "RESET statement_timeout; RESET lock_timeout"
 _SQL_ACKED = "SELECT seq FROM mds_acks WHERE origin = %s"
 _SQL_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
@@ -75,7 +78,15 @@ def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable
         armed = self._deadline.arm()  # the call, its retry included, is bounded (see Deadline)
         try:
             try:
-                return method(self, *args, **kwargs)
+                try:
+                    return method(self, *args, **kwargs)
+                except StaleCatalog as stale:
+                    # the tables were created again under this connection: ids looked up afresh
+                    logger.warning(
+                        "PostgreSQL tier %s: series ids changed (%s); looking them up again", self.where, stale
+                    )
+                    self._catalog.clear()
+                    return method(self, *args, **kwargs)
             except psycopg.Error as exc:
                 if self._deadline.cut() or not (self._drop_if_broken() and outside and not self._closed):
                     raise self._failure(exc) from exc
@@ -99,12 +110,12 @@ def _unbounded(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable[
     @functools.wraps(method)
     def body(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         conn = self._connection()
-        conn.execute(f"SET statement_timeout = 0; SET lock_timeout = {LOCK_TIMEOUT_MS}", prepare=False)
+        conn.execute(_SQL_UNBOUNDED, prepare=False)
         try:
             return method(self, *args, **kwargs)
         finally:
             if self._conn is conn and not conn.broken:
-                conn.execute("RESET statement_timeout; RESET lock_timeout", prepare=False)
+                conn.execute(_SQL_BOUNDED, prepare=False)
 
     bounded = _translated(body)
 
@@ -157,8 +168,11 @@ class _Txn:
             armed = t._deadline.arm()
             try:
                 if t._dirty:
-                    mark = _SQL_COMMIT_MARK if t._ledger else _SQL_COMMIT_MARK_BARE
-                    row = conn.execute(mark, {"o": t.origin, "n": list(dict.fromkeys(t._spans))}).fetchone()
+                    params = {"o": t.origin, "n": list(dict.fromkeys(t._spans))}
+                    if t._ledger:
+                        row = conn.execute(_SQL_COMMIT_MARK, params).fetchone()
+                    else:
+                        row = conn.execute(_SQL_COMMIT_MARK_BARE, params).fetchone()
                     seq, prev = (None, None) if row is None else row[:2]
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
