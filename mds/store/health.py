@@ -77,6 +77,8 @@ class _Reading(threading.local):
     bypass = False
     #: True while a read keeps the store's lock for its server reads (see Moved)
     stay = False
+    #: True once the read in progress called Layer 1 (its answer's source, also after a restart)
+    fetched = False
 
 
 def counting(lock: Any) -> Any:

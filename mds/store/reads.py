@@ -147,17 +147,30 @@ class Reader:
 
     def _synced(self, sym: str, tf: Timeframe, *args: Any, **kwargs: Any) -> Answer:
         """:meth:`_read_synced`, started over keeping the store's lock for its server reads when
-        a write to the series came while the lock was free for one (:class:`Moved`)."""
+        a write to the series came while the lock was free (:class:`Moved`: for a server read,
+        or for a Layer 1 fetch that found covered candles deleted meanwhile). An attempt given up
+        after it called Layer 1 still makes the answer's source ``layer1_api``."""
+        reading = self.tiers.reading
+        fetched = reading.fetched = False
+        stay = reading.stay
         try:
-            return self._read_synced(sym, tf, *args, **kwargs)
-        except Moved:
-            reading = self.tiers.reading
-            stay, reading.stay = reading.stay, True
-            try:
-                reading.bypass = self.coverage.sync(sym, tf)
-                return self._read_synced(sym, tf, *args, **kwargs)
-            finally:
-                reading.stay = stay
+            for _ in range(_RESTARTS):
+                try:
+                    arr, source = self._read_synced(sym, tf, *args, **kwargs)
+                except Moved:
+                    fetched = fetched or reading.fetched
+                    reading.fetched = False
+                    reading.stay = True
+                    reading.bypass = self.coverage.sync(sym, tf)
+                    continue
+                if fetched or reading.fetched:
+                    source = slowest(source, "layer1_api")
+                return arr, source
+        finally:
+            reading.stay = stay
+        raise StorageUnavailableError(
+            f"{sym} {tf.name}: the series was rewritten {_RESTARTS} times while it was read; nothing was answered"
+        )
 
     def _read_synced(
         self,
@@ -365,16 +378,24 @@ class Reader:
             if hit is not None:
                 return hit, "layer1_cache"
         if self.fetcher is not None:
-            missing = K.interval_subtract(np.array([[s, e]], dtype=np.int64), self.coverage.of(sym, tf))
+            want = np.array([[s, e]], dtype=np.int64)
+            missing = K.interval_subtract(want, self.coverage.of(sym, tf))
             if len(missing):
                 if not allow_layer1:
                     raise NeedsLayer1()
+                had = K.interval_subtract(want, missing)  # covered before the fetch
                 fetched = self._fetch_ranges(sym, tf, missing)
                 source = "layer1_api"
                 if fetched is not None:  # storage could not keep it: answer from Layer 1 alone
                     whole = len(missing) == 1 and int(missing[0, 0]) == s and int(missing[0, 1]) == e
                     rows = fetched if whole else self.fetcher.range(sym, tf, s, e)
                     return read_only(rows[(rows["ts"] >= s) & (rows["ts"] < e)]), source
+                if len(had):
+                    # the lock was free while Layer 1 answered: a delete may have uncovered what
+                    # was covered (its rows gone), which this read counted on and did not fetch
+                    tiers.reading.bypass = self.coverage.sync(sym, tf)
+                    if len(K.interval_subtract(had, self.coverage.of(sym, tf))):
+                        raise Moved("coverage")
         for name in ("memory", "disk"):
             t = tiers.tier(name)
             if t is None:
@@ -435,6 +456,7 @@ class Reader:
     # ------------------------------------------------------------------ fetch and store
     def _fetch_and_store(self, sym: str, tf: Timeframe, start: int | None, n: int | None, end: int) -> np.ndarray:
         assert self.fetcher is not None
+        self.tiers.reading.fetched = True  # the answer's source, also if the read starts over
         arr, covered = self.fetcher.checked(sym, tf, count=n, start=start, end=end)
         try:
             self.writer.store(sym, tf, arr, covered, int(self.clock()))
@@ -464,6 +486,10 @@ class Reader:
         if passthrough:
             return read_only(K.sort_dedup(np.concatenate(passthrough)))
         return None
+
+
+#: Attempts of one read that other threads' writes to its series may start over (see _synced).
+_RESTARTS = 4
 
 
 def time_range(start: Any, end: Any) -> tuple[int | None, int | None]:
