@@ -16,6 +16,10 @@ MDS_REQUIRE_POSTGRES=1, where they fail.
 - ``pg-threads``: 200 of those range reads by one thread against the same 200 split over four
   threads sharing the store (reads run on pooled connections off the store's lock); the
   ``speedup`` is one thread's median over four threads'. Reported, no target.
+- ``pg-hit-beside-reads``: a memory hit (latest 100) while another thread reads 1,000-candle
+  ranges of another series from the server, against the same hit alone, and against the hit
+  beside the same reads kept on the store's lock (as before the read pool); 2,000 hits with an
+  untimed 0.5 ms pause before each; means and maxima, which carry the waits. Reported.
 - ``pg-memory-hit``: ``store.candles(count=1000)`` answered by the memory tier (default tiers,
   ``lookup="storage_first"``, no Layer 1) of a PostgreSQL-backed store against the same on a
   SQLite-backed store. Target: the same.
@@ -323,3 +327,128 @@ def test_latest_1000_memory_hit(benchmark: Any, hot_store: tuple[str, mds.Store,
     assert {k: after[k] - before[k] for k in after if after[k] != before[k]}.keys() == {"storage_memory"}
     benchmark.extra_info.update(history=history, lookup="storage_first", layer1=None)
     _ratio(benchmark, f"hit_{history}", "postgres_over_sqlite", "hit_postgres", "hit_sqlite")
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-hit-beside-reads: a memory hit while another thread reads the server, against the same hit
+# with no other thread (the server reads run off the store's lock: the hit must not wait for them)
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def _server_reader(st: mds.Store, start: int) -> Iterator[list[int]]:
+    """Another thread reading 1,000-candle ranges of OTHER from the server until the block ends;
+    yields the count of its reads (checked to be non-zero by the caller)."""
+    import threading
+
+    done: list[int] = [0]
+    stop = threading.Event()
+
+    def run() -> None:
+        k = 0
+        while not stop.is_set():
+            s = start + (k % 50) * RANGE * MIN
+            if len(st.candles(OTHER, "1m", start=s, end=s + RANGE * MIN)) != RANGE:
+                raise AssertionError("short server read")
+            k += 1
+            done[0] = k
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + HIT_WAIT_S
+    while not done[0] and th.is_alive() and time.monotonic() < deadline:  # it reads before the timing starts
+        time.sleep(0.001)
+    try:
+        yield done
+    finally:
+        stop.set()
+        th.join(30)
+
+
+OTHER = "KRW-ETH"
+
+
+@pytest.fixture(scope="module")
+def shared_store(pg: Cluster, tmp_path_factory: Any) -> Iterator[tuple[mds.Store, np.ndarray, int]]:
+    """A PostgreSQL-backed store (default tiers) whose memory answers SYM's latest 100, and
+    whose OTHER series (60,000 candles) is in no fast tier: its ranges are read from the server
+    (``Config(tiers=...)`` keeps memory only: no LMDB copy of OTHER)."""
+    arr = candles(60_000)
+    with fresh_database(pg) as url:
+        cfg = Config(lookup="storage_first", tiers=("memory", "sqlite"), memory_candles=100)
+        path = tmp_path_factory.mktemp("pg-beside")
+        with mds.open(path, config=cfg, clock=clock, history=url) as st:
+            st.write_candles(OTHER, "1m", arr)
+            st.write_candles(SYM, "1m", arr[-1000:])
+            deadline = time.monotonic() + HIT_WAIT_S
+            while True:
+                before = _hits(st)["storage_memory"]
+                st.candles(SYM, "1m", count=100)
+                if _hits(st)["storage_memory"] > before:
+                    break
+                assert time.monotonic() < deadline, "no memory hit"
+                time.sleep(0.01)
+            yield st, arr[-100:], int(arr["ts"][0])
+
+
+HIT_ROUNDS = 2000
+
+
+def _pause() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Untimed, before each hit: a strategy's hits come between other work, and the other
+    thread runs meanwhile (a tight loop of hits would keep it from the interpreter)."""
+    time.sleep(0.0005)
+    return (), {}
+
+
+def _hit_stats(benchmark: Any, key: str) -> None:
+    """Means carry the tail (a hit that waited for the other thread's server read): kept with
+    the maximum, and the ratio of the means."""
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    stats = benchmark.stats.stats
+    _MEDIANS[key] = float(stats.mean)
+    benchmark.extra_info.update(mean_us=round(stats.mean * 1e6, 2), max_us=round(stats.max * 1e6, 1))
+    if "hit_alone" in _MEDIANS and "hit_beside" in _MEDIANS:
+        benchmark.extra_info["beside_over_alone_mean"] = float(f"{_MEDIANS['hit_beside'] / _MEDIANS['hit_alone']:.3g}")
+    if "hit_on_lock" in _MEDIANS and "hit_beside" in _MEDIANS:
+        benchmark.extra_info["on_lock_over_off_lock_mean"] = float(
+            f"{_MEDIANS['hit_on_lock'] / _MEDIANS['hit_beside']:.3g}"
+        )
+
+
+@pytest.mark.benchmark(group="pg-hit-beside-reads")
+def test_memory_hit_alone(benchmark: Any, shared_store: tuple[mds.Store, np.ndarray, int]) -> None:
+    st, want, _ = shared_store
+
+    def hit() -> np.ndarray:
+        return st.candles(SYM, "1m", count=100)
+
+    rounds = 100 if benchmark.disabled else HIT_ROUNDS
+    got = benchmark.pedantic(hit, setup=_pause, rounds=rounds, iterations=1)
+    assert got.tobytes() == want.tobytes()
+    benchmark.extra_info.update(other_thread=None)
+    _hit_stats(benchmark, "hit_alone")
+
+
+@pytest.mark.benchmark(group="pg-hit-beside-reads")
+@pytest.mark.parametrize("reads", ["off_lock", "on_lock"])
+def test_memory_hit_beside_server_reads(
+    benchmark: Any, shared_store: tuple[mds.Store, np.ndarray, int], reads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``on_lock``: the baseline, the other thread's server reads kept on the store's lock as
+    they were before the read pool (57fbe80)."""
+    st, want, start = shared_store
+    if reads == "on_lock":
+        monkeypatch.setattr(st._health, "_off_lock", lambda *a: None)
+    before = _hits(st)
+
+    def hit() -> np.ndarray:
+        return st.candles(SYM, "1m", count=100)
+
+    with _server_reader(st, start) as done:
+        rounds = 100 if benchmark.disabled else HIT_ROUNDS
+        got = benchmark.pedantic(hit, setup=_pause, rounds=rounds, iterations=1)
+    after = _hits(st)
+    assert got.tobytes() == want.tobytes()
+    assert done[0] > 0 and after["sqlite_db"] > before["sqlite_db"]  # the other thread read the server meanwhile
+    benchmark.extra_info.update(other_thread="1,000-candle ranges from PostgreSQL", server_reads=done[0])
+    _hit_stats(benchmark, "hit_beside" if reads == "off_lock" else "hit_on_lock")
