@@ -328,9 +328,11 @@ def _report_reads(
 
 
 def _report_live(out: Any, box: dict[str, Any], requests: int, minutes: int, n_markets: int, grace_s: float) -> None:
+    from mds.layer1._ws_parse import lag_percentiles
+
     st, sync = box["stats"], box["sync"]
     msgs, lag = st["messages"], st["lag_ms"]
-    waits = sorted(sync.waits_ms)
+    wait = lag_percentiles(sync.waits_ms)
     without = minutes * n_markets
 
     def ms(v: Any) -> str:
@@ -343,9 +345,7 @@ def _report_live(out: Any, box: dict[str, Any], requests: int, minutes: int, n_m
         ["lag p50 / p99, ms of the simulated clock (1)", f"{ms(lag['p50'])} / {ms(lag['p99'])}"],
         [
             "wall ms from a clock step to its messages applied, p50 / p99 (2)",
-            f"{waits[len(waits) // 2]:.1f} / {waits[min(len(waits) - 1, len(waits) * 99 // 100)]:.1f}"
-            if waits
-            else "n/a",
+            f"{wait['p50']:.1f} / {wait['p99']:.1f}" if wait["p50"] is not None and wait["p99"] is not None else "n/a",
         ],
         ["closed candles handed to history by the stream", st["candles_written"]],
         ["closed minutes x markets covered by the stream", st["covered_intervals"]],

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -85,12 +85,17 @@ async def deliver(
             return
 
 
-def lag_percentiles(lags: Iterable[int]) -> dict[str, int | None]:
-    """``{"p50", "p99"}`` of lag samples (ms; None without samples)."""
+_N = TypeVar("_N", int, float)
+
+
+def lag_percentiles(lags: Iterable[_N]) -> dict[str, _N | None]:
+    """``{"p50", "p99"}`` of lag samples (ms; None without samples): the samples at those ranks,
+    no interpolation (the live feed's, a replay's and the demo's figures all come from here)."""
     xs = sorted(lags)
     if not xs:
         return {"p50": None, "p99": None}
     return {"p50": xs[len(xs) // 2], "p99": xs[min(len(xs) - 1, len(xs) * 99 // 100)]}
+
 
 class Watermark:
     """How far one epoch of a connection is known to have delivered what the server sent.

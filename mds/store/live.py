@@ -48,7 +48,7 @@ import numpy as np
 
 from mds._dtypes import EMPTY_CANDLES, TRADE_DTYPE
 from mds.errors import InvalidCandleError, InvalidRequestError, MdsError
-from mds.layer1._ws_parse import CANDLE_TYPES, Watermark
+from mds.layer1._ws_parse import CANDLE_TYPES, Watermark, lag_percentiles
 from mds.layer1.stream import (
     CandleMessage,
     Connected,
@@ -563,7 +563,7 @@ class LiveFeed:
         figures.
         """
         fs = self.feed.stats()
-        lags = sorted(self._apply_lags.copy())
+        applied = lag_percentiles(self._apply_lags.copy())
         out: dict[str, Any] = {
             "messages": fs.get("messages", {}),
             "applied": dict(self._applied),
@@ -572,8 +572,8 @@ class LiveFeed:
             "reconnects": fs.get("reconnects", 0),
             "lag_ms": {
                 **fs.get("lag_ms", {"p50": None, "p99": None}),
-                "apply_p50": lags[len(lags) // 2] if lags else None,
-                "apply_p99": lags[min(len(lags) - 1, len(lags) * 99 // 100)] if lags else None,
+                "apply_p50": applied["p50"],
+                "apply_p99": applied["p99"],
             },
             "last_message_age_s": fs.get("last_message_age_s"),
             **self._counts,
