@@ -80,6 +80,16 @@ class Deadline:
         return True
 
     @contextlib.contextmanager
+    def bounded(self) -> Iterator[None]:
+        """Bound the calls inside (unless an outer block bounds them already: its bound holds)."""
+        armed = self.arm()
+        try:
+            yield
+        finally:
+            if armed:
+                self.disarm()
+
+    @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
         """No bound on the calls inside (they arm nothing)."""
         self._off += 1

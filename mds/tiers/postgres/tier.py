@@ -75,8 +75,7 @@ def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable
     @functools.wraps(method)
     def call(self: PostgresTier, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         outside = self._depth == 0
-        armed = self._deadline.arm()  # the call, its retry included, is bounded (see Deadline)
-        try:
+        with self._deadline.bounded():  # the call, its retry included (see Deadline)
             try:
                 try:
                     return method(self, *args, **kwargs)
@@ -95,9 +94,6 @@ def _translated(method: Callable[Concatenate[PostgresTier, _P], _R]) -> Callable
                 return method(self, *args, **kwargs)
             except psycopg.Error as exc:
                 raise self._failure(exc) from exc
-        finally:
-            if armed:
-                self._deadline.disarm()
 
     return call
 
@@ -138,19 +134,16 @@ class _Txn:
     def __enter__(self) -> PostgresTier:
         t = self._t
         if t._depth == 0:
-            armed = t._deadline.arm()
-            try:
-                _Txn.begin(t)
-            except psycopg.Error as exc:
-                if t._deadline.cut() or not t._drop_if_broken():
-                    raise t._failure(exc) from exc
-                try:  # nothing was begun: a connection cut while idle is replaced once
+            with t._deadline.bounded():
+                try:
                     _Txn.begin(t)
-                except psycopg.Error as exc2:
-                    raise t._failure(exc2) from exc2
-            finally:
-                if armed:
-                    t._deadline.disarm()
+                except psycopg.Error as exc:
+                    if t._deadline.cut() or not t._drop_if_broken():
+                        raise t._failure(exc) from exc
+                    try:  # nothing was begun: a connection cut while idle is replaced once
+                        _Txn.begin(t)
+                    except psycopg.Error as exc2:
+                        raise t._failure(exc2) from exc2
             t._doomed = False
         t._depth += 1
         return t
@@ -165,22 +158,19 @@ class _Txn:
         conn = t._conn
         if et is None and not t._doomed and conn is not None:
             seq = prev = None
-            armed = t._deadline.arm()
-            try:
-                if t._dirty:
-                    params = {"o": t.origin, "n": list(dict.fromkeys(t._spans))}
-                    if t._ledger:
-                        row = conn.execute(_SQL_COMMIT_MARK, params).fetchone()
-                    else:
-                        row = conn.execute(_SQL_COMMIT_MARK_BARE, params).fetchone()
-                    seq, prev = (None, None) if row is None else row[:2]
-                conn.execute("COMMIT")
-            except psycopg.Error as exc:
-                _Txn.rollback(t)
-                raise t._failure(exc) from exc
-            finally:
-                if armed:
-                    t._deadline.disarm()
+            with t._deadline.bounded():
+                try:
+                    if t._dirty:
+                        params = {"o": t.origin, "n": list(dict.fromkeys(t._spans))}
+                        if t._ledger:
+                            row = conn.execute(_SQL_COMMIT_MARK, params).fetchone()
+                        else:
+                            row = conn.execute(_SQL_COMMIT_MARK_BARE, params).fetchone()
+                        seq, prev = (None, None) if row is None else row[:2]
+                    conn.execute("COMMIT")
+                except psycopg.Error as exc:
+                    _Txn.rollback(t)
+                    raise t._failure(exc) from exc
             if t._dirty:
                 t.last_commit_seq = None if seq is None else int(seq)
                 t._commit = None if seq is None or not t._ledger else (int(seq), int(prev or 0))
@@ -366,19 +356,16 @@ class PostgresTier:
         self.identity = identity(url, self.origin)
         self._conn: psycopg.Connection[Any] | None = None
         self._ledger = False  # whether the database keeps mds_acks (settled at every connect)
-        armed = self._deadline.arm()
-        try:
-            self._connection()
-        except BaseException as exc:
-            if isinstance(exc, psycopg.Error):
-                failure = self._failure(exc)
+        with self._deadline.bounded():
+            try:
+                self._connection()
+            except BaseException as exc:
+                if isinstance(exc, psycopg.Error):
+                    failure = self._failure(exc)
+                    self.close()
+                    raise failure from exc
                 self.close()
-                raise failure from exc
-            self.close()
-            raise
-        finally:
-            if armed:
-                self._deadline.disarm()
+                raise
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -425,16 +412,7 @@ class PostgresTier:
     @contextlib.contextmanager
     def _side(self) -> Iterator[PostgresTier | None]:
         try:
-            side = PostgresTier(
-                self.url,
-                readonly=self.readonly,
-                clock=self._clock,
-                origin=self.origin,
-                connect_timeout_s=self.connect_timeout_s,
-                timeout_s=self.timeout_s,
-                compress_after_days=self.compress_after_days,
-                vacuum_threshold=self.vacuum_threshold,
-            )
+            side = self._sibling(self.readonly)
         except StorageUnavailableError as exc:
             logger.info("PostgreSQL tier %s: no connection to spare (%s); using the tier's own", self.where, exc)
             yield None
@@ -445,14 +423,19 @@ class PostgresTier:
             side.close()
 
     def _open_reader(self) -> PostgresTier:
+        return self._sibling(True)
+
+    def _sibling(self, readonly: bool) -> PostgresTier:
+        """Another tier on this one's server and settings, with a connection of its own."""
         return PostgresTier(
             self.url,
-            readonly=True,
+            readonly=readonly,
             clock=self._clock,
             origin=self.origin,
             connect_timeout_s=self.connect_timeout_s,
             timeout_s=self.timeout_s,
-            compress_after_days=None,
+            compress_after_days=self.compress_after_days,
+            vacuum_threshold=self.vacuum_threshold,
         )
 
     def transaction(self) -> _Txn:
@@ -654,15 +637,12 @@ class PostgresTier:
         self._next_upkeep_ms = now + interval * 1000
         cutoff = self._compress_cutoff()
         if cutoff is not None:
-            armed = self._deadline.arm()
-            try:
-                upkeep.compress_old(self._conn, self.where, cutoff, time.perf_counter() + 0.05)
-            except psycopg.Error as exc:
-                self._drop_if_broken()
-                logger.warning("PostgreSQL tier %s: scheduled upkeep failed (will retry): %s", self.where, exc)
-            finally:
-                if armed:
-                    self._deadline.disarm()
+            with self._deadline.bounded():
+                try:
+                    upkeep.compress_old(self._conn, self.where, cutoff, time.perf_counter() + 0.05)
+                except psycopg.Error as exc:
+                    self._drop_if_broken()
+                    logger.warning("PostgreSQL tier %s: scheduled upkeep failed (will retry): %s", self.where, exc)
         return True
 
     @_unbounded
