@@ -139,8 +139,16 @@ def test_server_killed_mid_batch_stores_nothing_and_both_hosts_carry_on(
             got = st.candles("KRW-BTC", "1m", start=T0, end=T0 + 300 * MIN)
             assert got.tobytes() == first.tobytes()
         a.write_candles("KRW-BTC", "1m", later, complete=(T0 + 200 * MIN, T0 + 300 * MIN))
-        got = b.candles("KRW-BTC", "1m", start=T0 + 200 * MIN, end=T0 + 300 * MIN)
-        assert got.tobytes() == later.tobytes()
+        # B's copies of the range (its read above) are dropped when A's change reaches B's feed:
+        # within 1 s by contract (DESIGN.md 7), not at once; until then B answers what it held
+        seen: set[bytes] = set()
+
+        def b_sees_later() -> bool:
+            seen.add(b.candles("KRW-BTC", "1m", start=T0 + 200 * MIN, end=T0 + 300 * MIN).tobytes())
+            return later.tobytes() in seen
+
+        _wait_for(b_sees_later)
+        assert seen <= {b"", later.tobytes()}  # what B held before, or A's write: nothing else
         assert a.check().ok, a.check().problems
 
 
