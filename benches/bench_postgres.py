@@ -20,6 +20,10 @@ MDS_REQUIRE_POSTGRES=1, where they fail.
   ranges of another series from the server, against the same hit alone, and against the hit
   beside the same reads kept on the store's lock (as before the read pool); 2,000 hits with an
   untimed 0.5 ms pause before each; means and maxima, which carry the waits. Reported.
+- ``pg-feed-seen``: from host A's ``write_candles`` of a revised candle until host B's
+  ``candles(count=50)`` answers it, B's memory holding the old one; ``listening`` against
+  ``deaf`` (B's listening server process stopped just before A writes: B notices by its
+  heartbeat). Target (DESIGN.md 7): within 1 s, both; medians and maxima in extra_info.
 - ``pg-memory-hit``: ``store.candles(count=1000)`` answered by the memory tier (default tiers,
   ``lookup="storage_first"``, no Layer 1) of a PostgreSQL-backed store against the same on a
   SQLite-backed store. Target: the same.
@@ -452,3 +456,87 @@ def test_memory_hit_beside_server_reads(
     assert done[0] > 0 and after["sqlite_db"] > before["sqlite_db"]  # the other thread read the server meanwhile
     benchmark.extra_info.update(other_thread="1,000-candle ranges from PostgreSQL", server_reads=done[0])
     _hit_stats(benchmark, "hit_beside" if reads == "off_lock" else "hit_on_lock")
+
+
+# ---------------------------------------------------------------------------------------------
+# pg-feed-seen: another host's write, seen by this host's reads
+# ---------------------------------------------------------------------------------------------
+SEEN_ROUNDS = 7
+
+
+@pytest.fixture(scope="module")
+def two_hosts(pg: Cluster, tmp_path_factory: Any) -> Iterator[tuple[mds.Store, mds.Store]]:
+    """Hosts A and B: two stores (default tiers, own paths) over one database; B's memory
+    answers SYM's latest 50."""
+    arr = candles(1_000)
+    with fresh_database(pg) as url, ExitStack() as stack:
+        cfg = Config(lookup="storage_first")
+        a, b = (
+            stack.enter_context(mds.open(tmp_path_factory.mktemp(n), config=cfg, clock=clock, history=url))
+            for n in ("host-a", "host-b")
+        )
+        a.write_candles(SYM, "1m", arr, complete=(int(arr["ts"][0]), T_END))
+        yield a, b
+
+
+def _wait_memory_hit(st: mds.Store) -> np.ndarray:
+    """Read SYM's latest 50 until memory answers them (the feed listens, the copies are filled)."""
+    deadline = time.monotonic() + HIT_WAIT_S
+    while True:
+        before = _hits(st)["storage_memory"]
+        got = st.candles(SYM, "1m", count=50)
+        if _hits(st)["storage_memory"] > before:
+            return got
+        assert time.monotonic() < deadline, "no memory hit"
+        time.sleep(0.01)
+
+
+@pytest.mark.benchmark(group="pg-feed-seen")
+@pytest.mark.parametrize("feed", ["listening", "deaf"])
+def test_another_hosts_write_seen(benchmark: Any, two_hosts: tuple[mds.Store, mds.Store], feed: str) -> None:
+    """From host A's ``write_candles`` (a revised last candle) until host B's ``candles(count=50)``
+    answers it, B polling every millisecond, B's memory holding the old candle. ``deaf``: B's
+    listening server process is stopped (SIGSTOP) just before A writes, as a hung backend or a
+    silently dropped path would leave it: no error, no notification; B must notice by its
+    heartbeat (mds/tiers/postgres/feed.py). Target (DESIGN.md 7): within 1 s, both."""
+    import os
+    import signal
+
+    a, b = two_hosts
+    listener = b._health.states["sqlite"].obj._listener
+    stopped: list[int] = []
+    bump = itertools.count(1)
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        old = _wait_memory_hit(b)
+        new = old[-1:].copy()
+        new["close"] = new["open"] = float(old["close"][-1]) + next(bump)
+        new["high"] = max(float(old["high"][-1]), float(new["close"][0]))
+        if feed == "deaf":
+            pid = listener.pid
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        return (new,), {}
+
+    def write_and_wait(new: np.ndarray) -> None:
+        want = float(new["close"][0])
+        a.write_candles(SYM, "1m", new)
+        deadline = time.monotonic() + HIT_WAIT_S
+        while float(b.candles(SYM, "1m", count=50)["close"][-1]) != want:
+            assert time.monotonic() < deadline, "B never saw A's write"
+            time.sleep(0.001)
+
+    def teardown(new: np.ndarray) -> None:
+        while stopped:
+            os.kill(stopped.pop(), signal.SIGCONT)
+
+    try:
+        rounds = 1 if benchmark.disabled else SEEN_ROUNDS
+        benchmark.pedantic(write_and_wait, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+    finally:
+        teardown(np.empty(0))
+    benchmark.extra_info.update(target_s=1.0, reconnects=listener.reconnects)
+    if not benchmark.disabled and benchmark.stats is not None:
+        benchmark.extra_info.update(
+            median_ms=round(benchmark.stats.stats.median * 1000, 1), max_ms=round(benchmark.stats.stats.max * 1000, 1)
+        )

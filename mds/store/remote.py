@@ -57,7 +57,9 @@ class RemoteChanges:
             if symbol is None or timeframe is None:
                 state = self.tiers.states.get("sqlite")
                 live = bool(getattr(state.obj if state is not None else None, "listening", False))
-                if live:  # listening again: anything may have changed while it was not
+                if live == self.tiers.feed_live and not live:
+                    return  # told twice (late heartbeat, then the connection lost)
+                if live:  # trusted again: anything may have changed while it was not
                     logger.info("change feed up: dropping this host's copies of durable rows")
                     self._forget_all()
                     self.tiers.copies_trusted = True

@@ -81,6 +81,13 @@ def _feed_down_for_good(store: mds.Store, monkeypatch: pytest.MonkeyPatch, url: 
     assert _until(lambda: not store._health.feed_live and not tier.listening)
 
 
+def _from_memory(st: mds.Store, want: np.ndarray | None = None) -> bool:
+    """Whether a read of the latest 50 was answered by memory (and is ``want``, when given)."""
+    before = st.stats()["hits"]["storage_memory"]
+    got = st.candles(SYM, "1m", count=50)
+    return st.stats()["hits"]["storage_memory"] > before and (want is None or got.tobytes() == want.tobytes())
+
+
 def _a_writes_b_hears(a: mds.Store, b: mds.Store, rows: np.ndarray) -> None:
     """Host A stores ``rows`` (complete) once B's feed listens; returns when B heard of it."""
     assert _until(lambda: b._health.feed_live)
@@ -273,6 +280,67 @@ def test_a_feed_that_hears_nothing_is_trusted_and_memory_answers_stale(
         assert seen, "B still answers the old candle 10 s after A's revision"
 
 
+def test_a_feed_whose_heartbeat_is_late_stops_answering_from_copies_before_it_reconnects(
+    tmp_path: Path, pg_url: str, stopped: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1 s of DESIGN.md 7 with a feed that went deaf silently: B stops trusting its copies
+    when its heartbeat is late (feed.SUSPECT_AFTER_S), long before it would reconnect, so A's
+    revision is answered by B's very next read; when the heartbeat comes back B trusts its feed
+    again on the same connection (every change committed before the heartbeat came before it)."""
+    monkeypatch.setattr(feed, "DEAF_AFTER_S", 3600.0)  # no reconnect: only the heartbeat can tell
+    rows = _rows()
+    with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url) as b:
+        _a_writes_b_hears(a, b, rows)
+        listener = b._health.states["sqlite"].obj._listener
+        assert _until(lambda: _from_memory(b)), "B never answered from memory"
+
+        pid = listener.pid
+        os.kill(pid, signal.SIGSTOP)  # B's listening backend hears nothing more, with no error
+        stopped.append(pid)
+        assert _until(lambda: not b._health.feed_live), "B never noticed its feed went silent"
+        assert listener.pid == pid and listener.reconnects == 0  # noticed without reconnecting
+
+        new = _revised(rows[-1:])
+        a.write_candles(SYM, "1m", new)  # B's feed does not hear this
+        got = b.candles(SYM, "1m", count=50)  # at once: no wait for B's feed
+        assert float(got["close"][-1]) == float(new["close"][0])
+        assert got.tobytes() == np.concatenate([rows[-50:-1], new]).tobytes()
+
+        heard = b._remote.received
+        os.kill(pid, signal.SIGCONT)  # the backend delivers what it held: heartbeats, A's change
+        # trusted again (a heartbeat sent before A's write) and A's change: both heard
+        assert _until(lambda: b._health.feed_live and b._remote.received >= heard + 2), "B never trusted its feed"
+        assert listener.pid == pid and listener.reconnects == 0
+        assert b.candles(SYM, "1m", count=50).tobytes() == got.tobytes()
+        assert _until(lambda: _from_memory(b, got)), "memory never answered again"
+
+
+def test_a_heartbeat_that_hangs_does_not_stop_the_feed_noticing_it_is_deaf(
+    tmp_path: Path, pg_url: str, stopped: list[int]
+) -> None:
+    """The heartbeat's own connection hangs (its server process stops; a path dropped silently):
+    the send waits, and no heartbeat comes. Sent from the listener's own thread, it kept the
+    listener from ever looking at its clock, so B trusted its copies for ever. Now B stops
+    trusting them, reconnects, cuts the hung heartbeat and hears a new one."""
+    rows = _rows()
+    with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url) as b:
+        _a_writes_b_hears(a, b, rows)
+        listener = b._health.states["sqlite"].obj._listener
+        assert _until(lambda: listener._pinger is not None and not listener._pinger.closed)
+        b.candles(SYM, "1m", count=50)
+        pinger = listener._pinger.info.backend_pid
+        os.kill(pinger, signal.SIGSTOP)
+        stopped.append(pinger)
+        new = _revised(rows[-1:])
+        assert _until(lambda: not b._health.feed_live), "B kept trusting a feed it could not check"
+        a.write_candles(SYM, "1m", new)
+        assert float(b.candles(SYM, "1m", count=50)["close"][-1]) == float(new["close"][0])
+        # the feed reconnects, its heartbeat on a new connection: B trusts it again
+        assert _until(lambda: b._health.feed_live and listener.reconnects >= 1)
+        assert listener._pinger is None or listener._pinger.info.backend_pid != pinger
+        assert float(b.candles(SYM, "1m", count=50)["close"][-1]) == float(new["close"][0])
+
+
 def test_a_hung_server_read_blocks_every_thread_of_the_store(
     tmp_path: Path, pg_url: str, pg_cluster: Cluster, stopped: list[int]
 ) -> None:
@@ -289,6 +357,8 @@ def test_a_hung_server_read_blocks_every_thread_of_the_store(
         b.candles(SYM, "1m", count=10)  # a memory hit now
         with PostgresTier(pg_url, compress_after_days=None) as other:  # not in B's fast tiers
             other.write("KRW-ETH", "1m", generate_market("KRW-ETH", "1m", T0, T0 + 10 * MIN, seed=3))
+        listener = b._health.states["sqlite"].obj._listener
+        assert _until(lambda: listener._pinger is not None)  # its heartbeat's connection is open
         hang(pg_cluster, pg_url, stopped)  # the server, and B's connections to it (not its feed)
         done = threading.Event()
         hit = threading.Event()

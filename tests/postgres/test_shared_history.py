@@ -167,10 +167,8 @@ def test_while_the_change_feed_is_down_no_read_is_answered_from_stale_copies(
         heard = b._remote.received
         a.write_candles("KRW-BTC", "1m", rows, complete=(T0, T0 + 100 * MIN))
         _wait_for(lambda: b._remote.received > heard)  # B heard of A's write (and dropped its copies)
-        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == rows[-50:].tobytes()  # fills B's memory
-        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == rows[-50:].tobytes()
+        assert _memory_hit(b).tobytes() == rows[-50:].tobytes()
         memory_hits = b.stats()["hits"]["storage_memory"]
-        assert memory_hits >= 1
 
         # B's feed goes down and cannot come back (its reconnects fail)
         down = threading.Event()
@@ -201,9 +199,22 @@ def test_while_the_change_feed_is_down_no_read_is_answered_from_stale_copies(
         monkeypatch.setattr(feed, "connect", real_connect)
         btier._listener.wake()
         _wait_for(lambda: b._health.feed_live)
-        b.candles("KRW-BTC", "1m", count=50)
-        assert b.candles("KRW-BTC", "1m", count=50).tobytes() == got.tobytes()
+        assert _memory_hit(b).tobytes() == got.tobytes()
         assert b.stats()["hits"]["storage_memory"] > memory_hits
+
+
+def _memory_hit(st: mds.Store) -> np.ndarray:
+    """The latest 50 KRW-BTC, read until memory answers them (bounded): the first read fills
+    memory; a late heartbeat on a loaded machine may make a read ask the server instead."""
+    got: list[np.ndarray] = []
+
+    def hit() -> bool:
+        before = st.stats()["hits"]["storage_memory"]
+        got.append(st.candles("KRW-BTC", "1m", count=50))
+        return st.stats()["hits"]["storage_memory"] > before
+
+    _wait_for(hit)
+    return got[-1]
 
 
 def _wait_for(cond: Any) -> None:
@@ -226,6 +237,7 @@ def test_server_down_reads_the_local_tiers_prove_still_answer(
         want = b.candles("KRW-BTC", "1m", count=50)
         try:
             pg_cluster.stop()
+            _wait_for(lambda: not b._health.feed_live)  # B's feed lost its server too
             # held in memory and proven by coverage: answered without the server
             assert b.candles("KRW-BTC", "1m", count=50).tobytes() == want.tobytes()
             assert "sqlite" in b.stats()["degraded"]

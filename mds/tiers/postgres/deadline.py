@@ -134,12 +134,15 @@ class Deadline:
             self._cut_at = since
             self.cuts += 1
             logger.warning("PostgreSQL tier %s: no answer for %.1f s; dropping the connection", self.where, limit)
-            _shut(conn)
+            shut(conn)
 
 
-def _shut(conn: Any) -> None:
-    """Shut down the connection's socket: a call blocked reading it returns at once (EOF), and
-    the connection is broken for psycopg; the descriptor itself is left to psycopg to close."""
+def shut(conn: Any) -> None:
+    """Shut down the connection's socket (None: nothing): a call blocked reading it returns at
+    once (EOF), and the connection is broken for psycopg; the descriptor itself is left to
+    psycopg to close."""
+    if conn is None:
+        return
     with contextlib.suppress(OSError, ValueError, psycopg.Error):
         fd = conn.fileno()
         dup = socket.socket(fileno=os.dup(fd))

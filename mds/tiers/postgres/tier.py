@@ -395,10 +395,12 @@ class PostgresTier:
 
     @property
     def listening(self) -> bool:
-        """Whether the change feed is connected now (False before :meth:`subscribe` and while its
-        connection is lost): while False, other hosts' changes may go unreported."""
+        """Whether the change feed hears every change now: connected and hearing its heartbeat
+        (False before :meth:`subscribe`, while its connection is lost, and while its heartbeat is
+        late; see :mod:`mds.tiers.postgres.feed`): while False, other hosts' changes may go
+        unreported."""
         listener = self._listener
-        return listener is not None and listener.connected.is_set()
+        return listener is not None and listener.trusted.is_set()
 
     def off_lock(self, writable: bool = False) -> AbstractContextManager[PostgresTier | None] | None:
         """A tier of its own connection for one call while the caller lets other threads use the
