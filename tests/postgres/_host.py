@@ -14,6 +14,11 @@ import mds
 from mds.layer1 import UpbitRouter
 
 
+def _fast_hits(st: mds.Store) -> int:
+    hits = st.stats()["hits"]
+    return int(hits["storage_memory"]) + int(hits["storage_disk"])
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     now = int(args["now"])
@@ -27,7 +32,14 @@ def main() -> None:
         for sym in args["symbols"]:
             rows = st.candles(sym, "1m", start=args["start"], end=args["end"])
             sums[sym] = [len(rows), float(np.sum(rows["close"]))]
-            st.candles(sym, "1m", start=args["start"], end=args["end"])  # now a fast-tier hit
+            # read again until a fast tier answers (bounded): the revision below must reach B's
+            # copies, not a server read (a late heartbeat may send one read to the server)
+            for _ in range(100):
+                before = _fast_hits(st)
+                st.candles(sym, "1m", start=args["start"], end=args["end"])
+                if _fast_hits(st) > before:
+                    break
+                time.sleep(0.05)
         print(json.dumps({"ready": True, "sums": sums, "stats": st.stats()["hits"]}), flush=True)
         go = json.loads(sys.stdin.readline())  # the revision is committed when this line arrives
         t0 = time.monotonic()

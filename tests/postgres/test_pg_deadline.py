@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -110,6 +111,14 @@ def test_the_urls_own_statement_timeout_is_kept(pg_url: str) -> None:
         assert t._connection().execute("SHOW lock_timeout").fetchone() == ("8s",)
 
 
+def _held_elsewhere(lock: Any) -> bool:
+    """Whether another thread holds ``lock`` (a store's lock) now."""
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
+
 def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
     tmp_path: Path, pg_url: str, stopped: list[int]
 ) -> None:
@@ -134,7 +143,7 @@ def test_a_call_holding_the_store_lock_does_not_make_the_feed_deaf(
 
         heard = b._remote.received
         threading.Thread(target=write, daemon=True).start()
-        time.sleep(0.5)
+        assert _until(lambda: _held_elsewhere(b._lock))  # the write has the lock (and waits on the server)
         with PostgresTier(pg_url, compress_after_days=None) as other:  # its change waits for B's lock
             other.write("KRW-XRP", "1m", _rows(5, seed=9))
         assert done.wait(30.0)
@@ -164,7 +173,7 @@ def test_a_read_off_the_lock_does_not_fill_memory_with_rows_a_write_replaced(
         got: list[np.ndarray] = []
         reader = threading.Thread(target=lambda: got.append(b.candles(SYM, "1m", count=50)), daemon=True)
         reader.start()
-        time.sleep(0.3)  # A waits for the server, off the lock
+        assert _until(lambda: not readers._idle)  # A took the read connection: it waits for the server, off the lock
         new = rows[-1:].copy()
         new["close"] = new["open"] = float(rows["close"][-1]) + 1.0
         new["high"] = max(float(rows["high"][-1]), float(new["close"][0]))

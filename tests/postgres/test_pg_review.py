@@ -160,9 +160,9 @@ def test_a_write_whose_commit_answer_is_lost_leaves_this_hosts_memory_stale(
     monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)  # the tier is retried at once
     rows = _rows()
     with _open(tmp_path / "a", pg_url) as a:
+        assert _until(lambda: a._health.feed_live)  # before the memory fill: the feed's start drops copies
         a.write_candles(SYM, "1m", rows, complete=(T0, T0 + 100 * MIN))
-        a.candles(SYM, "1m", count=50)
-        assert a.candles(SYM, "1m", count=50).tobytes() == rows[-50:].tobytes()  # a memory hit
+        assert _until(lambda: _from_memory(a, rows[-50:]))  # A's memory holds the candle to revise
         tier = a._health.states["sqlite"].obj
         tier._connection()
         tier._conn = _CommitLost(tier._conn)
@@ -357,8 +357,11 @@ def test_a_hung_server_read_blocks_every_thread_of_the_store(
         b.candles(SYM, "1m", count=10)  # a memory hit now
         with PostgresTier(pg_url, compress_after_days=None) as other:  # not in B's fast tiers
             other.write("KRW-ETH", "1m", generate_market("KRW-ETH", "1m", T0, T0 + 10 * MIN, seed=3))
-        listener = b._health.states["sqlite"].obj._listener
-        assert _until(lambda: listener._pinger is not None)  # its heartbeat's connection is open
+        tier = b._health.states["sqlite"].obj
+        b.candles("KRW-XRP", "1m", start=T0, end=T0 + MIN)  # nothing there: leaves an idle read connection
+        assert len(tier.readers._idle) == 1
+        waiter = tier.readers._idle[0]
+        assert _until(lambda: tier._listener._pinger is not None)  # its heartbeat's connection is open
         hang(pg_cluster, pg_url, stopped)  # the server, and B's connections to it (not its feed)
         done = threading.Event()
         hit = threading.Event()
@@ -372,7 +375,7 @@ def test_a_hung_server_read_blocks_every_thread_of_the_store(
             done.set()
 
         threading.Thread(target=read, daemon=True).start()
-        time.sleep(0.2)  # the read is waiting for the server
+        assert _until(lambda: bool(waiter._deadline._since))  # the read's call to the server began
 
         def memory_read() -> None:
             b.candles(SYM, "1m", count=10)

@@ -91,6 +91,8 @@ def test_a_second_host_reads_what_the_first_backfilled_and_sees_its_revision(
             assert ready["sums"] == want  # the same candles, from the shared history
             assert fake.request_count() == fetched  # and not one Layer 1 request for them
             assert ready["stats"]["layer1_api"] == 0
+            # B's fast tiers hold every range: the revision below must reach B's copies
+            assert ready["stats"]["storage_memory"] + ready["stats"]["storage_disk"] >= len(MARKETS)
 
             # host A revises a candle B holds in its fast tiers
             sym = "KRW-BTC"
