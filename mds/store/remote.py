@@ -65,6 +65,11 @@ class RemoteChanges:
                     self.tiers.copies_trusted = True
                 else:
                     logger.info("change feed down: reads ask the server while it answers")
+                    if getattr(state.obj if state is not None else None, "feed_late", False):
+                        # connected but deaf: other hosts may be writing unheard even if the
+                        # server stops answering this host next; only a heartbeat heard (then
+                        # every copy dropped) vouches for the copies again
+                        self.tiers.copies_trusted = False
                 # while the feed is down and the server answers, other hosts may write unheard:
                 # the fast tiers are not used (see Tiers.tier); when the server cannot answer
                 # either, nobody writes there, and what the fast tiers prove is answered

@@ -80,11 +80,6 @@ def _continue(pids: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------- a deaf feed, then a hung server
-@pytest.mark.xfail(
-    strict=True,
-    reason="a feed untrusted for a late heartbeat leaves Tiers.copies_trusted True: when the server "
-    "then stops answering, copies that missed changes committed while the feed was deaf answer",
-)
 def test_a_deaf_feed_then_a_hung_server_answers_the_copy_the_feed_never_corrected(
     tmp_path: Path, pg_url: str, pg_cluster: Cluster, stopped: list[int]
 ) -> None:
@@ -92,7 +87,8 @@ def test_a_deaf_feed_then_a_hung_server_answers_the_copy_the_feed_never_correcte
     the late heartbeat and stops trusting its feed, but keeps ``copies_trusted`` as if the feed
     had heard everything until then. The server then hangs (B cannot reach it: a partition, a
     stalled server) before B asked it anything: B answers from its memory copy the candle A
-    overwrote before, acknowledged (DESIGN.md 6: a typed error, or A's candle)."""
+    overwrote before, acknowledged (DESIGN.md 6: a typed error, or A's candle). Fixed: a feed
+    untrusted while still connected clears ``copies_trusted``."""
     rows = _rows()
     with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url, history_timeout_s=2.0) as b:
         try:
@@ -104,7 +100,7 @@ def test_a_deaf_feed_then_a_hung_server_answers_the_copy_the_feed_never_correcte
             new = _revised(rows[-1:])
             a.write_candles(SYM, "1m", new)  # committed; B's feed never delivers it
             assert _until(lambda: not b._health.feed_live), "B never noticed its feed went silent"
-            assert b._health.copies_trusted  # the defect's cause: nothing says the copies missed A's write
+            assert not b._health.copies_trusted  # fixed: a deaf feed vouches for no copy
             hang(pg_cluster, pg_url, stopped)  # the server stops answering B (within DEAF_AFTER_S)
             try:
                 got = b.candles(SYM, "1m", count=50)

@@ -402,6 +402,13 @@ class PostgresTier:
         listener = self._listener
         return listener is not None and listener.trusted.is_set()
 
+    @property
+    def feed_late(self) -> bool:
+        """Whether the change feed is connected but its heartbeat is late: the server may answer
+        other hosts, whose changes this host may not have heard."""
+        listener = self._listener
+        return listener is not None and listener.connected.is_set() and not listener.trusted.is_set()
+
     def off_lock(self, writable: bool = False) -> AbstractContextManager[PostgresTier | None] | None:
         """A tier of its own connection for one call while the caller lets other threads use the
         store: a read-only one from :attr:`readers`, or (``writable``, for :meth:`maintain`) a new
