@@ -16,61 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psycopg
 import pytest
 from pg_cluster import Cluster, hang
+from test_pg_review import NOW, SYM, _a_writes_b_hears, _from_memory, _revised, _rows, _until
 
 import mds
 from mds import Config, StorageUnavailableError
-from mds.testing import generate_market
-from mds.timeutil import to_ms
-
-T0 = to_ms("2025-01-06T00:00:00Z")
-MIN = 60_000
-DAY = 86_400_000
-NOW = T0 + DAY + 30_000
-SYM = "KRW-BTC"
-WAIT_S = 20.0  # bound on waiting for something another thread should do at once
 
 
 def _open(path: Path, url: str, **config: Any) -> mds.Store:
     return mds.open(path, config=Config(lookup="storage_first", **config), clock=lambda: NOW, history=url)
-
-
-def _until(cond: Any, wait_s: float = WAIT_S) -> bool:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > wait_s:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _rows(n: int = 100, seed: int = 21) -> np.ndarray:
-    return generate_market(SYM, "1m", T0, T0 + n * MIN, liquidity="liquid", seed=seed)
-
-
-def _revised(row: np.ndarray) -> np.ndarray:
-    new = row.copy()
-    new["close"] = new["open"] = float(row["close"][0]) + 1.0
-    new["high"] = max(float(row["high"][0]), float(new["close"][0]))
-    return new
-
-
-def _from_memory(st: mds.Store) -> bool:
-    """Whether a read of the latest 50 was answered by memory."""
-    before = st.stats()["hits"]["storage_memory"]
-    st.candles(SYM, "1m", count=50)
-    return bool(st.stats()["hits"]["storage_memory"] > before)
-
-
-def _a_writes_b_hears(a: mds.Store, b: mds.Store, rows: np.ndarray) -> None:
-    """Host A stores ``rows`` (complete) once B's feed listens; returns when B heard of it."""
-    assert _until(lambda: b._health.feed_live)
-    heard = b._remote.received
-    a.write_candles(SYM, "1m", rows, complete=(T0, T0 + len(rows) * MIN))
-    assert _until(lambda: b._remote.received > heard)
 
 
 def _continue(pids: list[int]) -> None:

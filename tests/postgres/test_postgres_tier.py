@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 from pg_cluster import Cluster, fresh_database, running_cluster
+from test_pg_review import _until
 
 from mds.errors import MdsError, StorageUnavailableError
 from mds.testing.generators import dense_candles
@@ -41,16 +41,6 @@ def open_(tiers: list[PostgresTier], url: str, **kw: Any) -> PostgresTier:
     kw.setdefault("compress_after_days", None)
     tiers.append(PostgresTier(url, **kw))
     return tiers[-1]
-
-
-def _until(cond: Any) -> bool:
-    """Whether ``cond()`` holds within WAIT_S (another thread makes it true)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > WAIT_S:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def sql(url: str, query: str, args: Any = None) -> list[Any]:
@@ -264,14 +254,14 @@ def test_change_feed_reports_other_hosts_and_reconnects(pg_url: str, tiers: list
     b.write(SYM, M1, c[:2])  # its own change: not reported back
     a.delete(SYM, M1, T0, T0 + 5 * MINUTE_MS)
     assert _change(got)[0] == (SYM, "1m", T0, T0 + 5 * MINUTE_MS)
-    assert _until(lambda: b.listening) and b.stats()["listening"]
+    assert _until(lambda: b.listening, WAIT_S) and b.stats()["listening"]
     killed = sql(
         pg_url,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE application_name = 'mds-listener' AND datname = current_database()",
     )
     assert killed == [(True,)]
-    assert _until(lambda: b.listening and b._listener is not None and b._listener.reconnects >= 1)
+    assert _until(lambda: b.listening and b._listener is not None and b._listener.reconnects >= 1, WAIT_S)
     a.write(SYM, M1, c[5:6])
     # reported: stopped listening (changes may go unreported), listening again (anything may
     # have changed); then the change
