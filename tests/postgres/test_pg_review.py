@@ -321,13 +321,15 @@ def test_a_heartbeat_that_hangs_does_not_stop_the_feed_noticing_it_is_deaf(
     """The heartbeat's own connection hangs (its server process stops; a path dropped silently):
     the send waits, and no heartbeat comes. Sent from the listener's own thread, it kept the
     listener from ever looking at its clock, so B trusted its copies for ever. Now B stops
-    trusting them, reconnects, cuts the hung heartbeat and hears a new one."""
+    trusting them, cuts the hung send after DEAF_AFTER_S and hears a heartbeat sent on a new
+    connection; the listening connection, which works, is kept."""
     rows = _rows()
     with _open(tmp_path / "a", pg_url) as a, _open(tmp_path / "b", pg_url) as b:
         _a_writes_b_hears(a, b, rows)
         listener = b._health.states["sqlite"].obj._listener
         assert _until(lambda: listener._pinger is not None and not listener._pinger.closed)
         b.candles(SYM, "1m", count=50)
+        listening = listener.pid
         pinger = listener._pinger.info.backend_pid
         os.kill(pinger, signal.SIGSTOP)
         stopped.append(pinger)
@@ -335,10 +337,12 @@ def test_a_heartbeat_that_hangs_does_not_stop_the_feed_noticing_it_is_deaf(
         assert _until(lambda: not b._health.feed_live), "B kept trusting a feed it could not check"
         a.write_candles(SYM, "1m", new)
         assert float(b.candles(SYM, "1m", count=50)["close"][-1]) == float(new["close"][0])
-        # the feed reconnects, its heartbeat on a new connection: B trusts it again
-        assert _until(lambda: b._health.feed_live and listener.reconnects >= 1)
-        assert listener._pinger is None or listener._pinger.info.backend_pid != pinger
+        # the hung send is cut, the heartbeat connects again and is heard: B trusts it again
+        assert _until(lambda: b._health.feed_live, 3 * feed.DEAF_AFTER_S), "the hung heartbeat was never cut"
+        assert listener.reconnects == 0 and listener.pid == listening, "a working listener was replaced"
+        assert listener._pinger is not None and listener._pinger.info.backend_pid != pinger
         assert float(b.candles(SYM, "1m", count=50)["close"][-1]) == float(new["close"][0])
+        assert _until(lambda: _from_memory(b)), "B never answered from memory again"
 
 
 def test_a_hung_server_read_blocks_every_thread_of_the_store(

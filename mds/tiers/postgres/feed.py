@@ -11,18 +11,30 @@ A listening connection can go deaf without an error (its server process hangs; a
 drops packets silently until TCP notices, minutes later). A second thread therefore sends the
 listener a heartbeat every :data:`HEARTBEAT_S` through a connection of its own, on a channel of
 its own. The server delivers notifications in commit order, so a heartbeat heard means every
-change committed before it was sent has been heard too. When a heartbeat whose send began
-:data:`SUSPECT_AFTER_S` ago is still not heard (lost, or its send failed or hangs), the listener
-stops being trusted (the store's reads then ask the server, so another host's write is seen
-within 1 s, DESIGN.md 7); it is trusted again at the next heartbeat, and reconnects after
-:data:`DEAF_AFTER_S`. The heartbeat is sent from its own thread, so a send that hangs with the
-path cannot stop the listener's clock; and a heartbeat is awaited only from when its send
-began, so a pause of this process (both threads waiting for the GIL) is not the server's
-silence.
+change committed before it was sent has been heard too. While a heartbeat whose send began
+:data:`SUSPECT_AFTER_S` ago (or :data:`SUSPECT_AFTER_S` after the listening connection
+listened, if later) is not heard (lost, or its send failed or hangs), the listener is not
+trusted (the store's reads then ask the server, so another host's write is seen within 1 s,
+DESIGN.md 7); it is trusted again when a heartbeat is heard. The failures are told apart:
+
+- a heartbeat sent (committed) and not heard for :data:`DEAF_AFTER_S`: the listening connection
+  is deaf; it reconnects, and so does the heartbeat's;
+- a send that hangs for :data:`DEAF_AFTER_S`: the heartbeat's connection is cut (its next
+  heartbeat connects again);
+- a heartbeat that cannot be sent (no connection to be had: a connection limit, the server
+  down): the listener stays untrusted but connected (reconnecting it would not help), and the
+  heartbeat retries with a backoff.
+
+The heartbeat is sent from its own thread, so a send that hangs with the path cannot stop the
+listener's clock; and a heartbeat is awaited only from when its send began, so a pause of this
+process (both threads waiting for the GIL) is not the server's silence. Heartbeats awaited
+when the listening connection is replaced stay awaited (a hung send is still cut); they are
+timed from the new connection's start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,6 +66,22 @@ SUSPECT_AFTER_S = 0.5
 #: keepalives would notice) when none came back for this long: it then reconnects.
 DEAF_AFTER_S = 2.0
 _SQL_PING = "SELECT pg_notify(%s, %s)"
+#: A heartbeat is a transaction (NOTIFY takes a transaction id); it need not wait for the WAL
+#: to reach the disk: losing one in a crash costs nothing.
+_SQL_PING_SESSION = "SET synchronous_commit TO off"
+
+_SENDING, _SENT, _FAILED = "sending", "sent", "failed"
+
+
+class _Beat:
+    """One heartbeat: its number, when its send began (monotonic), and how the send went."""
+
+    __slots__ = ("began", "number", "state")
+
+    def __init__(self, number: int, began: float) -> None:
+        self.number = number
+        self.began = began
+        self.state = _SENDING
 
 
 class _Deaf(Exception):
@@ -97,10 +125,14 @@ class Listener:
         #: Set while connected and hearing its heartbeats: every change committed up to
         #: :data:`SUSPECT_AFTER_S` ago has been delivered.
         self.trusted = threading.Event()
-        #: Heartbeats sent, or being sent, and not heard yet: (number, monotonic time the send
-        #: began). The heartbeat thread appends, the listener pops (a deque does both atomically).
-        self._awaited: deque[tuple[int, float]] = deque()
+        #: Heartbeats sent, or being sent, and not heard yet, oldest first (of those whose send
+        #: failed only the oldest is kept: the later ones tell nothing more). The heartbeat
+        #: thread appends and marks, the listener pops; both under ``_mu``.
+        self._awaited: deque[_Beat] = deque()
+        self._mu = threading.Lock()
         self._beats = 0
+        self._listening_since = 0.0  # monotonic time the listening connection listened
+        self._sending_fails = False  # the last heartbeat could not be sent (logged once)
         #: How many times the connection was re-established after a loss.
         self.reconnects = 0
         self._thread = threading.Thread(target=self._run, name=f"mds-pg-listener-{origin}", daemon=True)
@@ -127,27 +159,57 @@ class Listener:
 
     def _beat(self) -> None:
         """The heartbeat thread: while the listener is connected, send it a heartbeat every
-        :data:`HEARTBEAT_S` (see the module)."""
-        while not self._stop.wait(HEARTBEAT_S):
-            if self.connected.is_set():
-                self._ping()
+        :data:`HEARTBEAT_S`, backing off while none can be sent (see the module)."""
+        wait = HEARTBEAT_S
+        while not self._stop.wait(wait):
+            if not self.connected.is_set():
+                continue
+            try:
+                sent = self._ping()
+            except Exception:  # a bug here must not end the heartbeats: the feed would go unchecked
+                logger.exception("PostgreSQL tier %s: heartbeat failed", self._where)
+                sent = False
+            wait = HEARTBEAT_S if sent else min(wait * 2, BACKOFF_S[1])
         close_quietly(self._pinger)
         self._pinger = None
 
-    def _ping(self) -> None:
+    def _ping(self) -> bool:
         """Send the listener a heartbeat through a connection of its own (the listening one may
         hang without an error). It is awaited from the moment its send begins: a send that
-        fails or hangs is a heartbeat not heard."""
+        fails or hangs is a heartbeat not heard. True when it was sent."""
         self._beats += 1
-        self._awaited.append((self._beats, time.monotonic()))
+        beat = _Beat(self._beats, time.monotonic())
+        with self._mu:
+            self._awaited.append(beat)
         try:
             if self._pinger is None or self._pinger.closed:
                 self._pinger = connect(self._url, timeout_s=self._timeout_s, readonly=False, application="mds-ping")
-            self._pinger.execute(_SQL_PING, (self._ping_channel, str(self._beats)))
+                self._pinger.execute(_SQL_PING_SESSION)
+            self._pinger.execute(_SQL_PING, (self._ping_channel, str(beat.number)))
         except (psycopg.Error, StorageUnavailableError) as exc:
-            logger.debug("PostgreSQL tier %s: heartbeat not sent: %s", self._where, exc)
+            if not self._sending_fails and not self._stop.is_set():
+                logger.warning(
+                    "PostgreSQL tier %s: change feed heartbeat cannot be sent (reads ask the server until it "
+                    "can): %s",
+                    self._where,
+                    exc,
+                )
+            self._sending_fails = True
             close_quietly(self._pinger)
             self._pinger = None
+            with self._mu:
+                beat.state = _FAILED
+                if self._awaited and self._awaited[0] is not beat:
+                    with contextlib.suppress(ValueError):
+                        self._awaited.remove(beat)
+            return False
+        if self._sending_fails:
+            logger.info("PostgreSQL tier %s: change feed heartbeat sent again", self._where)
+            self._sending_fails = False
+        with self._mu:
+            if beat.state == _SENDING:
+                beat.state = _SENT
+        return True
 
     def wake(self) -> None:
         """Retry a lost connection now instead of after the rest of the backoff (the tier's own
@@ -178,7 +240,10 @@ class Listener:
             try:
                 conn.execute(_SQL_LISTEN)
                 conn.execute(f"LISTEN {self._ping_channel}")
-                self._awaited.clear()  # sent before this connection listened: never heard
+                # heartbeats sent before this connection listened are never heard on it: they
+                # stay awaited (a later one heard pops them; a hung send is still cut), timed
+                # from now
+                self._listening_since = time.monotonic()
                 self._conn = conn
                 self.connected.set()
                 self.trusted.set()
@@ -219,16 +284,39 @@ class Listener:
                 # what arrived while this process did not run (the GIL held, a callback waiting
                 # for the store's lock) is read before the server is blamed
                 self._take(conn, 0.0)
-                silent = self._silent_s()
-                if silent > DEAF_AFTER_S:
-                    raise _Deaf()
-                if silent > SUSPECT_AFTER_S and self.trusted.is_set():
-                    logger.info(
-                        "PostgreSQL tier %s: change feed missed its heartbeat for %.1f s: reads ask the server",
-                        self._where,
-                        silent,
-                    )
-                    self._trust(False)
+                self._judge()
+
+    def _judge(self) -> None:
+        """A heartbeat is late: tell a deaf listener (raise :class:`_Deaf`), a hung send (cut
+        it) and a heartbeat that could not be sent apart, and stop trusting the feed."""
+        now = time.monotonic()
+        with self._mu:
+            awaited = list(self._awaited)
+        since = self._listening_since
+        sent = [b for b in awaited if b.state == _SENT]
+        if sent and now - max(sent[0].began, since) > DEAF_AFTER_S:
+            raise _Deaf()
+        hung = [b for b in awaited if b.state == _SENDING and now - max(b.began, since) > DEAF_AFTER_S]
+        if hung:
+            logger.warning(
+                "PostgreSQL tier %s: change feed heartbeat send hangs for %.1f s: cutting its connection",
+                self._where,
+                DEAF_AFTER_S,
+            )
+            with self._mu:
+                for b in hung:
+                    b.state = _FAILED  # cut once; the heartbeat thread connects again
+            shut(self._pinger)
+        silent = self._silent_s()
+        if silent > SUSPECT_AFTER_S and self.trusted.is_set():
+            failed = bool(awaited) and awaited[0].state == _FAILED
+            logger.info(
+                "PostgreSQL tier %s: change feed %s for %.1f s: reads ask the server",
+                self._where,
+                "could not send its heartbeat" if failed else "missed its heartbeat",
+                silent,
+            )
+            self._trust(False)
 
     def _take(self, conn: psycopg.Connection[Any], timeout_s: float) -> None:
         """Hand what arrives within ``timeout_s`` to the callback (0: only what has arrived)."""
@@ -251,19 +339,22 @@ class Listener:
             number = int(text)
         except ValueError:
             return
-        awaited = self._awaited
-        while awaited and awaited[0][0] <= number:
-            awaited.popleft()
-        if not self.trusted.is_set():
+        with self._mu:
+            awaited = self._awaited
+            while awaited and awaited[0].number <= number:
+                awaited.popleft()
+        if not self.trusted.is_set() and self._silent_s() <= SUSPECT_AFTER_S:
             logger.info("PostgreSQL tier %s: change feed hears its heartbeat again", self._where)
             self._trust(True)
 
     def _silent_s(self) -> float:
-        """Seconds since the oldest heartbeat not heard yet began to be sent (0: none awaited)."""
-        try:
-            return time.monotonic() - self._awaited[0][1]
-        except IndexError:
-            return 0.0
+        """Seconds since the oldest heartbeat not heard yet began to be sent, or since the
+        listening connection listened if later (0: none awaited)."""
+        with self._mu:
+            if not self._awaited:
+                return 0.0
+            began = self._awaited[0].began
+        return time.monotonic() - max(began, self._listening_since)
 
     def _trust(self, trusted: bool) -> None:
         """Mark the listener (not) trusted and tell the callback."""
