@@ -289,9 +289,13 @@ def test_closed_candles_from_the_stream_equal_rest_and_trades_agree_with_them() 
                     clock.now = min(end, clock.now + 4_000)
 
                 def finished(evs: list[StreamEvent]) -> bool:
-                    # Every market's 1m candle of minute 49 has arrived in its final form.
+                    # Every market's last closed 1m and 5m candles (minute 49, minutes 45-49) have
+                    # arrived in their final form: the next interval's candle came after them (1m
+                    # alone is not enough: a tick sends 1m before 5m, and the wait could end between).
                     last = {(e.market, e.timeframe): e.ts for e in of(evs, CandleMessage)}
-                    return clock.now == end and all(last.get((m, "1m"), 0) >= T0 + 50 * 60_000 for m in markets)
+                    return clock.now == end and all(
+                        last.get((m, tf), 0) >= T0 + 50 * 60_000 for m in markets for tf in ("1m", "5m")
+                    )
 
                 await collect(s, events, finished, timeout=30, step=step)
             return events
