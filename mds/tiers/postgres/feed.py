@@ -70,18 +70,25 @@ _SQL_PING = "SELECT pg_notify(%s, %s)"
 #: to reach the disk: losing one in a crash costs nothing.
 _SQL_PING_SESSION = "SET synchronous_commit TO off"
 
-_SENDING, _SENT, _FAILED = "sending", "sent", "failed"
+#: How a heartbeat's send went: under way; done (committed: the listener should hear it); or
+#: lost (the send failed or was cut, or it was committed before the listening connection
+#: listened: the listener cannot hear it, only a later one).
+_SENDING, _SENT, _LOST = "sending", "sent", "lost"
 
 
 class _Beat:
-    """One heartbeat: its number, when its send began (monotonic), and how the send went."""
+    """One heartbeat: its number, when its send began (monotonic), how the send went, and the
+    connection it is sent through with when it was had (None while it is being made: a connect
+    is bounded by its own timeout)."""
 
-    __slots__ = ("began", "number", "state")
+    __slots__ = ("began", "conn", "number", "on", "state")
 
     def __init__(self, number: int, began: float) -> None:
         self.number = number
         self.began = began
         self.state = _SENDING
+        self.conn: psycopg.Connection[Any] | None = None
+        self.on = began
 
 
 class _Deaf(Exception):
@@ -125,9 +132,9 @@ class Listener:
         #: Set while connected and hearing its heartbeats: every change committed up to
         #: :data:`SUSPECT_AFTER_S` ago has been delivered.
         self.trusted = threading.Event()
-        #: Heartbeats sent, or being sent, and not heard yet, oldest first (of those whose send
-        #: failed only the oldest is kept: the later ones tell nothing more). The heartbeat
-        #: thread appends and marks, the listener pops; both under ``_mu``.
+        #: Heartbeats sent, or being sent, and not heard yet, oldest first (at most one lost: a
+        #: later lost one tells nothing more). The heartbeat thread appends and marks, the
+        #: listener pops, marks and collapses; all under ``_mu``.
         self._awaited: deque[_Beat] = deque()
         self._mu = threading.Lock()
         self._beats = 0
@@ -182,26 +189,31 @@ class Listener:
         with self._mu:
             self._awaited.append(beat)
         try:
-            if self._pinger is None or self._pinger.closed:
-                self._pinger = connect(self._url, timeout_s=self._timeout_s, readonly=False, application="mds-ping")
-                self._pinger.execute(_SQL_PING_SESSION)
-            self._pinger.execute(_SQL_PING, (self._ping_channel, str(beat.number)))
-        except (psycopg.Error, StorageUnavailableError) as exc:
+            pinger = self._pinger
+            fresh = pinger is None or pinger.closed
+            if pinger is None or pinger.closed:
+                self._pinger = None
+                pinger = self._pinger = connect(
+                    self._url, timeout_s=self._timeout_s, readonly=False, application="mds-ping"
+                )
+            with self._mu:
+                beat.conn, beat.on = pinger, time.monotonic()
+            if fresh:
+                pinger.execute(_SQL_PING_SESSION)
+            pinger.execute(_SQL_PING, (self._ping_channel, str(beat.number)))
+        except Exception as exc:
+            self._lost(beat)
+            close_quietly(self._pinger)
+            self._pinger = None
+            if not isinstance(exc, (psycopg.Error, StorageUnavailableError)):
+                raise
             if not self._sending_fails and not self._stop.is_set():
                 logger.warning(
-                    "PostgreSQL tier %s: change feed heartbeat cannot be sent (reads ask the server until it "
-                    "can): %s",
+                    "PostgreSQL tier %s: change feed heartbeat cannot be sent (reads ask the server until it can): %s",
                     self._where,
                     exc,
                 )
             self._sending_fails = True
-            close_quietly(self._pinger)
-            self._pinger = None
-            with self._mu:
-                beat.state = _FAILED
-                if self._awaited and self._awaited[0] is not beat:
-                    with contextlib.suppress(ValueError):
-                        self._awaited.remove(beat)
             return False
         if self._sending_fails:
             logger.info("PostgreSQL tier %s: change feed heartbeat sent again", self._where)
@@ -210,6 +222,16 @@ class Listener:
             if beat.state == _SENDING:
                 beat.state = _SENT
         return True
+
+    def _lost(self, beat: _Beat) -> None:
+        """``beat`` cannot be heard; it stays awaited (the feed's silence is timed from it)
+        unless an older lost one already is."""
+        with self._mu:
+            beat.state = _LOST
+            older = [b for b in self._awaited if b.state == _LOST and b.number < beat.number]
+            if older:
+                with contextlib.suppress(ValueError):
+                    self._awaited.remove(beat)
 
     def wake(self) -> None:
         """Retry a lost connection now instead of after the rest of the backoff (the tier's own
@@ -240,13 +262,11 @@ class Listener:
             try:
                 conn.execute(_SQL_LISTEN)
                 conn.execute(f"LISTEN {self._ping_channel}")
-                # heartbeats sent before this connection listened are never heard on it: they
-                # stay awaited (a later one heard pops them; a hung send is still cut), timed
-                # from now
-                self._listening_since = time.monotonic()
+                self._listened()
                 self._conn = conn
                 self.connected.set()
-                self.trusted.set()
+                if not self._sending_fails:  # else trusted once a heartbeat is heard
+                    self.trusted.set()
                 listened = True
                 delay = BACKOFF_S[0]
                 if not first:
@@ -265,7 +285,6 @@ class Listener:
                     self._where,
                     DEAF_AFTER_S,
                 )
-                shut(self._pinger)  # its heartbeat may hang on the same path: it reconnects too
             finally:
                 was_trusted = self.trusted.is_set()
                 self.trusted.clear()
@@ -290,33 +309,48 @@ class Listener:
         """A heartbeat is late: tell a deaf listener (raise :class:`_Deaf`), a hung send (cut
         it) and a heartbeat that could not be sent apart, and stop trusting the feed."""
         now = time.monotonic()
+        since = self._listening_since
         with self._mu:
             awaited = list(self._awaited)
-        since = self._listening_since
-        sent = [b for b in awaited if b.state == _SENT]
-        if sent and now - max(sent[0].began, since) > DEAF_AFTER_S:
-            raise _Deaf()
-        hung = [b for b in awaited if b.state == _SENDING and now - max(b.began, since) > DEAF_AFTER_S]
-        if hung:
+            sent = [b for b in awaited if b.state == _SENT]
+            if sent and now - max(sent[0].began, since) > DEAF_AFTER_S:
+                raise _Deaf()
+            # a send under way on a connection for this long hangs (one still connecting is
+            # bounded by the connect timeout)
+            hung = [b for b in awaited if b.state == _SENDING and b.conn is not None and now - b.on > DEAF_AFTER_S]
+            for b in hung:
+                b.state = _LOST  # cut once: the heartbeat thread connects again
+        for b in hung:
             logger.warning(
                 "PostgreSQL tier %s: change feed heartbeat send hangs for %.1f s: cutting its connection",
                 self._where,
-                DEAF_AFTER_S,
+                now - b.on,
             )
-            with self._mu:
-                for b in hung:
-                    b.state = _FAILED  # cut once; the heartbeat thread connects again
-            shut(self._pinger)
+            shut(b.conn)
         silent = self._silent_s()
         if silent > SUSPECT_AFTER_S and self.trusted.is_set():
-            failed = bool(awaited) and awaited[0].state == _FAILED
+            lost = bool(awaited) and awaited[0].state == _LOST
             logger.info(
                 "PostgreSQL tier %s: change feed %s for %.1f s: reads ask the server",
                 self._where,
-                "could not send its heartbeat" if failed else "missed its heartbeat",
+                "could not send its heartbeat" if lost else "missed its heartbeat",
                 silent,
             )
             self._trust(False)
+
+    def _listened(self) -> None:
+        """A new listening connection listens: the heartbeats committed before cannot be heard
+        on it. They collapse into one lost heartbeat (the feed's silence is timed from now, until
+        a later heartbeat is heard); a send still under way stays awaited (it may be heard, or
+        hang and be cut)."""
+        with self._mu:
+            self._listening_since = time.monotonic()
+            before = [b for b in self._awaited if b.state != _SENDING]
+            keep = [b for b in self._awaited if b.state == _SENDING]
+            if before:
+                before[0].state = _LOST
+                keep.insert(0, before[0])
+            self._awaited = deque(keep)
 
     def _take(self, conn: psycopg.Connection[Any], timeout_s: float) -> None:
         """Hand what arrives within ``timeout_s`` to the callback (0: only what has arrived)."""
