@@ -983,6 +983,53 @@ cdef class SeriesBuffer:
 
 
 # ---------------------------------------------------------------------------------------------
+# chunk codec 2
+# ---------------------------------------------------------------------------------------------
+def undelta_rows(rows):
+    """Undo codec 2's delta in place and return the rows' checksum: each row of the
+    C-contiguous int64 array ``rows`` of shape ``(n, 7)`` (candle rows as 8-byte words) becomes
+    the wrapping sum of itself and every row above it (a cumulative sum down each column, as
+    ``np.cumsum(rows, axis=0)`` gives), and the result is the weighted sum of its 4-byte
+    half-words that ``mds._checksum.row_checksum`` computes, taken in the same pass.
+
+    Half-word ``2 base + l`` (``base``: the row's first half-word, ``l``: its index within the
+    row) weighs ``2 (base + l) + 3``; per row that is ``(2 base + 3) s + 2 w``, with ``s`` the
+    row's plain sum and ``w`` its sum weighted by ``l``: no multiplication in the inner loop but
+    by small constants. The running sums live in a local array (registers), not in memory that
+    could alias the rows."""
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 2 or rows.shape[1] != 7:
+        raise TypeError("rows must be an int64 array of shape (n, 7)")
+    if not rows.flags.c_contiguous or not rows.flags.writeable:
+        raise ValueError("rows must be C-contiguous and writeable")
+    cdef int64_t[:, ::1] mv = rows
+    cdef Py_ssize_t n = mv.shape[0], i, j
+    cdef uint64_t run[7]
+    cdef uint64_t* r
+    cdef uint64_t acc = 0, base = 0, s, w, v, lo, hi
+    if n == 0:
+        return 0
+    with nogil:
+        r = <uint64_t*>&mv[0, 0]
+        for j in range(7):
+            run[j] = 0
+        for i in range(n):
+            s = 0
+            w = 0
+            for j in range(7):  # unsigned: wraps on overflow as numpy's int64 sum does
+                v = run[j] + r[j]
+                run[j] = v
+                r[j] = v
+                lo = v & 0xFFFFFFFFULL
+                hi = v >> 32
+                s += lo + hi
+                w += <uint64_t>(2 * j) * lo + <uint64_t>(2 * j + 1) * hi
+            acc += (2 * base + 3) * s + 2 * w
+            base += 14
+            r += 7
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
 # chunk walk (the LMDB disk tier's read loop)
 # ---------------------------------------------------------------------------------------------
 cdef inline int64_t _ts_at(const char* row) noexcept nogil:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         merge_into as merge_into,
         prepare as prepare,
         sort_dedup as sort_dedup,
+        undelta_rows as undelta_rows,
         validate as validate,
         walk_chunks as walk_chunks,
     )

@@ -48,6 +48,7 @@ __all__ = [
     "merge_into",
     "prepare",
     "sort_dedup",
+    "undelta_rows",
     "validate",
     "walk_chunks",
 ]
@@ -755,6 +756,27 @@ class SeriesBuffer:
     def clear(self) -> None:
         """Drop every row and the array (views already handed out stay valid)."""
         self._alloc(0)
+
+
+# --------------------------------------------------------------------------------------------
+# chunk codec 2
+# --------------------------------------------------------------------------------------------
+def undelta_rows(rows: np.ndarray) -> int:
+    """Undo codec 2's delta in place and return the rows' checksum: each row of the
+    C-contiguous int64 array ``rows`` of shape ``(n, 7)`` (candle rows as 8-byte words) becomes
+    the wrapping sum of itself and every row above it (a cumulative sum down each column), and
+    the result is the weighted sum of its 4-byte half-words that ``mds._checksum.row_checksum``
+    computes. The sum runs along contiguous columns: numpy sums down a row-major array's columns
+    a row at a time, which costs more than the two transposes."""
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 2 or rows.shape[1] != 7:
+        raise TypeError("rows must be an int64 array of shape (n, 7)")
+    if not rows.flags.c_contiguous or not rows.flags.writeable:
+        raise ValueError("rows must be C-contiguous and writeable")
+    cols = rows.T.copy()
+    np.cumsum(cols, axis=1, out=cols)
+    rows[...] = cols.T
+    halves = rows.reshape(-1).view(np.uint32).astype(np.uint64)
+    return int(np.dot(halves, np.arange(3, 3 + 2 * len(halves), 2, dtype=np.uint64)))
 
 
 # --------------------------------------------------------------------------------------------

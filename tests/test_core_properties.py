@@ -496,3 +496,59 @@ def test_lru_implementations_match_reference(ops: list[tuple[str, int]]) -> None
     assert _run_lru(P.LRU(), ops) == want
     if C is not None:
         assert _run_lru(C.LRU(), ops) == want
+
+
+# --------------------------------------------------------------------------------------------
+# chunk codec 2: undo the delta and checksum the rows
+# --------------------------------------------------------------------------------------------
+word = st.one_of(st.integers(I64_MIN, I64_MAX), st.sampled_from([I64_MIN, I64_MAX, -1, 0, 1, 2**32 - 1, 2**32]))
+delta_rows = st.integers(0, 40).flatmap(
+    lambda n: st.lists(word, min_size=7 * n, max_size=7 * n).map(lambda w: np.array(w, dtype=np.int64).reshape(-1, 7))
+)
+
+
+def _undelta_ref(rows: np.ndarray) -> tuple[bytes, int]:
+    """Python integers, straight from the definitions: column sums mod 2**64, then the sum of
+    the 4-byte half-words weighted 2j + 3 mod 2**64."""
+    run, out = [0] * 7, []
+    for r in rows.tolist():
+        run = [(a + b) % 2**64 for a, b in zip(run, r)]
+        out.append(list(run))
+    raw = np.array(out, dtype=np.uint64).reshape(-1, 7).tobytes()
+    halves = np.frombuffer(raw, dtype="<u4").tolist()
+    return raw, sum((2 * j + 3) * h for j, h in enumerate(halves)) % 2**64
+
+
+@PROFILE
+@given(delta_rows)
+def test_undelta_rows_twin_matches_python_ints_and_row_checksum(rows: np.ndarray) -> None:
+    from mds._checksum import row_checksum
+
+    want_rows, want_sum = _undelta_ref(rows)
+    got = rows.copy()
+    s = P.undelta_rows(got)
+    assert got.tobytes() == want_rows and s == want_sum
+    assert s == (row_checksum(got, 0, len(got)) if len(got) else 0)
+
+
+@needs_core
+@PROFILE
+@given(delta_rows)
+def test_undelta_rows_compiled_equals_twin(rows: np.ndarray) -> None:
+    p, c = rows.copy(), rows.copy()
+    assert C.undelta_rows(c) == P.undelta_rows(p)
+    assert c.tobytes() == p.tobytes()
+
+
+@pytest.mark.parametrize("impl", [P, C] if C is not None else [P], ids=lambda m: m.IMPLEMENTATION)
+def test_undelta_rows_rejects_what_it_cannot_sum_in_place(impl: Any) -> None:
+    good = np.arange(70, dtype=np.int64).reshape(10, 7)
+    for bad in (good.astype(np.float64), good.reshape(-1), good.reshape(7, 10), good[:, :6].copy(), [[1] * 7]):
+        with pytest.raises(TypeError):
+            impl.undelta_rows(bad)
+    ro = good.copy()
+    ro.flags.writeable = False
+    for bad in (good[::2], np.asfortranarray(good), ro):
+        with pytest.raises(ValueError):
+            impl.undelta_rows(bad)
+    assert good.tobytes() == np.arange(70, dtype=np.int64).tobytes()  # nothing summed on refusal

@@ -140,8 +140,9 @@ def encode(arr: np.ndarray, codec: int = CODEC_COMPRESSED) -> bytes:
     raise ValueError(f"cannot encode codec {codec}")
 
 
-def _decode_blosc(data: Any) -> np.ndarray:
-    """Codec 2's rows; Damage when the payload fails its CRC or does not decompress to one
+def _decode_blosc(data: Any) -> tuple[np.ndarray, int]:
+    """Codec 2's rows and their checksum (:func:`mds._checksum.row_checksum`, computed while
+    the delta is undone); Damage when the payload fails its CRC or does not decompress to one
     chunk's padded delta. A payload that passes both and still holds wrong rows is caught by the
     rows' checksum in :func:`verified`."""
     if len(data) < _BLOSC_HEADER + _CRC:
@@ -166,17 +167,16 @@ def _decode_blosc(data: Any) -> np.ndarray:
     if got != nbytes or not 0 <= n <= CHUNK_SLOTS or _padded_rows(n) != len(buf):
         raise Damage(f"does not decompress (a row count of {n} in {got} bytes)")
     rows = buf[:n]
-    sum_rows(rows)
-    return rows.view(CANDLE_DTYPE).reshape(-1)
+    checksum = sum_rows(rows)
+    return rows.view(CANDLE_DTYPE).reshape(-1), checksum
 
 
-def sum_rows(rows: np.ndarray) -> None:
-    """Undo codec 2's delta of the words ``rows`` (n x 7, C order) in place: a cumulative sum
-    down each column, run along contiguous columns (numpy sums down a row-major array's columns
-    a row of 7 words at a time, which costs more than the two transposes)."""
-    cols = rows.T.copy()
-    np.cumsum(cols, axis=1, out=cols)
-    rows[...] = cols.T
+def sum_rows(rows: np.ndarray) -> int:
+    """Undo codec 2's delta of the words ``rows`` (n x 7, C order) in place, a cumulative sum
+    down each column, and return the rows' checksum. The compiled kernel does both in one pass:
+    4 us for a full chunk here, against 46 us for numpy's sum in its twin and 10 us for the
+    checksum alone (``python /tmp`` timings of 2,000 calls on one pinned CPU)."""
+    return _k.undelta_rows(rows)
 
 
 def decode(codec: int, data: Any) -> np.ndarray:
@@ -188,7 +188,7 @@ def decode(codec: int, data: Any) -> np.ndarray:
     if codec == CODEC_RAW:
         return np.frombuffer(data, dtype=CANDLE_DTYPE)
     if codec == CODEC_BLOSC_DELTA_BITSHUFFLE_LZ4HC:
-        return _decode_blosc(data)
+        return _decode_blosc(data)[0]
     if codec == CODEC_ZLIB_DELTA_SHUFFLE:
         planes = np.frombuffer(zlib.decompress(data), dtype=np.uint8)
         n = len(planes) // ROW
@@ -199,15 +199,19 @@ def decode(codec: int, data: Any) -> np.ndarray:
 
 def verified(codec: int, crc: int, data: Any) -> np.ndarray:
     """The rows of a stored chunk, checked against its checksum (raises :class:`Damage`)."""
+    checksum = None
     try:
-        a = decode(codec, data)
+        if codec == CODEC_BLOSC_DELTA_BITSHUFFLE_LZ4HC:
+            a, checksum = _decode_blosc(data)  # summed while decoded
+        else:
+            a = decode(codec, data)
     except zlib.error as exc:
         raise Damage(f"does not decompress ({exc})") from None
     except ValueError:
         raise Damage(f"holds {len(data)} bytes, not whole rows") from None
     if not len(a):
         raise Damage("holds no rows")
-    if row_checksum(a, 0, len(a)) != crc & _U64:
+    if (row_checksum(a, 0, len(a)) if checksum is None else checksum) != crc & _U64:
         raise Damage("rows do not match their checksum")
     return a
 
