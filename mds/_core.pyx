@@ -17,6 +17,7 @@ from cpython.exc cimport PyErr_SetFromErrno
 from cpython.object cimport PyObject, PyObject_GenericSetAttr, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_REFCNT
 from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.math cimport INFINITY
 from libc.string cimport memcpy, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
 
@@ -296,19 +297,26 @@ cdef inline uint8_t _reason(const Candle* r, int64_t iv, int64_t om, bint month,
                             int64_t now, int64_t* ref, bint* has_ref) noexcept nogil:
     cdef double lo_body, hi_body
     cdef int64_t t = r.ts
-    if not (_is_finite(r.open) and _is_finite(r.high) and _is_finite(r.low)
-            and _is_finite(r.close) and _is_finite(r.volume) and _is_finite(r.value)):
-        return 1
-    lo_body = r.open if r.open < r.close else r.close
-    hi_body = r.open if r.open > r.close else r.close
-    if r.low > lo_body:
-        return 2
-    if r.high < hi_body:
-        return 3
-    if r.volume < 0:
-        return 4
-    if r.value < 0:
-        return 5
+    # The common case in one branch-free expression: 0 < low <= open, close <= high < inf and a
+    # finite volume and value >= 0 rule out reasons 1-5 and 8 (a NaN fails every comparison it
+    # is in; the bounds catch an infinity). Only a row that fails it pays for the checks in order.
+    cdef bint plain = ((r.low > 0) & (r.low <= r.open) & (r.low <= r.close) & (r.high >= r.open)
+                       & (r.high >= r.close) & (r.high < INFINITY) & (r.volume >= 0) & (r.volume < INFINITY)
+                       & (r.value >= 0) & (r.value < INFINITY))
+    if not plain:
+        if not (_is_finite(r.open) and _is_finite(r.high) and _is_finite(r.low)
+                and _is_finite(r.close) and _is_finite(r.volume) and _is_finite(r.value)):
+            return 1
+        lo_body = r.open if r.open < r.close else r.close
+        hi_body = r.open if r.open > r.close else r.close
+        if r.low > lo_body:
+            return 2
+        if r.high < hi_body:
+            return 3
+        if r.volume < 0:
+            return 4
+        if r.value < 0:
+            return 5
     if month:
         if not _month_aligned(t):
             return 6
@@ -323,7 +331,7 @@ cdef inline uint8_t _reason(const Candle* r, int64_t iv, int64_t om, bint month,
     if has_now and t > now:
         return 7
     # `not (x > 0)` would also catch NaN, but NaN already returned 1 above; -0.0 <= 0 holds
-    if r.open <= 0 or r.high <= 0 or r.low <= 0 or r.close <= 0:
+    if not plain and (r.open <= 0 or r.high <= 0 or r.low <= 0 or r.close <= 0):
         return 8
     return 0
 
