@@ -6,11 +6,11 @@ checksums mean the same thing in every version of mds that reads it.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
 
+from mds import _kernels as _k
 from mds._dtypes import CANDLE_DTYPE
 
 __all__ = ["WORDS_PER_ROW", "row_checksum", "row_checksums"]
@@ -18,11 +18,8 @@ __all__ = ["WORDS_PER_ROW", "row_checksum", "row_checksums"]
 #: 8-byte words in one CANDLE_DTYPE row.
 WORDS_PER_ROW = CANDLE_DTYPE.itemsize // 8
 _HALVES_PER_ROW = 2 * WORDS_PER_ROW
-_ONE_ROW = struct.Struct(f"<{_HALVES_PER_ROW}I")
-_MASK = (1 << 64) - 1
 #: Odd weights from 3 on, one per 4-byte half-word of a chunk (1,024 rows at most; grown on demand).
 _WEIGHTS = np.arange(3, 3 + 2 * 1024 * _HALVES_PER_ROW, 2, dtype=np.uint64)
-_ROW_WEIGHTS = [int(w) for w in _WEIGHTS[:_HALVES_PER_ROW]]
 
 
 def _weights(m: int) -> np.ndarray:
@@ -56,22 +53,16 @@ def row_checksum(buf: Any, offset: int, n: int) -> int:
     a stored checksum): a flip of bit k of half-word j changes the sum by ``(2j + 3) 2**k``, and
     since every weight is odd and at least 3 and the sum never wraps for a chunk (below 2**61),
     two such changes cancel only if they are the same flip. A plain sum of words misses two flips
-    of one bit position in opposite directions. About 10 us for a chunk of 1,024 rows here (a
-    plain sum takes 2 us); garbage, zeroed or misdirected pages and torn writes are caught too.
+    of one bit position in opposite directions. Garbage, zeroed or misdirected pages and torn
+    writes are caught too. Computed by the compiled kernel (``mds._kernels.row_checksum``):
+    about 3.7 us for a chunk of 1,024 rows here, against 14 us for its numpy twin.
 
     Raises
     ------
     ValueError
         ``buf`` holds fewer than ``offset + 56 * n`` bytes.
     """
-    if n == 1:  # the live edge's one-candle write: struct is several times cheaper than ufuncs here
-        try:
-            halves = _ONE_ROW.unpack_from(buf, offset)
-        except struct.error as exc:
-            raise ValueError(str(exc)) from None
-        return sum(w * h for w, h in zip(_ROW_WEIGHTS, halves)) & _MASK
-    arr = np.frombuffer(buf, dtype=np.uint32, count=n * _HALVES_PER_ROW, offset=offset)
-    return int(np.dot(arr.astype(np.uint64), _weights(len(arr))))
+    return _k.row_checksum(buf, offset, n)
 
 
 def row_checksums(words: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.object cimport PyObject, PyObject_GenericSetAttr, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_REFCNT
-from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.math cimport INFINITY
 from libc.string cimport memcpy, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
@@ -1034,6 +1034,41 @@ def undelta_rows(rows):
             acc += (2 * base + 3) * s + 2 * w
             base += 14
             r += 7
+    return acc
+
+
+def row_checksum(buf, Py_ssize_t offset, Py_ssize_t n):
+    """The checksum of ``n`` candle rows starting at byte ``offset`` of ``buf`` (any object with a
+    contiguous buffer): the sum of their 4-byte half-words, the j-th weighted by ``2j + 3``,
+    modulo 2**64 (see ``mds._checksum.row_checksum``, which calls it). Per row it is computed
+    as in :func:`undelta_rows`; the half-words are read with memcpy (the rows of a ``bytes``
+    value or a sliced buffer need not be aligned). ValueError when ``buf`` is shorter than
+    ``offset + 56 n`` bytes or ``offset``/``n`` is negative."""
+    cdef Py_buffer view
+    cdef const char* r
+    cdef Py_ssize_t i, j
+    cdef uint32_t h[14]
+    cdef uint64_t acc = 0, base = 0, s, w
+    if offset < 0 or n < 0:
+        raise ValueError(f"offset and n must be >= 0, got {offset} and {n}")
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        if offset > view.len or n > (view.len - offset) // _ROW_BYTES:
+            raise ValueError(f"{n} rows from byte {offset} do not fit a buffer of {view.len} bytes")
+        with nogil:
+            r = <const char*>view.buf + offset
+            for i in range(n):
+                memcpy(h, r, 56)
+                s = 0
+                w = 0
+                for j in range(14):
+                    s += h[j]
+                    w += <uint64_t>j * h[j]
+                acc += (2 * base + 3) * s + 2 * w
+                base += 14
+                r += 56
+    finally:
+        PyBuffer_Release(&view)
     return acc
 
 

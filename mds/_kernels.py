@@ -66,6 +66,7 @@ if TYPE_CHECKING:
         merge as merge,
         merge_into as merge_into,
         prepare as prepare,
+        row_checksum as row_checksum,
         sort_dedup as sort_dedup,
         undelta_rows as undelta_rows,
         validate as validate,

@@ -540,6 +540,64 @@ def test_undelta_rows_compiled_equals_twin(rows: np.ndarray) -> None:
     assert c.tobytes() == p.tobytes()
 
 
+# --------------------------------------------------------------------------------------------
+# the rows' checksum (every stored chunk and tail row carries one)
+# --------------------------------------------------------------------------------------------
+# bytes holding some rows at an offset, with a few bytes after them: (buf, offset, n)
+checksum_case = st.tuples(st.integers(0, 9), st.integers(0, 40), st.integers(0, 9)).flatmap(
+    lambda t: st.tuples(
+        st.binary(min_size=t[0] + 56 * t[1] + t[2], max_size=t[0] + 56 * t[1] + t[2]), st.just(t[0]), st.just(t[1])
+    )
+)
+
+
+def _checksum_ref(buf: bytes, offset: int, n: int) -> int:
+    """Python integers, straight from the definition."""
+    halves = np.frombuffer(buf[offset : offset + 56 * n], dtype="<u4").tolist()
+    return sum((2 * j + 3) * h for j, h in enumerate(halves)) % 2**64
+
+
+@PROFILE
+@given(checksum_case)
+def test_row_checksum_twin_matches_python_ints(case: tuple[bytes, int, int]) -> None:
+    buf, offset, n = case
+    want = _checksum_ref(buf, offset, n)
+    assert P.row_checksum(buf, offset, n) == want
+    assert P.row_checksum(memoryview(buf), offset, n) == want
+
+
+@needs_core
+@PROFILE
+@given(checksum_case)
+def test_row_checksum_compiled_equals_twin(case: tuple[bytes, int, int]) -> None:
+    buf, offset, n = case
+    assert C.row_checksum(buf, offset, n) == P.row_checksum(buf, offset, n)
+    if offset == 0 and len(buf) == 56 * n:  # the same rows as a read-only CANDLE_DTYPE array
+        arr = np.frombuffer(buf, dtype=CANDLE_DTYPE)
+        assert C.row_checksum(arr, 0, n) == P.row_checksum(arr, 0, n) == _checksum_ref(buf, 0, n)
+
+
+@needs_core
+def test_row_checksum_compiled_wraps_as_the_twin_at_the_largest_words() -> None:
+    ones = b"\xff" * (56 * 3000)  # every half-word 2**32 - 1: the sum wraps 2**64 many times
+    assert C.row_checksum(ones, 0, 3000) == P.row_checksum(ones, 0, 3000) == _checksum_ref(ones, 0, 3000)
+
+
+@pytest.mark.parametrize("impl", [P, C] if C is not None else [P], ids=lambda m: m.IMPLEMENTATION)
+def test_row_checksum_refuses_what_the_buffer_does_not_hold(impl: Any) -> None:
+    buf = bytes(range(56)) * 4
+    assert impl.row_checksum(buf, 0, 4) == _checksum_ref(buf, 0, 4)
+    assert impl.row_checksum(buf, len(buf), 0) == 0
+    for offset, n in ((0, 5), (1, 4), (-1, 1), (0, -1), (len(buf) + 1, 0), (2**62, 1), (0, 2**60)):
+        with pytest.raises(ValueError):
+            impl.row_checksum(buf, offset, n)
+    rows = np.zeros(4, dtype=CANDLE_DTYPE)
+    with pytest.raises(ValueError, match="contiguous"):
+        impl.row_checksum(rows[::2], 0, 2)
+    with pytest.raises(TypeError):
+        impl.row_checksum([1, 2, 3], 0, 0)
+
+
 @pytest.mark.parametrize("impl", [P, C] if C is not None else [P], ids=lambda m: m.IMPLEMENTATION)
 def test_undelta_rows_rejects_what_it_cannot_sum_in_place(impl: Any) -> None:
     good = np.arange(70, dtype=np.int64).reshape(10, 7)
