@@ -124,14 +124,15 @@ class Reader:
             return self._synced(sym, tf, count, s, e, include_partial, allow_layer1)
         except StorageDown as first:
             down = first
+            if not self.tiers.feed_live and self.tiers.durable_down():
+                # the shared durable tier just stopped answering: the fast tiers, unused while it
+                # answered and the feed was down, answer what they prove (DESIGN.md 7), before
+                # Layer 1 is asked for it (a request against the exchange's per-IP budget)
+                try:
+                    return self._synced(sym, tf, count, s, e, include_partial, allow_layer1)
+                except StorageDown as again:
+                    down = again
             if self.fetcher is None:
-                if not self.tiers.feed_live and self.tiers.durable_down():
-                    # the shared durable tier just stopped answering: the fast tiers, unused while
-                    # it answered and the feed was down, answer what they prove (DESIGN.md 7)
-                    try:
-                        return self._synced(sym, tf, count, s, e, include_partial, allow_layer1)
-                    except StorageDown as again:
-                        down = again
                 raise unanswered(sym, tf, down) from None
             if not allow_layer1:
                 raise NeedsLayer1() from None

@@ -256,6 +256,47 @@ def test_server_down_reads_the_local_tiers_prove_still_answer(
         assert "sqlite" not in b.stats()["degraded"]
 
 
+def _read_with_source(st: mds.Store, sym: str, start: int, end: int) -> tuple[np.ndarray, str]:
+    """A range read and the one tier the store's hit counters say answered it."""
+    before = st.stats()["hits"]
+    got = st.candles(sym, "1m", start=start, end=end)
+    after = st.stats()["hits"]
+    moved = [k for k in after if after[k] != before[k]]
+    assert len(moved) == 1, moved
+    return got, moved[0]
+
+
+def test_server_down_with_a_layer1_local_reads_cost_no_request_and_others_pass_through(
+    tmp_path: Path, pg_url: str, pg_cluster: Any, fake: FakeUpbit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start, end = T0, T0 + 100 * MIN
+    with _open(tmp_path / "b", pg_url, fake) as b:
+        _wait_for(lambda: b._health.feed_live)
+        want, source = _read_with_source(b, "KRW-BTC", start, end)  # backfilled from Layer 1
+        assert source == "layer1_api" and len(want) == 100
+        try:
+            pg_cluster.stop()
+            _wait_for(lambda: not b._health.feed_live)
+            # the first read after the server went away, held in memory: no request to Layer 1
+            # (before: the read asked the server, failed, and passed through, one request)
+            asked = fake.request_count()
+            got, source = _read_with_source(b, "KRW-BTC", start, end)
+            assert (got.tobytes(), source, fake.request_count()) == (want.tobytes(), "storage_memory", asked)
+            assert "sqlite" in b.stats()["degraded"]
+            # not held here: passed through to Layer 1, whole, and stored nowhere
+            eth, source = _read_with_source(b, "KRW-ETH", start, end)
+            assert source == "layer1_api" and fake.request_count() > asked
+            assert eth.tobytes() == b.candles("KRW-ETH", "1m", start=start, end=end).tobytes()
+            with pytest.raises(StorageUnavailableError):
+                b.write_candles("KRW-ETH", "1m", eth[:1])
+        finally:
+            pg_cluster.start()
+        monkeypatch.setattr(mds.store.health, "_RETRY_DEGRADED_S", 0.0)
+        _wait_for(lambda: b._health.feed_live)
+        b.write_candles("KRW-ETH", "1m", eth)  # reconnected by itself
+        assert "sqlite" not in b.stats()["degraded"]
+
+
 def test_a_directory_used_with_a_shared_history_then_without_it_answers_no_server_rows(
     tmp_path: Path, pg_url: str
 ) -> None:
