@@ -12,7 +12,9 @@ MDS_REQUIRE_POSTGRES=1, where they fail.
   volume, value) into a plain table in one transaction. Target: >= 10x.
 - ``pg-range``: a 1,000-candle range from the middle of a 1M series, fast tiers off (answered by
   PostgreSQL each call), against ``SELECT ... WHERE ts >= %s AND ts < %s ORDER BY ts`` into a
-  numpy CANDLE_DTYPE array. Target: >= 5x.
+  numpy CANDLE_DTYPE array. Target: >= 5x. Timed each in a run of its own, and again in
+  alternating rounds of one run (``test_range_1000_interleaved``), where a slow phase of the
+  machine falls on both and neither keeps the caches warm for itself.
 - ``pg-threads``: 200 of those range reads by one thread against the same 200 split over four
   threads sharing the store (reads run on pooled connections off the store's lock); the
   ``speedup`` is one thread's median over four threads'. Reported, no target.
@@ -23,16 +25,18 @@ MDS_REQUIRE_POSTGRES=1, where they fail.
 - ``pg-feed-seen``: from host A's ``write_candles`` of a revised candle until host B's
   ``candles(count=50)`` answers it, B's memory holding the old one; ``listening`` against
   ``deaf`` (B's listening server process stopped just before A writes: B notices by its
-  heartbeat). Target (DESIGN.md 7): within 1 s, both; medians and maxima in extra_info.
+  heartbeat). Target (DESIGN.md 7): within 1 s, both; medians and maxima in extra_info; the
+  median is gated (``-m gate``), the one figure of this file that CI asserts.
 - ``pg-memory-hit``: ``store.candles(count=1000)`` answered by the memory tier (default tiers,
   ``lookup="storage_first"``, no Layer 1) of a PostgreSQL-backed store against the same on a
   SQLite-backed store. Target: the same.
 
 The ratios (baseline median / mds median) land in ``extra_info`` of whichever of the pair runs
-second; nothing asserts a time. With ``--benchmark-disable`` (CI: every body once) the ingest
-uses 100,000 candles instead of 1,000,000 (the naive row-per-candle insert of 1M alone takes about
-20 s); the range series stays at 1M (filled once with COPY): the whole file then takes about 10 s.
-Timed, it takes about 70 s (three naive rounds of about 19 s each).
+second; no ratio is asserted (the one gate is ``pg-feed-seen``'s 1 s bound). With
+``--benchmark-disable`` (CI: every body once) the ingest uses 100,000 candles instead of 1,000,000
+(the naive row-per-candle insert of 1M alone takes about 20 s); the range series stays at 1M
+(filled once with COPY): the whole file then takes about 15 s. Timed, it takes about 70 s
+(three naive rounds of about 16-19 s each).
 
     taskset -c 1 .venv/bin/pytest benches/bench_postgres.py --benchmark-only --benchmark-columns=median,iqr
 """
@@ -49,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _gate import gate
 
 import mds
 from mds import CANDLE_DTYPE, Config
@@ -231,6 +236,41 @@ def test_range_1000_naive_select(benchmark: Any, range_pair: tuple[mds.Store, An
     assert got.tobytes() == want.tobytes()
     benchmark.extra_info.update(candles=RANGE, series=N)
     _ratio(benchmark, "range_naive", "naive_over_store", "range_naive", "range_store")
+
+
+@pytest.mark.benchmark(group="pg-range")
+def test_range_1000_interleaved(benchmark: Any, range_pair: tuple[mds.Store, Any, int, int, np.ndarray]) -> None:
+    """The same pair timed in alternating rounds of one process (wall clock: the server's work
+    counts), so that a slow phase of the machine falls on both: ``naive_over_store`` is the
+    ratio of the medians of the rounds. The two benchmarks above time each side in a run of its
+    own, which one slow phase can move by 2x (the naive read measured 1.0 ms and 2.0 ms in runs
+    minutes apart here)."""
+    st, conn, start, end, want = range_pair
+
+    def store() -> np.ndarray:
+        return st.candles(SYM, "1m", start=start, end=end)
+
+    def naive() -> np.ndarray:
+        return naive_range(conn, start, end)
+
+    got = benchmark(store)
+    assert got.tobytes() == naive().tobytes() == want.tobytes()
+    if benchmark.disabled:
+        return
+    times: dict[str, list[float]] = {"store": [], "naive": []}
+    for r in range(200):
+        for name, fn in ((("store", store), ("naive", naive)) if r % 2 else (("naive", naive), ("store", store))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    benchmark.extra_info.update(
+        rounds=200,
+        store_median_us=round(med["store"] * 1e6, 1),
+        naive_median_us=round(med["naive"] * 1e6, 1),
+        naive_over_store=round(med["naive"] / med["store"], 2),
+        target=5.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +531,7 @@ def _wait_memory_hit(st: mds.Store) -> np.ndarray:
         time.sleep(0.01)
 
 
+@gate
 @pytest.mark.benchmark(group="pg-feed-seen")
 @pytest.mark.parametrize("feed", ["listening", "deaf"])
 def test_another_hosts_write_seen(benchmark: Any, two_hosts: tuple[mds.Store, mds.Store], feed: str) -> None:
@@ -498,7 +539,8 @@ def test_another_hosts_write_seen(benchmark: Any, two_hosts: tuple[mds.Store, md
     answers it, B polling every millisecond, B's memory holding the old candle. ``deaf``: B's
     listening server process is stopped (SIGSTOP) just before A writes, as a hung backend or a
     silently dropped path would leave it: no error, no notification; B must notice by its
-    heartbeat (mds/tiers/postgres/feed.py). Target (DESIGN.md 7): within 1 s, both."""
+    heartbeat (mds/tiers/postgres/feed.py). Target (DESIGN.md 7): within 1 s, both: a gate on
+    the median of the rounds (the only time this file asserts)."""
     import os
     import signal
 
@@ -540,3 +582,6 @@ def test_another_hosts_write_seen(benchmark: Any, two_hosts: tuple[mds.Store, md
         benchmark.extra_info.update(
             median_ms=round(benchmark.stats.stats.median * 1000, 1), max_ms=round(benchmark.stats.stats.max * 1000, 1)
         )
+        # the design's bound, gated (CI: ``-m gate --benchmark-only``) on the median of the rounds
+        seen = benchmark.stats.stats.median
+        assert seen < 1.0, f"another host's write seen after {seen:.2f} s (median), not within 1 s"

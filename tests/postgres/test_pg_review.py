@@ -9,6 +9,7 @@ Hosts are stores on separate paths over one throwaway database (fixtures in conf
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,6 +243,40 @@ def test_wrong_credentials_raise_at_mds_open(tmp_path: Path, pg_cluster: Cluster
     url = pg_cluster.url().replace("postgres@", "nobody_here@")
     with pytest.raises(StorageUnavailableError, match="credentials"):
         mds.open(tmp_path / "a", history=url).close()
+
+
+def test_a_server_that_accepts_and_never_answers_is_a_typed_error_at_open_not_a_hang(tmp_path: Path) -> None:
+    """The bounded connect timeout itself: a listener on loopback that takes the TCP connection
+    and never says a word (a firewall's black hole, a wedged proxy) makes ``mds.open`` raise
+    StorageUnavailableError naming the timeout. (An unroutable address fails at once with
+    "network unreachable" on a machine without a route, so it does not exercise the timeout.)
+    The open runs in a thread joined with a bound far above the 5 s connect timeout, so a hang
+    fails the test instead of stalling the suite."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+    port = silent.getsockname()[1]
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            mds.open(tmp_path / "a", history=f"postgresql://postgres@127.0.0.1:{port}/x").close()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    try:
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "mds.open hung on a server that never answers"
+    finally:
+        silent.close()
+    (exc,) = outcome
+    assert isinstance(exc, StorageUnavailableError), exc
+    assert "PostgreSQL tier" in str(exc) and re.search("timeout|timed out|cannot reach", str(exc)), str(exc)
 
 
 def test_without_psycopg_history_raises_a_typed_error_at_open(tmp_path: Path) -> None:
