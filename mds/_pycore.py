@@ -773,6 +773,7 @@ def undelta_rows(rows: np.ndarray) -> int:
         raise TypeError("rows must be an int64 array of shape (n, 7)")
     if not rows.flags.c_contiguous or not rows.flags.writeable:
         raise ValueError("rows must be C-contiguous and writeable")
+    rows = rows.view(np.ndarray)  # a subclass (np.matrix) summed as its buffer, as the compiled kernel does
     cols = rows.T.copy()
     np.cumsum(cols, axis=1, out=cols)
     rows[...] = cols.T

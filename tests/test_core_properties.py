@@ -540,6 +540,18 @@ def test_undelta_rows_compiled_equals_twin(rows: np.ndarray) -> None:
     assert c.tobytes() == p.tobytes()
 
 
+@needs_core
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_undelta_rows_sums_an_ndarray_subclass_as_its_buffer_in_both() -> None:
+    """The compiled kernel reads any int64 (n, 7) buffer; the twin used to sum an np.matrix in
+    place and then raise (found by a hostile review): both now sum the buffer and agree."""
+    words = np.arange(70, dtype=np.int64).reshape(10, 7) * 7919
+    for make in (np.asmatrix, lambda a: np.ma.MaskedArray(a)):
+        p, c = make(words.copy()), make(words.copy())
+        assert P.undelta_rows(p) == C.undelta_rows(c)
+        assert np.asarray(p).tobytes() == np.asarray(c).tobytes() == np.cumsum(words, axis=0).tobytes()
+
+
 # --------------------------------------------------------------------------------------------
 # the rows' checksum (every stored chunk and tail row carries one)
 # --------------------------------------------------------------------------------------------
