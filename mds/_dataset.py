@@ -540,7 +540,7 @@ def import_dataset(
         for s in plan:
             for f in s.files:
                 for arr in _batches(folder, s, f, pa, pq):
-                    writer.store(s.symbol, s.tf, Writer.prepared(arr, s.tf, t), EMPTY_RANGES, t)
+                    writer.store(s.symbol, s.tf, Writer.prepared(arr, s.tf, t), EMPTY_RANGES, t, prepared=True)
             if len(s.coverage):
                 writer.store(s.symbol, s.tf, EMPTY_CANDLES, s.coverage, t)
     logger.info("imported %d series from %s", len(plan), folder)

@@ -399,3 +399,34 @@ def test_series_sharing_a_stamp_slot_do_not_disturb_each_other(tmp_path: Path) -
             assert held is not None and held[1] - held[0] >= 1_000 * M  # the window was kept
             assert st.candles(s, "1m", count=1_000).tobytes() == hist[s][-1_000:].tobytes()
     st.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the durable tier trusts the store's own validation, and only that
+# ---------------------------------------------------------------------------------------------
+def test_a_validated_tier_write_still_refuses_what_prepare_does_not_promise(tmp_path: Path) -> None:
+    """``validated=True`` (the store's write path: rows from the prepare kernel) skips the
+    per-row check in the durable tier, not the checks of shape, order and ts range; without
+    it every row is checked. An invalid candle through the store is refused before either."""
+    from mds.errors import InvalidCandleError
+    from mds.tiers.durable import open_durable
+
+    db = open_durable(tmp_path / "tier", Config(), readonly=False, clock=lambda: T0 + 100 * M)
+    c = dense_candles(3, T0)
+    bad = c.copy()
+    bad["low"][1] = bad["high"][1] + 1.0  # low above the body
+    with pytest.raises(InvalidCandleError):
+        db.write(SYM, TF, bad)
+    with pytest.raises(InvalidCandleError, match="sorted"):
+        db.write(SYM, TF, c[::-1].copy(), validated=True)
+    far = c[:1].copy()
+    far["ts"] = 2**62
+    with pytest.raises(InvalidCandleError, match="out of range"):
+        db.write(SYM, TF, far, validated=True)
+    assert db.read_range(SYM, TF, T0, T0 + 10 * M).tobytes() == b""  # nothing stored
+    assert db.write(SYM, TF, c, validated=True) == (3, 0, 0)
+    db.close()
+    with mds.open(tmp_path / "store", clock=Clock(T0 + 100 * M)) as st:
+        with pytest.raises(InvalidCandleError, match="low_above_body"):
+            st.write_candles(SYM, "1m", bad)
+        assert len(st.candles(SYM, "1m", start=T0, end=T0 + 10 * M)) == 0

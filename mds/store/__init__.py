@@ -55,10 +55,15 @@ from mds.store.series import list_series
 from mds.store.writes import Writer
 from mds.symbols import validate_symbol
 from mds.tiers.realtime import RealtimeCache
-from mds.timeframes import Timeframe, parse_timeframe
+from mds.timeframes import TIMEFRAMES, Timeframe, parse_timeframe
 from mds.timeutil import checked_clock, now_ms, to_ms
 
 logger = logging.getLogger(__name__)
+
+# the memory hit's path (Store.candles) looks these up once per call: module globals, not
+# attributes of modules
+_perf_counter = time.perf_counter
+_CANONICAL = TIMEFRAMES
 
 __all__ = ["Store", "open"]
 
@@ -249,7 +254,7 @@ class Store:
         rows = Writer.prepared(arr, tf, now)
         self._writer.check_writable()
         covered = Writer.complete_range(complete, tf, now)
-        return self._writer.store(sym, tf, rows, covered, now)
+        return self._writer.store(sym, tf, rows, covered, now, prepared=True)
 
     def candles(
         self,
@@ -292,17 +297,19 @@ class Store:
         StorageUnavailableError
             Storage could not answer and there is no Layer 1 to pass the read through to.
         """
-        t0 = time.perf_counter()
+        t0 = _perf_counter()
         if self._closed:  # _check_open and _sym written out: this is the memory hit's path
             raise StorageUnavailableError("the store is closed")
         sym = symbol if symbol.__class__ is str and symbol in self._symbols_ok else self._sym(symbol)
-        tf = parse_timeframe(timeframe, derived=True)
+        tf = _CANONICAL.get(timeframe) if timeframe.__class__ is str else None  # parse_timeframe's first step
+        if tf is None:
+            tf = parse_timeframe(timeframe, derived=True)
         if tf.derived:  # "2h", "3d" ...: resampled from a native series (mds/store/derived.py)
             from mds.store import derived
 
             with self._lock:
                 rows, served = derived.read(self._reader, sym, tf, count, start, end, include_partial)
-            self._metrics.served(served, "api.candles", (time.perf_counter() - t0) * 1000)
+            self._metrics.served(served, "api.candles", (_perf_counter() - t0) * 1000)
             return rows
         with self._lock:
             arr = None
@@ -311,14 +318,14 @@ class Store:
                 if peeks is not None and self._config.lookup == "layer1_first":
                     arr = peeks.fast_latest(sym, tf, count)
                     if arr is not None:
-                        self._metrics.served("layer1_cache", "api.candles", (time.perf_counter() - t0) * 1000)
+                        self._metrics.served("layer1_cache", "api.candles", (_perf_counter() - t0) * 1000)
                         return arr
                 arr = self._reader.fast_latest(sym, tf, count)
             if arr is not None:
                 source = "storage_memory"
             else:
                 arr, source = self._reader.read(sym, tf, count, start, end, include_partial, allow_layer1=True)
-        self._metrics.served(source, "api.candles", (time.perf_counter() - t0) * 1000)
+        self._metrics.served(source, "api.candles", (_perf_counter() - t0) * 1000)
         return arr
 
     def coverage(self, symbol: str, timeframe: str | Timeframe) -> list[tuple[int, int]]:

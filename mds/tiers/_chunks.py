@@ -307,8 +307,12 @@ def _row_ok(arr: np.ndarray, tf: Timeframe) -> bool:
     return (ts - tf.origin_ms) % tf.interval_ms == 0
 
 
-def check_batch(candles: Any, tf: Timeframe) -> np.ndarray:
-    """``candles`` as a C-contiguous array, or InvalidCandleError naming every invalid row."""
+def check_batch(candles: Any, tf: Timeframe, validated: bool = False) -> np.ndarray:
+    """``candles`` as a C-contiguous array, or InvalidCandleError naming every invalid row.
+
+    ``validated``: the rows come from ``mds._kernels.prepare``, which checked every row as
+    ``validate`` does: only the shape, order and ``ts`` range are checked here (1.8 us less for
+    the live edge's one-row write)."""
     if not isinstance(candles, np.ndarray) or candles.dtype != CANDLE_DTYPE or candles.ndim != 1:
         raise InvalidCandleError(
             f"candles must be a 1-D CANDLE_DTYPE array, got {getattr(candles, 'dtype', type(candles))}"
@@ -322,6 +326,8 @@ def check_batch(candles: Any, tf: Timeframe) -> np.ndarray:
         raise InvalidCandleError("candles must be sorted by ts with unique ts (sort_dedup them first)")
     if not (int(ts[0]) > -TS_LIMIT and int(ts[-1]) < TS_LIMIT):
         raise InvalidCandleError(f"candle ts out of range (|ts| must be below {TS_LIMIT} ms)")
+    if validated:
+        return arr
     if n == 1 and _row_ok(arr, tf):
         return arr  # the scalar twin of validate() below: a kernel call costs more for one row
     idx, reason = _k.validate(arr, *tf.kernel_args)

@@ -95,10 +95,14 @@ class DurableTier(Protocol):
         """Group the write calls inside into one transaction (nestable; all or nothing)."""
         ...
 
-    def write(self, symbol: str, tf: Timeframe, candles: np.ndarray, covered: Any = None) -> tuple[int, int, int]:
+    def write(
+        self, symbol: str, tf: Timeframe, candles: np.ndarray, covered: Any = None, *, validated: bool = False
+    ) -> tuple[int, int, int]:
         """Upsert closed candles (an existing ``ts`` is replaced) and add ``covered`` ranges
         (``(k, 2)`` int64, half-open) to the coverage, in one transaction. Returns
-        ``(inserted, updated, unchanged)``."""
+        ``(inserted, updated, unchanged)``. ``validated``: the caller made ``candles`` with
+        ``mds._kernels.prepare`` (every row checked as ``validate`` checks it): the tier checks
+        their shape, order and ``ts`` range, not every row again."""
         ...
 
     def delete(self, symbol: str, tf: Timeframe, start: int | None = None, end: int | None = None) -> int:

@@ -235,7 +235,9 @@ class MemoryTier:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        e = self._entry(symbol, tf, now)
+        e = self._entries.get((symbol, tf.name if tf.__class__ is Timeframe else _name(tf)))
+        if e is None:
+            e = self._entry(symbol, tf, now)
         buf = e.buf
         before = buf.nbytes
         hs, he = e.held_start, e.held_end

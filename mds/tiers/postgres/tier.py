@@ -469,15 +469,18 @@ class PostgresTier:
 
     # ------------------------------------------------------------------ writes
     @_translated
-    def write(self, symbol: str, tf: Timeframe | str, candles: np.ndarray, covered: Any = None) -> tuple[int, int, int]:
+    def write(
+        self, symbol: str, tf: Timeframe | str, candles: np.ndarray, covered: Any = None, *, validated: bool = False
+    ) -> tuple[int, int, int]:
         """Upsert candles of one series (an existing ``ts`` is replaced) and add ``covered``
         ranges to its coverage, in one transaction; ``(inserted, updated, unchanged)``.
 
         Raises InvalidCandleError for an invalid batch (before anything is sent) and
-        StorageUnavailableError when the server fails (nothing was stored).
+        StorageUnavailableError when the server fails (nothing was stored). ``validated``: as
+        :meth:`mds.tiers.durable.DurableTier.write`.
         """
         tf = parse_timeframe(tf)
-        arr = check_batch(candles, tf)
+        arr = check_batch(candles, tf, validated)
         cov = None if covered is None else _k.interval_normalize(covered)
         self._writable()
         if not len(arr) and (cov is None or not len(cov)):

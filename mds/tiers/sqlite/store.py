@@ -258,7 +258,9 @@ class SqliteStore:
         return _Txn(self)
 
     # ------------------------------------------------------------------ writes
-    def write(self, symbol: str, tf: Timeframe | str, candles: np.ndarray, covered: Any = None) -> tuple[int, int, int]:
+    def write(
+        self, symbol: str, tf: Timeframe | str, candles: np.ndarray, covered: Any = None, *, validated: bool = False
+    ) -> tuple[int, int, int]:
         """Upsert candles of one series, and optionally record coverage, in one transaction.
 
         Parameters
@@ -271,6 +273,9 @@ class SqliteStore:
             Sorted by ``ts``, unique, closed candles. An existing ``ts`` is replaced.
         covered : array-like of int64, shape (k, 2), optional
             Half-open ranges to add to the series' coverage in the same transaction.
+        validated : bool
+            The rows come from ``mds._kernels.prepare`` (the store's write path): their shape,
+            order and ``ts`` range are checked, not every row again.
 
         Returns
         -------
@@ -285,7 +290,7 @@ class SqliteStore:
             SQLite failed (locked, full, I/O, corrupt); the transaction was rolled back.
         """
         tf = parse_timeframe(tf)
-        arr = check_batch(candles, tf)
+        arr = check_batch(candles, tf, validated)
         cov = None if covered is None else _k.interval_normalize(covered)
         self._writable()
         try:
