@@ -321,10 +321,10 @@ class Store:
                         self._metrics.served("layer1_cache", "api.candles", (_perf_counter() - t0) * 1000)
                         return arr
                 arr = self._reader.fast_latest(sym, tf, count)
-            if arr is not None:
-                source = "storage_memory"
-            else:
-                arr, source = self._reader.read(sym, tf, count, start, end, include_partial, allow_layer1=True)
+                if arr is not None:
+                    self._metrics.memory_hit((_perf_counter() - t0) * 1000)
+                    return arr
+            arr, source = self._reader.read(sym, tf, count, start, end, include_partial, allow_layer1=True)
         self._metrics.served(source, "api.candles", (_perf_counter() - t0) * 1000)
         return arr
 
