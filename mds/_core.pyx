@@ -23,6 +23,7 @@ from libc.stdlib cimport malloc, realloc, free
 
 cimport numpy as cnp
 import numpy as np
+import time
 
 from mds._dtypes import CANDLE_DTYPE as _CANDLE
 from mds.errors import InvalidRequestError
@@ -837,6 +838,18 @@ cdef inline Py_ssize_t _spare(Py_ssize_t k) noexcept nogil:
     return k // 4 if k >= 16 else 4
 
 
+cdef inline bint _is_rows(cnp.ndarray v, const Candle* first, Py_ssize_t m):
+    """Whether ``v`` is exactly the read-only CANDLE_DTYPE view of ``m`` rows at ``first``."""
+    return (
+        cnp.PyArray_DATA(v) == <void*>first
+        and cnp.PyArray_NDIM(v) == 1
+        and cnp.PyArray_DIMS(v)[0] == m
+        and cnp.PyArray_STRIDES(v)[0] == <cnp.npy_intp>sizeof(Candle)
+        and <void*>cnp.PyArray_DESCR(v) == <void*>_CANDLE_DESCR
+        and not cnp.PyArray_ISWRITEABLE(v)
+    )
+
+
 cdef class SeriesBuffer:
     """The newest ``capacity`` candles of one series, handing out read-only views.
 
@@ -848,6 +861,7 @@ cdef class SeriesBuffer:
     cdef readonly Py_ssize_t capacity
     cdef object _buf
     cdef object _ro
+    cdef object _last  # the view latest() handed out last, served again while nothing changed
     cdef Candle* _data
     cdef Py_ssize_t _size, _lo, _hi, _exported_hi, _refs
 
@@ -860,6 +874,7 @@ cdef class SeriesBuffer:
 
     cdef void _alloc(self, Py_ssize_t rows) except *:
         cdef Py_ssize_t size = rows + _spare(rows) if rows else 0
+        self._last = None
         self._buf = np.empty(size, _CANDLE)
         self._data = _ptr(self._buf)
         self._buf.flags.writeable = False
@@ -896,6 +911,7 @@ cdef class SeriesBuffer:
         cdef Py_ssize_t k = bmv.shape[0]
         if k == 0:
             return 0, 0, 0
+        self._last = None  # before the check for live views: the one kept here is not a user's
         cdef const Candle* bp = &bmv[0]
         cdef Py_ssize_t cap = self.capacity, count = self._hi - self._lo, keep, j, first
         if count == 0 or bp[0].ts > self._data[self._hi - 1].ts:
@@ -953,7 +969,15 @@ cdef class SeriesBuffer:
             m = 0
         if self._hi > self._exported_hi:
             self._exported_hi = self._hi
-        return self._ro[self._hi - m : self._hi]
+        # The same request again with nothing written since (a strategy polling its window
+        # between closes): the same view object, after checking that nobody reshaped, re-typed
+        # or re-strided it in place (its rows cannot have changed: write() drops it first).
+        v = self._last
+        if v is not None and _is_rows(<cnp.ndarray>v, self._data + (self._hi - m), m):
+            return v
+        v = self._ro[self._hi - m : self._hi]
+        self._last = v
+        return v
 
     def range(self, start, end):
         """Rows with ``start <= ts < end``: a read-only view, no copy, never changing."""
@@ -1404,3 +1428,82 @@ cdef class LRU:
 
     def __contains__(self, key):
         return key in self._slot
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency ring
+# ---------------------------------------------------------------------------------------------
+cdef object _perf_counter = time.perf_counter
+
+
+cdef class LatencyRing:
+    """The latest ``size`` latency samples (ms), for percentiles, and the count of all added.
+
+    See ``mds._pycore.LatencyRing``. ``add_since`` takes the end time itself: the store's memory
+    hit records its latency in one call.
+    """
+
+    cdef double* _buf
+    cdef readonly Py_ssize_t size
+    cdef readonly int64_t count
+
+    def __init__(self, Py_ssize_t size=4096):
+        if size <= 0:
+            raise InvalidRequestError(f"size must be positive, got {size}")
+        cdef double* buf = <double*>malloc(size * sizeof(double))
+        if buf == NULL:
+            raise MemoryError()
+        free(self._buf)
+        self._buf = buf
+        self.size = size
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self._buf)
+
+    cdef inline void _add(self, double ms) noexcept:
+        if self._buf == NULL:  # never initialised (made by __new__ alone): holds nothing
+            return
+        self._buf[self.count % self.size] = ms
+        self.count += 1
+
+    def add(self, double ms):
+        """Add one sample."""
+        self._add(ms)
+
+    def add_since(self, double t0, LatencyRing other=None):
+        """Add ``(time.perf_counter() - t0) * 1000`` to this ring and to ``other``."""
+        cdef double ms = (<double>_perf_counter() - t0) * 1000.0
+        self._add(ms)
+        if other is not None:
+            other._add(ms)
+
+    def samples(self):
+        """The samples held (the latest ``size``; in ring order, not time order), a new array."""
+        cdef Py_ssize_t k = self.count if self.count < self.size else self.size
+        out = np.empty(k, np.float64)
+        if k:
+            memcpy(cnp.PyArray_DATA(out), self._buf, k * sizeof(double))
+        return out
+
+
+cdef class HitMeter:
+    """Counts one kind of read and adds each one's latency to two rings, in one call.
+
+    See ``mds._pycore.HitMeter``: the store's memory hit (its most frequent read).
+    """
+
+    cdef readonly int64_t count
+    cdef LatencyRing _a, _b
+
+    def __init__(self, LatencyRing a not None, LatencyRing b not None):
+        self._a = a
+        self._b = b
+        self.count = 0
+
+    def hit(self, double t0):
+        """One read that began at ``t0`` (``time.perf_counter()``) and ends now."""
+        cdef double ms = (<double>_perf_counter() - t0) * 1000.0
+        self.count += 1
+        self._a._add(ms)
+        self._b._add(ms)

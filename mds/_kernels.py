@@ -55,6 +55,8 @@ if TYPE_CHECKING:
         LRU as LRU,
         REASONS as REASONS,
         ChunkCorrupt as ChunkCorrupt,
+        HitMeter as HitMeter,
+        LatencyRing as LatencyRing,
         SeriesBuffer as SeriesBuffer,
         file_state as file_state,
         find_gaps as find_gaps,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ __all__ = [
     "CHUNK_KEY_MAX",
     "IMPLEMENTATION",
     "LRU",
+    "HitMeter",
+    "LatencyRing",
     "ChunkCorrupt",
     "REASONS",
     "SeriesBuffer",
@@ -993,3 +996,49 @@ class LRU:
 
     def __contains__(self, key: object) -> bool:
         return key in self._d
+
+
+# --------------------------------------------------------------------------------------------
+# Latency ring
+# --------------------------------------------------------------------------------------------
+class LatencyRing:
+    """The latest ``size`` latency samples (ms), for percentiles, and the count of all added."""
+
+    def __init__(self, size: int = 4096) -> None:
+        if size <= 0:
+            raise InvalidRequestError(f"size must be positive, got {size}")
+        self._buf = np.zeros(size, np.float64)
+        self.size = int(size)
+        self.count = 0
+
+    def add(self, ms: float) -> None:
+        """Add one sample."""
+        self._buf[self.count % self.size] = ms
+        self.count += 1
+
+    def add_since(self, t0: float, other: LatencyRing | None = None) -> None:
+        """Add ``(time.perf_counter() - t0) * 1000`` to this ring and to ``other``."""
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.add(ms)
+        if other is not None:
+            other.add(ms)
+
+    def samples(self) -> np.ndarray:
+        """The samples held (the latest ``size``; in ring order, not time order), a new array."""
+        return self._buf[: min(self.count, self.size)].copy()
+
+
+class HitMeter:
+    """Counts one kind of read and adds each one's latency to two rings, in one call."""
+
+    def __init__(self, a: LatencyRing, b: LatencyRing) -> None:
+        self._a = a
+        self._b = b
+        self.count = 0
+
+    def hit(self, t0: float) -> None:
+        """One read that began at ``t0`` (``time.perf_counter()``) and ends now."""
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.count += 1
+        self._a.add(ms)
+        self._b.add(ms)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import weakref
 from types import ModuleType
 
 import numpy as np
@@ -272,6 +274,49 @@ def test_series_buffer_correction_copies_only_when_a_view_holds_the_row(k: Modul
     assert buf.latest(3)["close"].tolist() == [1.0, 1.0, 6.0]
 
 
+def test_series_buffer_latest_again_is_the_same_rows_and_never_stale(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN]))
+    first = buf.latest(2)
+    again = buf.latest(2)
+    assert again.tobytes() == first.tobytes() and again["ts"].tolist() == [MIN, 2 * MIN]
+    if k is _core:
+        assert again is first  # the compiled buffer hands out the view it made for the same ask
+    buf.write(candles([3 * MIN]))  # an append
+    assert buf.latest(2)["ts"].tolist() == [2 * MIN, 3 * MIN]
+    assert first["ts"].tolist() == [MIN, 2 * MIN]
+    buf.write(candles([3 * MIN], close=7.0))  # a correction of a row a view holds
+    assert buf.latest(2)["close"].tolist() == [1.0, 7.0]
+    assert buf.latest(1)["close"].tolist() == [7.0]
+
+
+@pytest.mark.filterwarnings("ignore:Setting the strides:DeprecationWarning")  # NumPy 2.4 deprecates it; still works
+def test_series_buffer_latest_view_changed_in_place_by_a_caller_is_not_served_again(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN, 3 * MIN]))
+    want = buf.latest(4).copy()
+    v = buf.latest(4)
+    v.shape = (2, 2)  # a caller reshapes the array it got, in place
+    w = buf.latest(4)
+    assert w.shape == (4,) and w.dtype == CANDLE_DTYPE and w.tobytes() == want.tobytes()
+    w.dtype = np.dtype([("raw", "<i8", (7,))])  # ... or re-types it
+    x = buf.latest(4)
+    assert x.dtype == CANDLE_DTYPE and x.tobytes() == want.tobytes()
+    x.strides = (0,)  # ... or re-strides it
+    y = buf.latest(4)
+    assert y.strides == (CANDLE_DTYPE.itemsize,) and y.tobytes() == want.tobytes()
+
+
+def test_series_buffer_served_view_does_not_force_a_copy_of_the_next_correction(k: ModuleType) -> None:
+    buf = k.SeriesBuffer(10)
+    buf.write(candles([0, MIN, 2 * MIN]))
+    buf.latest(3)  # handed out and dropped by the caller (the buffer may keep it)
+    base = weakref.ref(buf.latest(1).base)
+    buf.write(candles([2 * MIN], close=9.0))  # no caller holds a view: written in place
+    assert buf.latest(3).base is base()
+    assert buf.latest(3)["close"].tolist() == [1.0, 1.0, 9.0]
+
+
 def test_series_buffer_range_and_window(k: ModuleType) -> None:
     buf = k.SeriesBuffer(3)
     assert buf.first_ts is None and buf.last_ts is None and len(buf) == 0
@@ -292,6 +337,33 @@ def test_series_buffer_stays_within_72_bytes_per_candle(k: ModuleType) -> None:
         if len(buf) >= 16:
             assert buf.nbytes <= 72 * len(buf)
     assert len(buf) == 1000
+
+
+# -- LatencyRing and HitMeter -----------------------------------------------------------------
+def test_latency_ring_keeps_the_latest_samples_and_counts_all(k: ModuleType) -> None:
+    ring = k.LatencyRing(4)
+    assert ring.count == 0 and ring.samples().tolist() == []
+    for ms in (1.0, 2.0, 3.0):
+        ring.add(ms)
+    assert ring.count == 3 and ring.samples().tolist() == [1.0, 2.0, 3.0]
+    for ms in (4.0, 5.0, 6.0):
+        ring.add(ms)
+    assert ring.count == 6 and sorted(ring.samples().tolist()) == [3.0, 4.0, 5.0, 6.0]
+    with pytest.raises(InvalidRequestError):
+        k.LatencyRing(0)
+
+
+def test_hit_meter_counts_and_adds_the_elapsed_time_to_both_rings(k: ModuleType) -> None:
+    a, b = k.LatencyRing(), k.LatencyRing()
+    meter = k.HitMeter(a, b)
+    t0 = time.perf_counter()
+    time.sleep(0.002)
+    meter.hit(t0)
+    meter.hit(time.perf_counter())
+    assert meter.count == 2 and a.count == 2 and b.count == 2
+    got = a.samples().tolist()
+    assert got == b.samples().tolist()
+    assert got[0] >= 2.0 and 0.0 <= got[1] < got[0]  # milliseconds since each t0
 
 
 # -- LRU ---------------------------------------------------------------------------------------

@@ -312,7 +312,6 @@ class Store:
             self._metrics.served(served, "api.candles", (_perf_counter() - t0) * 1000)
             return rows
         with self._lock:
-            arr = None
             if count.__class__ is int and count > 0 and start is None and end is None and not include_partial:
                 peeks = self._peeks
                 if peeks is not None and self._config.lookup == "layer1_first":
@@ -322,7 +321,7 @@ class Store:
                         return arr
                 arr = self._reader.fast_latest(sym, tf, count)
                 if arr is not None:
-                    self._metrics.memory_hit((_perf_counter() - t0) * 1000)
+                    self._metrics.memory_hit(t0)
                     return arr
             arr, source = self._reader.read(sym, tf, count, start, end, include_partial, allow_layer1=True)
         self._metrics.served(source, "api.candles", (_perf_counter() - t0) * 1000)

@@ -26,26 +26,12 @@ def slowest(a: str, b: str) -> str:
     return a if SOURCE_RANK[a] >= SOURCE_RANK[b] else b
 
 
-class _Latency:
-    """A ring of the latest latency samples (ms) for percentiles, plus a running count."""
-
-    __slots__ = ("buf", "n", "size")
-
-    def __init__(self, size: int = 4096) -> None:
-        self.buf: list[float] = [0.0] * size
-        self.size = size
-        self.n = 0
-
-    def add(self, ms: float) -> None:
-        self.buf[self.n % self.size] = ms
-        self.n += 1
-
-    def summary(self) -> dict[str, float | int]:
-        k = min(self.n, self.size)
-        if k == 0:
-            return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0}
-        p50, p99 = np.percentile(np.asarray(self.buf[:k]), [50, 99])
-        return {"count": self.n, "p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4)}
+def _summary(ring: K.LatencyRing) -> dict[str, float | int]:
+    """Count and percentiles of a latency ring."""
+    if ring.count == 0:
+        return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+    p50, p99 = np.percentile(ring.samples(), [50, 99])
+    return {"count": ring.count, "p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4)}
 
 
 class Metrics:
@@ -55,52 +41,34 @@ class Metrics:
     def __init__(self) -> None:
         self.hits: dict[str, int] = dict.fromkeys(SOURCE_RANK, 0)
         self.misses: dict[str, int] = dict.fromkeys(("layer1_cache", "memory", "disk", "sqlite"), 0)
-        self.latency: dict[str, _Latency] = {}
+        #: a ring of the latest latency samples (ms) per API and per source
+        self.latency: dict[str, K.LatencyRing] = {}
         self.layer1_calls = 0
         self.layer1_candles = 0
         self.layer1_errors = 0
         self.requests = 0
-        #: the rings of "api.candles" and "storage_memory", once both exist (:meth:`memory_hit`)
-        self._memory_rings: tuple[_Latency, _Latency] | None = None
+        self._memory = K.HitMeter(self._ring("storage_memory"), self._ring("api.candles"))
+        #: ``memory_hit(t0)``: ``served("storage_memory", "api.candles", ms)`` of a read that
+        #: began at ``t0`` (``time.perf_counter()``), the store's memory hit (its most frequent
+        #: read): one compiled call, which takes the end time; :meth:`stats` adds its count
+        self.memory_hit = self._memory.hit
 
-    def lat(self, key: str, ms: float) -> None:
+    def _ring(self, key: str) -> K.LatencyRing:
         ring = self.latency.get(key)
         if ring is None:
-            ring = self.latency[key] = _Latency()
-        ring.add(ms)
+            ring = self.latency[key] = K.LatencyRing()
+        return ring
+
+    def lat(self, key: str, ms: float) -> None:
+        self._ring(key).add(ms)
 
     def served(self, source: str, api: str, ms: float) -> None:
-        """One request answered from ``source`` by ``api`` in ``ms`` (on every read: the two
-        ring updates are written out here, half the cost of two :meth:`lat` calls)."""
+        """One request answered from ``source`` by ``api`` in ``ms``."""
         self.requests += 1
         self.hits[source] += 1
         latency = self.latency
-        ring = latency.get(api)
-        if ring is None:
-            ring = latency[api] = _Latency()
-        ring.buf[ring.n % ring.size] = ms
-        ring.n += 1
-        ring = latency.get(source)
-        if ring is None:
-            ring = latency[source] = _Latency()
-        ring.buf[ring.n % ring.size] = ms
-        ring.n += 1
-
-    def memory_hit(self, ms: float) -> None:
-        """``served("storage_memory", "api.candles", ms)``, the memory hit's (the most frequent
-        read of all): its two rings are kept at hand instead of looked up on every call."""
-        rings = self._memory_rings
-        if rings is None:
-            self.served("storage_memory", "api.candles", ms)
-            self._memory_rings = (self.latency["api.candles"], self.latency["storage_memory"])
-            return
-        self.requests += 1
-        self.hits["storage_memory"] += 1
-        ring, other = rings
-        ring.buf[ring.n % ring.size] = ms
-        ring.n += 1
-        other.buf[other.n % other.size] = ms
-        other.n += 1
+        (latency.get(api) or self._ring(api)).add(ms)
+        (latency.get(source) or self._ring(source)).add(ms)
 
     def stats(
         self, tiers: Tiers, lock: Any, realtime: Any, connector_figures: Callable[[], Any] | None
@@ -109,14 +77,16 @@ class Metrics:
         # Readers update the counters outside the store lock: copy each dict in one C-level step
         # (no Python code runs while it is copied, so no other thread can change its size).
         hits, misses, latency = dict(self.hits), dict(self.misses), list(self.latency.items())
+        fast = self._memory.count
+        hits["storage_memory"] += fast
         served = sum(hits.values())
         from_storage = served - hits["layer1_api"]
         out: dict[str, Any] = {
-            "requests": self.requests,
+            "requests": self.requests + fast,
             "hits": hits,
             "misses": misses,
             "hit_rate": round(from_storage / served, 6) if served else None,
-            "latency": {k: v.summary() for k, v in sorted(latency)},
+            "latency": {k: _summary(v) for k, v in sorted(latency) if v.count},
             "layer1": {
                 "calls": self.layer1_calls,
                 "candles_fetched": self.layer1_candles,
