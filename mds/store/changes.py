@@ -113,6 +113,7 @@ class ChangeSlots:
             self._map = None
 
     def slot(self, key: tuple[str, str]) -> int:
+        """The hash slot of a series (the hot callers look in ``slot_of`` first themselves)."""
         slot = self.slot_of.get(key)
         if slot is None:
             digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=8).digest()
@@ -142,7 +143,9 @@ class ChangeSlots:
         if words is None:
             return
         key = (sym, tf.name)
-        slot = self.slot(key)
+        slot = self.slot_of.get(key)
+        if slot is None:
+            slot = self.slot(key)
         # the slot as this process last left (in this write) or saw it; anything else is another
         # writer's move
         if words[slot] != (self._last.get(slot) if key in self.dirty else self.seen.get(key)):
@@ -158,8 +161,9 @@ class ChangeSlots:
         words = self.words
         if words is None or not self.dirty:
             return
+        slot_of = self.slot_of
         for key in self.dirty:
-            slot = self.slot(key)
+            slot = slot_of[key]  # begin() found it
             if words[slot] != self._last.get(slot):
                 self.contested.add(key)  # another writer stamped between this begin and now
             stamp = (time.time_ns() ^ _PID.bits) & ~1
@@ -216,7 +220,8 @@ class ChangeSlots:
         stamp that is final is recorded as seen, one in progress (odd) by another writer is not."""
         words = self.words
         assert words is not None
-        stamp: int = words[self.slot(key)]
+        slot = self.slot_of.get(key)
+        stamp: int = words[self.slot(key) if slot is None else slot]
         if self.seen.get(key) == stamp:
             return None
         if stamp & 1 and key not in self.dirty:

@@ -45,7 +45,6 @@ class _Fill(NamedTuple):
     exact: np.ndarray | None
     rows: int  # closed candles written
     start: int  # where the spans start
-    to_disk: bool = True  # decided just before the commit
 
 
 class Writer:
@@ -179,7 +178,7 @@ class Writer:
                 contested = self.end_changes()
             if len(covered):
                 self.coverage.add(sym, tf, covered)
-            mem = tiers.tier("memory")
+            mem = tiers.tier("memory") if counts is None or len(partial) else None  # only they use it
             if counts is None and mem is not None and tiers.tier("disk") is None:
                 counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
             elif db is None:  # no durable tier: the fast tiers are the store
@@ -194,7 +193,7 @@ class Writer:
                 n = len(closed)
                 dense = n == 1 or (n > 1 and not tf.is_month and last - first == (n - 1) * tf.interval_ms)
                 exact = closed if n < LMDB_APPEND_MIN and dense and not len(covered) and self._exact_fill_ok() else None
-                if (sym, tf.name) in contested:
+                if contested and (sym, tf.name) in contested:
                     exact = None  # another writer wrote the series meanwhile: read back
                 if self.depth:
                     start = first if not len(covered) else int(spans[0, 0])
@@ -203,7 +202,8 @@ class Writer:
                     self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
             if len(partial) and mem is not None:
                 mem.set_partial(sym, tf, partial[-1:].copy())
-            self.maybe_maintain()
+            if not self.depth:  # a batch maintains once, after its commit
+                self.maybe_maintain()
         assert counts is not None  # every branch above counted
         return _write_result(int(counts[0]), int(counts[1]), int(counts[2]))
 
@@ -247,25 +247,29 @@ class Writer:
             if lost:
                 logger.warning("%s", lost)
 
-    def _unhold_batch(self) -> None:
+    def _unhold_batch(self) -> list[bool]:
         """:meth:`_unhold_disk` for every write of the batch, before it commits, with what LMDB
-        holds of each series read in one transaction; decides which fills LMDB takes."""
+        holds of each series read in one transaction. Returns which of the waiting fills LMDB
+        takes (``to_disk`` of :meth:`_fill_fast_tiers`), in their order."""
+        deferred = self._deferred
         disk = self.tiers.tier("disk")
-        if disk is None or not self._deferred:
-            return
-        series = list({(f.sym, f.tf.name): (f.sym, f.tf) for f in self._deferred}.values())
-        got = self.tiers.guard("disk", disk.held_many, series)
+        if disk is None or not deferred:
+            return [True] * len(deferred)
+        series = {(f.sym, f.tf.name): (f.sym, f.tf) for f in deferred}
+        got = self.tiers.guard("disk", disk.held_many, list(series.values()))
         if got is None:
-            return  # LMDB failed: degraded, and emptied before it is used again
-        held = {(sym, tf.name): flat for (sym, tf), flat in zip(series, got)}
-        for i, f in enumerate(self._deferred):
+            return [True] * len(deferred)  # LMDB failed: degraded, and emptied before it is used again
+        held = dict(zip(series, got))
+        to_disk: list[bool] = []
+        for f in deferred:
             flat = held[(f.sym, f.tf.name)]
             small = f.rows < LMDB_APPEND_MIN
             if small and flat and f.start >= flat[-1]:
-                skip = True  # the usual case at the live edge, decided without arrays
+                to_disk.append(False)  # the usual case at the live edge, decided without arrays
             else:
-                skip = self._unhold_disk(f.sym, f.tf, f.spans, np.asarray(flat, dtype=np.int64).reshape(-1, 2), small)
-            self._deferred[i] = _Fill(f.sym, f.tf, f.spans, f.exact, f.rows, f.start, not skip)
+                held_spans = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+                to_disk.append(not self._unhold_disk(f.sym, f.tf, f.spans, held_spans, small))
+        return to_disk
 
     def _unhold_disk(
         self, sym: str, tf: Timeframe, spans: np.ndarray, held: np.ndarray | None = None, small: bool = False
@@ -332,10 +336,7 @@ class Writer:
         """
         tiers = self.tiers
         mem = tiers.tier("memory")
-        if exact is not None and not to_disk and len(spans) == 1 and len(exact) <= self.config.memory_candles:
-            if mem is not None:  # the live edge: memory takes the candles as committed, and that is all
-                s, e = spans[0].tolist()
-                mem.put_range(sym, tf, s, e, exact)
+        if _fill_live_edge(mem, self.config.memory_candles, sym, tf, spans, exact, to_disk):
             return
         db = tiers.tier("sqlite")
         if tiers.tier("disk") is None and mem is None:
@@ -532,6 +533,7 @@ class Writer:
             db = self.tiers.tier("sqlite")
             outer = self.depth == 0
             self.depth += 1
+            to_disk: list[bool] = []  # of the waiting fills: which LMDB takes (see _unhold_batch)
             try:
                 if db is None:
                     yield
@@ -542,7 +544,7 @@ class Writer:
                             self._unheld.clear()
                         yield
                         if outer:
-                            self._unhold_batch()
+                            to_disk = self._unhold_batch()
             except BaseException:
                 if outer:
                     self._stamp_final()
@@ -561,8 +563,12 @@ class Writer:
                 self._unheld.clear()
             if outer and self._deferred:
                 work, self._deferred = self._deferred, []
-                for f in work:
-                    self._fill_fast_tiers(f.sym, f.tf, f.spans, None, f.exact, f.to_disk)
+                mem = self.tiers.tier("memory")
+                cap = self.config.memory_candles
+                # no flags: the batch began without the durable tier (fills as without a batch)
+                for f, disk_too in zip(work, to_disk or [True] * len(work)):
+                    if not _fill_live_edge(mem, cap, f.sym, f.tf, f.spans, f.exact, disk_too):
+                        self._fill_fast_tiers(f.sym, f.tf, f.spans, None, f.exact, disk_too)
                 self.maybe_maintain()
 
     def maybe_maintain(self) -> None:
@@ -622,6 +628,22 @@ def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tup
     return (ins, upd, unch)
 
 
+def _fill_live_edge(
+    mem: Any, cap: int, sym: str, tf: Timeframe, spans: np.ndarray, exact: np.ndarray | None, to_disk: bool
+) -> bool:
+    """The live edge of :meth:`Writer._fill_fast_tiers`: an exact one-span append that LMDB does
+    not take goes to memory as committed, and that is all. False: not this case (nothing done)."""
+    if exact is None or to_disk or len(spans) != 1 or len(exact) > cap:
+        return False
+    if mem is not None:
+        s, e = spans[0].tolist()
+        mem.put_range(sym, tf, s, e, exact)
+    return True
+
+
+_ONE_SPAN = np.zeros((1, 2), dtype=np.int64)  # the template of a write's one span (see _spans)
+
+
 def _spans(
     tf: Timeframe, closed: np.ndarray, covered: np.ndarray, first: int | None = None, last: int | None = None
 ) -> np.ndarray:
@@ -633,7 +655,7 @@ def _spans(
         if first is None or last is None:
             ts = closed["ts"]
             first, last = int(ts[0]), int(ts[-1])
-        one = np.empty((1, 2), dtype=np.int64)  # about half the cost of np.array of nested tuples
+        one = _ONE_SPAN.copy()  # about half the cost of np.empty((1, 2)), a third of np.array
         one[0, 0] = first
         one[0, 1] = tf.add(last, 1)
         return one
