@@ -1066,6 +1066,16 @@ def undelta_rows(rows):
     return acc
 
 
+def ts_bounds(candles):
+    """``(first ts, last ts)`` of a CANDLE_DTYPE array, None when it is empty (see ``mds._pycore``)."""
+    arr = _candles(candles, "candles")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(<cnp.ndarray>arr, 0)
+    if n == 0:
+        return None
+    cdef const Candle* p = <const Candle*>cnp.PyArray_DATA(<cnp.ndarray>arr)
+    return p[0].ts, p[n - 1].ts
+
+
 def row_checksum(buf, Py_ssize_t offset, Py_ssize_t n):
     """The checksum of ``n`` candle rows starting at byte ``offset`` of ``buf`` (any object with a
     contiguous buffer): the sum of their 4-byte half-words, the j-th weighted by ``2j + 3``,

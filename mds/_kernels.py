@@ -70,6 +70,7 @@ if TYPE_CHECKING:
         prepare as prepare,
         row_checksum as row_checksum,
         sort_dedup as sort_dedup,
+        ts_bounds as ts_bounds,
         undelta_rows as undelta_rows,
         validate as validate,
         walk_chunks as walk_chunks,

@@ -52,6 +52,7 @@ __all__ = [
     "prepare",
     "row_checksum",
     "sort_dedup",
+    "ts_bounds",
     "undelta_rows",
     "validate",
     "walk_chunks",
@@ -786,6 +787,17 @@ def undelta_rows(rows: np.ndarray) -> int:
 
 _ROW_HALVES = struct.Struct(f"<{CANDLE_DTYPE.itemsize // 4}I")
 _ROW_HALF_WEIGHTS = list(range(3, 3 + 2 * (CANDLE_DTYPE.itemsize // 4), 2))
+
+
+def ts_bounds(candles: np.ndarray) -> tuple[int, int] | None:
+    """``(first ts, last ts)`` of a CANDLE_DTYPE array (its first and last rows: the bounds of a
+    sorted batch), None when it is empty. InvalidRequestError for anything but a 1-D
+    CANDLE_DTYPE array."""
+    arr = _candles(candles)
+    if not len(arr):
+        return None
+    ts = arr["ts"]
+    return int(ts[0]), int(ts[-1])
 
 
 def row_checksum(buf: Any, offset: int, n: int) -> int:

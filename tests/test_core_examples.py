@@ -339,6 +339,18 @@ def test_series_buffer_stays_within_72_bytes_per_candle(k: ModuleType) -> None:
     assert len(buf) == 1000
 
 
+# -- ts_bounds ---------------------------------------------------------------------------------
+def test_ts_bounds_are_the_first_and_last_rows(k: ModuleType) -> None:
+    assert k.ts_bounds(candles([])) is None
+    assert k.ts_bounds(candles([5 * MIN])) == (5 * MIN, 5 * MIN)
+    a = candles([MIN, 2 * MIN, 7 * MIN, 9 * MIN])
+    assert k.ts_bounds(a) == (MIN, 9 * MIN)
+    assert k.ts_bounds(a[::-2]) == (9 * MIN, 2 * MIN)  # a strided view: its own first and last rows
+    for bad in (a["ts"], a.reshape(2, 2), [MIN]):
+        with pytest.raises(InvalidRequestError):
+            k.ts_bounds(bad)
+
+
 # -- LatencyRing and HitMeter -----------------------------------------------------------------
 def test_latency_ring_keeps_the_latest_samples_and_counts_all(k: ModuleType) -> None:
     ring = k.LatencyRing(4)

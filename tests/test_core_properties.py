@@ -439,6 +439,15 @@ def test_series_buffer_compiled_equals_twin(capacity: int, ops: list[tuple[str, 
     assert _run_buffer(P, capacity, ops) == _run_buffer(C, capacity, ops)
 
 
+@needs_core
+@PROFILE
+@given(batches)
+def test_ts_bounds_compiled_equals_twin(batch: np.ndarray) -> None:
+    got = C.ts_bounds(batch)
+    assert got == P.ts_bounds(batch)
+    assert got == (None if not len(batch) else (int(batch["ts"][0]), int(batch["ts"][-1])))
+
+
 lru_ops = st.lists(
     st.tuples(st.sampled_from(["touch", "touch", "remove", "pop", "oldest"]), st.integers(-3, 12)),
     max_size=60,

@@ -211,6 +211,24 @@ def test_storage_down_passes_through_to_layer1(tmp_path, fake, markets, clock) -
     st.close()
 
 
+def test_stats_count_every_memory_hit_and_its_latency(tmp_path, clock) -> None:
+    with mds.open(tmp_path / "s", clock=clock) as st:
+        a = candles(300)
+        st.write_candles("KRW-BTC", "1m", a, complete=(T0, T0 + 300 * MIN))
+        st.candles("KRW-BTC", "1m", count=100)  # the memory tier holds the window after this
+        before = st.stats()
+        for _ in range(25):
+            assert np.array_equal(st.candles("KRW-BTC", "1m", count=100), a[-100:])
+        after = st.stats()
+        assert after["requests"] == before["requests"] + 25
+        assert after["hits"]["storage_memory"] == before["hits"]["storage_memory"] + 25
+        for ring in ("storage_memory", "api.candles"):
+            got, was = after["latency"][ring], before["latency"].get(ring, {"count": 0})
+            assert got["count"] == was["count"] + 25 and 0 < got["p50_ms"] <= got["p99_ms"]
+        assert after["hit_rate"] == 1.0
+        json.dumps(after)
+
+
 # --- writes ----------------------------------------------------------------------------------
 def test_write_then_read_storage_only(tmp_path, clock) -> None:
     with mds.open(tmp_path / "s", clock=clock) as st:

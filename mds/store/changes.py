@@ -128,9 +128,11 @@ class ChangeSlots:
         prev = words[slot]
         words[slot] = stamp
         self._last[slot] = stamp
-        for other in self._keys_at.get(slot, ()):
-            if other != key and self.seen.get(other) == prev:
-                self.seen[other] = stamp
+        keys = self._keys_at[slot]  # slot() registered ``key`` there
+        if len(keys) > 1:
+            for other in keys:
+                if other != key and self.seen.get(other) == prev:
+                    self.seen[other] = stamp
 
     def begin(self, sym: str, tf: Timeframe) -> None:
         """Stamp a series' slot *in progress* (odd) before its durable write.
@@ -161,14 +163,16 @@ class ChangeSlots:
         words = self.words
         if words is None or not self.dirty:
             return
-        slot_of = self.slot_of
+        slot_of, last, seen = self.slot_of, self._last, self.seen
+        # one final stamp for the commit: each slot still changes (from its odd stamp), and a
+        # slot two of the series share is kept in step for both by _write
+        stamp = (time.time_ns() ^ _PID.bits) & ~1
         for key in self.dirty:
             slot = slot_of[key]  # begin() found it
-            if words[slot] != self._last.get(slot):
+            if words[slot] != last.get(slot):
                 self.contested.add(key)  # another writer stamped between this begin and now
-            stamp = (time.time_ns() ^ _PID.bits) & ~1
             self._write(words, slot, key, stamp)
-            self.seen[key] = stamp
+            seen[key] = stamp
         self.dirty.clear()
         if commit_seq is not None and self.acked is not None and commit_seq > self.acked[0]:
             self.acked[0] = commit_seq

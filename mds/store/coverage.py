@@ -98,7 +98,8 @@ class Coverage:
         """
         slots = self.slots
         if slots.array is None:
-            self._refresh_shared()  # no stamps (the mmap failed): the coarser durable-tier check
+            if self.tiers.durable:  # without a durable tier, no other process writes what this one holds
+                self._refresh_shared()  # no stamps (the mmap failed): the coarser durable-tier check
             return False
         key = (sym, tf.name)
         stamp = slots.changed(key)

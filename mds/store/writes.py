@@ -134,59 +134,53 @@ class Writer:
         check every row again)."""
         self.check_writable()  # also for Layer 1 fills: a read-only store answers them unstored
         tiers = self.tiers
-        ts = arr["ts"]
         forming = tf.floor(now)
         partial, closed = EMPTY_CANDLES, arr
         first = last = 0  # of the closed rows
-        if len(ts):
-            first, last = int(ts[0]), int(ts[-1])
+        bounds = K.ts_bounds(arr)
+        if bounds is not None:
+            first, last = bounds
             if last >= forming:  # arr is sorted: the forming candle is last
+                ts = arr["ts"]
                 cut = int(ts.searchsorted(forming))
                 partial, closed = arr[cut:], arr[:cut]
                 last = int(ts[cut - 1]) if cut else 0
         with self.lock:
             self.coverage.sync(sym, tf)
-            counts: tuple[int, int, int] | None = None
+            if not tiers.durable:
+                counts = self._store_fast_only(sym, tf, closed, partial, covered, first, last)
+                return _write_result(int(counts[0]), int(counts[1]), int(counts[2]))
             db = tiers.tier("sqlite")
-            spans, to_disk = EMPTY_RANGES, True
-            contested: set[tuple[str, str]] = set()
-            if tiers.durable:
-                if db is None:
-                    raise StorageUnavailableError(
-                        f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
-                    )
-                spans = _spans(tf, closed, covered, first, last)
-                self.slots.begin(sym, tf)
-                if tiers.tier("disk") is None:
-                    tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
-                elif not self.depth:  # a batch looks at LMDB once, before it commits
-                    to_disk = not self._unhold_disk(sym, tf, spans, small=len(closed) < LMDB_APPEND_MIN)
-                self.coverage.frontiers.pop((sym, tf.name), None)
-                try:
-                    counts = db.write(sym, tf, closed, covered if len(covered) else None, validated=prepared)
-                except BACKEND_ERRORS as exc:
-                    tiers.failed("sqlite", exc)  # busy is not broken: reads go on
-                    if tiers.history is not None:
-                        # a server may have committed before its answer was lost: this host's
-                        # copies of the spans must not outlive the write if it did
-                        for s, e in spans.tolist():
-                            self.invalidate_fast(sym, tf, s, e)
-                    self.end_changes()
-                    raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
-                if not tiers.feed_live:
-                    tiers.copies_trusted = False  # the server answers: other hosts may write unheard
-                contested = self.end_changes()
+            if db is None:
+                raise StorageUnavailableError(
+                    f"{tiers.durable_name} tier is degraded ({tiers.states['sqlite'].error}); nothing was stored"
+                )
+            spans = _spans(tf, closed, covered, first, last)
+            to_disk = True
+            self.slots.begin(sym, tf)
+            if tiers.tier("disk") is None:
+                tiers.mark_disk_stale()  # LMDB (now or later) cannot follow this write
+            elif not self.depth:  # a batch looks at LMDB once, before it commits
+                to_disk = not self._unhold_disk(sym, tf, spans, small=len(closed) < LMDB_APPEND_MIN)
+            self.coverage.frontiers.pop((sym, tf.name), None)
+            try:
+                counts = db.write(sym, tf, closed, covered if len(covered) else None, validated=prepared)
+            except BACKEND_ERRORS as exc:
+                tiers.failed("sqlite", exc)  # busy is not broken: reads go on
+                if tiers.history is not None:
+                    # a server may have committed before its answer was lost: this host's
+                    # copies of the spans must not outlive the write if it did
+                    for s, e in spans.tolist():
+                        self.invalidate_fast(sym, tf, s, e)
+                self.end_changes()
+                raise StorageUnavailableError(f"durable write failed, nothing stored: {exc}") from exc
+            if not tiers.feed_live:
+                tiers.copies_trusted = False  # the server answers: other hosts may write unheard
+            contested = self.end_changes()
             if len(covered):
                 self.coverage.add(sym, tf, covered)
-            mem = tiers.tier("memory") if counts is None or len(partial) else None  # only they use it
-            if counts is None and mem is not None and tiers.tier("disk") is None:
-                counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
-            elif db is None:  # no durable tier: the fast tiers are the store
-                counts = _memory_counts(mem, sym, tf, closed)
-                spans = _spans(tf, closed, covered)
-                if len(spans):
-                    self._fill_fast_tiers(sym, tf, spans, closed)
-            elif len(spans):
+            mem = tiers.tier("memory") if len(partial) else None
+            if len(spans):
                 # A small batch (the live edge) that fills its span densely is all the durable
                 # tier holds there: the fast tiers take it as it is, without reading it back. A
                 # large one is read back: a batch() of many (an import) must not keep them all.
@@ -204,8 +198,33 @@ class Writer:
                 mem.set_partial(sym, tf, partial[-1:].copy())
             if not self.depth:  # a batch maintains once, after its commit
                 self.maybe_maintain()
-        assert counts is not None  # every branch above counted
         return _write_result(int(counts[0]), int(counts[1]), int(counts[2]))
+
+    def _store_fast_only(
+        self,
+        sym: str,
+        tf: Timeframe,
+        closed: np.ndarray,
+        partial: np.ndarray,
+        covered: np.ndarray,
+        first: int,
+        last: int,
+    ) -> tuple[int, int, int]:
+        """:meth:`store` without a durable tier (under the lock): the fast tiers are the store."""
+        tiers = self.tiers
+        if len(covered):
+            self.coverage.add(sym, tf, covered)
+        mem = tiers.tier("memory")
+        if mem is not None and tiers.tier("disk") is None:
+            counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
+        else:
+            counts = _memory_counts(mem, sym, tf, closed)
+            spans = _spans(tf, closed, covered)
+            if len(spans):
+                self._fill_fast_tiers(sym, tf, spans, closed)
+        if len(partial) and mem is not None:
+            mem.set_partial(sym, tf, partial[-1:].copy())
+        return counts
 
     def end_changes(self) -> set[tuple[str, str]]:
         """Final stamps for the series written, unless a batch still holds them open; the

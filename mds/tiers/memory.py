@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mds import _kernels as K
 from mds._dtypes import CANDLE_DTYPE
 from mds._kernels import LRU, SeriesBuffer
 from mds.errors import InvalidRequestError
@@ -228,9 +229,9 @@ class MemoryTier:
             raise InvalidRequestError(f"a memory range needs start < end, got [{start}, {end})")
         if not isinstance(candles, np.ndarray) or candles.dtype != CANDLE_DTYPE:
             raise InvalidRequestError("a memory range takes a CANDLE_DTYPE array")
-        ts = candles["ts"]
-        lowest = int(ts[0]) if len(ts) else None  # oldest row offered to the buffer
-        if lowest is not None and (lowest < start or int(ts[-1]) >= end):
+        bounds = K.ts_bounds(candles)
+        lowest = None if bounds is None else bounds[0]  # oldest row offered to the buffer
+        if bounds is not None and (bounds[0] < start or bounds[1] >= end):
             raise InvalidRequestError(f"memory range: candles outside [{start}, {end})")
         now = self._clock()
         if now >= self._next_sweep:
@@ -254,7 +255,7 @@ class MemoryTier:
             old_first = buf.first_ts
             if old_first is not None and (lowest is None or old_first < lowest):
                 lowest = old_first
-            if not merge and start < he and _lacks(buf.range(start, end), ts):  # nothing held past he
+            if not merge and start < he and _lacks(buf.range(start, end), candles["ts"]):  # nothing held past he
                 # The held rows in [start, end) include candles the new range says do not exist.
                 rows = np.concatenate([buf.range(-(2**62), start), candles, buf.range(end, 2**62)])
                 buf.clear()
