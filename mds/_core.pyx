@@ -21,6 +21,7 @@ from libc.math cimport INFINITY
 from libc.string cimport memcpy, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
 
+cimport cython
 cimport numpy as cnp
 import numpy as np
 import time
@@ -1510,6 +1511,7 @@ cdef class LatencyRing:
         return out
 
 
+@cython.auto_pickle(False)  # a meter of one store: nothing to carry to another process
 cdef class HitMeter:
     """Counts one kind of read and adds each one's latency to two rings, in one call.
 
