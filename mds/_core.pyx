@@ -74,7 +74,7 @@ def _check_layout():
     """Raise ImportError unless the Candle struct matches CANDLE_DTYPE (size and offsets)."""
     size, offsets = _struct_layout()
     expected = {name: _CANDLE.fields[name][1] for name in _CANDLE.names}
-    if size != _CANDLE.itemsize or offsets != expected:
+    if size != _CANDLE.itemsize or offsets != expected or sizeof(mds_row) != size:
         raise ImportError(f"mds._core: Candle struct {size} {offsets} does not match CANDLE_DTYPE")
 
 
@@ -341,6 +341,94 @@ cdef inline uint8_t _reason(const Candle* r, int64_t iv, int64_t om, bint month,
     return 0
 
 
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stdint.h>
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <emmintrin.h>
+    #define MDS_SSE2 1
+    #endif
+
+    /* Candle for the C below (the Cython struct's C name is Cython's business): the same
+       members in the same order, so the same layout; _check_layout compares the sizes. */
+    typedef struct { int64_t ts; double open, high, low, close, volume, value; } mds_row;
+
+    /* How many leading rows pass the `plain` test of _reason with each ts the one before plus iv,
+       modulo 2**64 (the caller rules out a wrap past INT64_MAX): all n, or the start of the first
+       block of MDS_RUN_BLOCK rows where some row does not. No branch per row. On x86 (SSE2 is part
+       of x86-64) each compare tests two fields: one field at a time (comisd + setcc), this pass
+       was no faster than _reason's loop. */
+    #define MDS_RUN_BLOCK 32
+    static Py_ssize_t mds_plain_run(const mds_row* r, Py_ssize_t n, int64_t iv) {
+        uint64_t step = (uint64_t)iv, prev = (uint64_t)r[0].ts - step, off = 0;
+        Py_ssize_t start, end, i;
+    #ifdef MDS_SSE2
+        const __m128d zero = _mm_setzero_pd(), inf = _mm_set1_pd(INFINITY);
+        __m128d ok = _mm_cmpeq_pd(zero, zero);
+    #else
+        int ok = 1;
+    #endif
+        for (start = 0; start < n; start = end) {
+            end = n - start > MDS_RUN_BLOCK ? start + MDS_RUN_BLOCK : n;
+            for (i = start; i < end; i++) {
+    #ifdef MDS_SSE2
+                __m128d oh = _mm_loadu_pd(&r[i].open);    /* (open, high) */
+                __m128d lc = _mm_loadu_pd(&r[i].low);     /* (low, close) */
+                __m128d vv = _mm_loadu_pd(&r[i].volume);  /* (volume, value) */
+                /* The plain test (with close > 0 and open < inf, which follow from it) in ordered
+                   compares, false on a NaN. ANDed as a tree: one AND a row on the chain through ok. */
+                __m128d order = _mm_and_pd(_mm_cmple_pd(lc, oh),  /* low <= open, close <= high */
+                                           _mm_cmple_pd(_mm_unpacklo_pd(lc, oh), _mm_unpackhi_pd(lc, oh)));
+                __m128d range = _mm_and_pd(_mm_cmplt_pd(zero, lc), _mm_cmplt_pd(oh, inf));  /* low > 0, high < inf */
+                __m128d amounts = _mm_and_pd(_mm_cmple_pd(zero, vv), _mm_cmplt_pd(vv, inf));  /* both in [0, inf) */
+                ok = _mm_and_pd(ok, _mm_and_pd(order, _mm_and_pd(range, amounts)));
+    #else
+                ok &= (r[i].low > 0) & (r[i].low <= r[i].open) & (r[i].low <= r[i].close)
+                      & (r[i].high >= r[i].open) & (r[i].high >= r[i].close) & (r[i].high < INFINITY)
+                      & (r[i].volume >= 0) & (r[i].volume < INFINITY)
+                      & (r[i].value >= 0) & (r[i].value < INFINITY);
+    #endif
+                off |= ((uint64_t)r[i].ts - prev) ^ step;
+                prev = (uint64_t)r[i].ts;
+            }
+    #ifdef MDS_SSE2
+            if (_mm_movemask_pd(ok) != 3 || off != 0) return start;
+    #else
+            if (!ok || off != 0) return start;
+    #endif
+        }
+        return n;
+    }
+    """
+    ctypedef struct mds_row:
+        pass
+    Py_ssize_t mds_plain_run(const mds_row* rows, Py_ssize_t n, int64_t iv) nogil
+
+
+cdef inline Py_ssize_t _plain_prefix(const Candle* p, Py_ssize_t n, int64_t iv, int64_t om, bint has_now,
+                                     int64_t now) noexcept nogil:
+    """How many leading rows of a non-month batch (``n >= 1``) surely pass :func:`_reason` and
+    strictly rise: all of them in the common batch, found in one branch-free pass.
+
+    Those rows pass the ``plain`` test of :func:`_reason` (which rules out reasons 1-5 and 8),
+    the first ts is on the grid and each later one exactly one interval after the one before,
+    without wrapping past INT64_MAX (so it is on the grid too, and they are strictly sorted),
+    and the last, hence each, is not in the future. Rows from there on (from the block with a
+    gap, a bad row, ...; or all, when 0) are left to the exact row-by-row path.
+    """
+    cdef int64_t t0 = p[0].ts
+    if _fmod(t0, iv) != om:
+        return 0
+    cdef Py_ssize_t k = mds_plain_run(<const mds_row*>p, n, iv)
+    # (k - 1) steps of iv from t0 stay <= INT64_MAX (unsigned: INT64_MAX - t0 may exceed it)
+    if k > 1 and <uint64_t>(k - 1) > (<uint64_t>INT64_MAX - <uint64_t>t0) // <uint64_t>iv:
+        return 0
+    if k and has_now and p[k - 1].ts > now:
+        return 0
+    return k
+
+
 def validate(candles, interval_ms, origin_ms, is_month, now_ms=None):
     """Find the invalid rows of a candle array (see ``mds._pycore.validate``).
 
@@ -395,7 +483,7 @@ def prepare(candles, interval_ms, origin_ms, is_month, now_ms=None):
     iv, org, month = _grid(interval_ms, origin_ms, is_month)
     cdef bint has_now = now_ms is not None
     cdef int64_t now = now_ms if has_now else 0
-    cdef Py_ssize_t n = arr.shape[0], i, bad = 0
+    cdef Py_ssize_t n = arr.shape[0], i, k, bad = 0
     out = _new_rows(n)
     if n == 0:
         return out, _NO_ROWS, _NO_REASONS
@@ -406,7 +494,13 @@ def prepare(candles, interval_ms, origin_ms, is_month, now_ms=None):
     cdef bint has_ref = False, strict = True
     with nogil:
         memcpy(dst, src, n * sizeof(Candle))
-        for i in range(n):
+        # The quick pass vouches for the common batch whole; row by row from where it stops, in
+        # the state the loop would have reached (every row before valid, sorted, the last on the grid)
+        k = 0 if month else _plain_prefix(dst, n, iv, om, has_now, now)
+        if k:
+            ref = dst[k - 1].ts
+            has_ref = True
+        for i in range(k, n):
             if _reason(&dst[i], iv, om, month, has_now, now, &ref, &has_ref):
                 bad += 1
             if i and dst[i].ts <= dst[i - 1].ts:

@@ -15,7 +15,7 @@ import pytest
 from mds import _pycore
 from mds._dtypes import CANDLE_DTYPE
 from mds.errors import InvalidRequestError
-from mds.testing import kernel_modules, kernel_params
+from mds.testing import dense_candles, kernel_modules, kernel_params
 from mds.timeframes import TIMEFRAMES
 
 _core = kernel_modules()["cython"]
@@ -23,6 +23,7 @@ IMPLS = kernel_params()
 
 MIN = 60_000
 DAY = 86_400_000
+I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
 M1 = TIMEFRAMES["1m"].kernel_args
 W1 = TIMEFRAMES["1w"].kernel_args
@@ -113,6 +114,66 @@ def test_validate_rejects_wrong_dtype(k: ModuleType) -> None:
         k.validate(np.zeros(3, np.float64), *M1)
     with pytest.raises(InvalidRequestError):
         k.validate(candles([0]), 0, 0, False)
+
+
+# -- prepare -----------------------------------------------------------------------------------
+# A long valid batch one grid step apart is the batch the compiled core checks in one quick pass;
+# one bad row in its middle must still be found, and reported as the row-by-row rules report it.
+SPOILED = [
+    ("open", float("nan"), 1),
+    ("value", float("inf"), 1),
+    ("low", 1e12, 2),  # above the body
+    ("close", 1.0, 2),  # below the low
+    ("high", 1.0, 3),  # below the body
+    ("open", 1e12, 3),  # above the high
+    ("volume", -1.0, 4),
+    ("value", -5e-324, 5),
+    ("low", -0.0, 8),
+    ("low", 0.0, 8),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), SPOILED)
+def test_prepare_finds_one_bad_row_in_a_long_valid_batch(k: ModuleType, field: str, value: float, reason: int) -> None:
+    a = dense_candles(1000, 10**6 * MIN)
+    a[field][500] = value
+    rows, idx, why = k.prepare(a, *M1, now_ms=I64_MAX)
+    assert rows is None and idx.tolist() == [500] and why.tolist() == [reason]
+
+
+def test_prepare_finds_a_misaligned_or_future_row_in_a_long_valid_batch(k: ModuleType) -> None:
+    a = dense_candles(1000, 10**6 * MIN)
+    now = int(a["ts"][-1])
+    assert k.prepare(a, *M1, now_ms=now)[0] is not None
+    a["ts"][500] += 1
+    rows, idx, why = k.prepare(a, *M1, now_ms=now)
+    assert rows is None and idx.tolist() == [500] and why.tolist() == [6]
+    a["ts"][500] -= 1
+    rows, idx, why = k.prepare(a, *M1, now_ms=now - 1)  # the last row is in the future
+    assert rows is None and idx.tolist() == [999] and why.tolist() == [7]
+    a["ts"] += MIN // 2  # every row off the grid, one step apart
+    rows, idx, why = k.prepare(a, *M1, now_ms=now + MIN)
+    assert rows is None and idx.tolist() == list(range(1000)) and set(why.tolist()) == {6}
+
+
+def test_prepare_keeps_valid_batches_that_are_not_one_step_apart(k: ModuleType) -> None:
+    a = dense_candles(1000, 10**6 * MIN)
+    a["volume"][10] = a["value"][11] = -0.0  # -0.0 >= 0
+    gap = np.delete(a, 500)
+    assert bytes(k.prepare(gap, *M1)[0]) == bytes(gap)
+    swapped = a.copy()
+    swapped[[500, 501]] = swapped[[501, 500]]
+    assert bytes(k.prepare(swapped, *M1)[0]) == bytes(a)
+    dup = a.copy()
+    dup["ts"][501] = dup["ts"][500]  # the last occurrence wins
+    assert bytes(k.prepare(dup, *M1)[0]) == bytes(np.delete(dup, 500))
+
+
+def test_prepare_sorts_a_batch_whose_step_wraps_past_int64_max(k: ModuleType) -> None:
+    # I64_MIN is I64_MAX - 1023 plus one step of 1024 modulo 2**64: both on the grid, not sorted
+    a = candles([I64_MAX - 1023, I64_MIN])
+    rows, idx, _ = k.prepare(a, 1024, 0, False)
+    assert idx.tolist() == [] and rows["ts"].tolist() == [I64_MIN, I64_MAX - 1023]
 
 
 # -- sort_dedup / merge ------------------------------------------------------------------------

@@ -131,6 +131,75 @@ def test_validate_compiled_equals_twin(arr: np.ndarray, grid: tuple[int, int, bo
     assert pr.tolist() == cr.tolist()
 
 
+def _wrap64(x: int) -> int:
+    return (x + 2**63) % 2**64 - 2**63
+
+
+SPOILERS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.0, 5e-324, 1e308]
+fine_row = st.tuples(
+    st.floats(1e-300, 1e300),
+    st.floats(1e-300, 1e300),
+    st.sampled_from([1.0, 0.5, 0.999]),  # low, of the body's low
+    st.sampled_from([1.0, 2.0, 1.001]),  # high, of the body's high
+    nice,
+    nice,
+)
+
+
+@st.composite
+def grid_runs(draw: st.DrawFn) -> tuple[np.ndarray, tuple[int, int, bool], int | None]:
+    """Well-formed rows on the grid one interval apart (the batch the compiled prepare checks in
+    one quick pass), then maybe spoiled: a row's field, ts or place, every ts moved, or a ``now``
+    before some row. Runs that start near INT64_MAX wrap past it (two's complement)."""
+    grid = draw(grids)
+    iv, origin, is_month = grid
+    n = draw(st.integers(1, 40))
+    if is_month:
+        m0 = draw(st.integers(-30, 700))
+        ts = [P._month_start(m0 + i) for i in range(n)]
+    else:
+        t0 = draw(timestamps)
+        t0 -= (t0 - origin) % iv  # on the grid, at or before the drawn ts
+        t0 += iv if t0 < I64_MIN else 0
+        ts = [_wrap64(t0 + i * iv) for i in range(n)]
+    lst = []
+    for t, (o, c, lo, hi, v, val) in zip(ts, draw(st.lists(fine_row, min_size=n, max_size=n)), strict=True):
+        lst.append((t, o, max(o, c) * hi, min(o, c) * lo, c, v, val))
+    a = _arr(lst)
+    i = draw(st.integers(0, n - 1))
+    spoil = draw(st.sampled_from(["none", "field", "ts", "swap", "shift"]))
+    step = DAY if is_month else iv
+    if spoil == "field":
+        field = draw(st.sampled_from(["open", "high", "low", "close", "volume", "value"]))
+        if draw(st.booleans()):
+            a[field][i] = draw(st.sampled_from(SPOILERS))
+        else:  # still finite and positive, maybe out of order with the other prices
+            a[field][i] *= draw(st.sampled_from([0.25, 4.0]))
+    elif spoil == "ts":
+        a["ts"][i] = _wrap64(ts[i] + draw(st.sampled_from([1, -1, step, -step, step // 2])))
+    elif spoil == "swap" and n > 1:
+        a[[i, i - 1]] = a[[i - 1, i]]
+    elif spoil == "shift":  # every row off the grid (or, a whole step on, still on it)
+        a["ts"] = [_wrap64(t + draw(st.sampled_from([1, -1, step // 2, step]))) for t in ts]
+    just_before = st.sampled_from(ts).map(lambda t: max(t - 1, I64_MIN))
+    now = draw(st.one_of(st.none(), st.just(I64_MAX), st.sampled_from(ts), just_before, timestamps))
+    return a, grid, now
+
+
+@needs_core
+@PROFILE
+@given(st.one_of(grid_runs(), st.tuples(batches, grids, st.one_of(st.none(), timestamps))))
+def test_prepare_compiled_equals_twin(run: tuple[np.ndarray, tuple[int, int, bool], int | None]) -> None:
+    arr, grid, now = run
+    p_rows, p_idx, p_reason = P.prepare(arr, *grid, now_ms=now)
+    c_rows, c_idx, c_reason = C.prepare(arr, *grid, now_ms=now)
+    assert p_idx.tolist() == c_idx.tolist() and p_reason.tolist() == c_reason.tolist()
+    assert (p_rows is None) == (c_rows is None)
+    if p_rows is not None:
+        assert _bytes(p_rows) == _bytes(c_rows)
+        assert not np.shares_memory(c_rows, arr)
+
+
 def _month_start_ref(ts: int) -> bool:
     try:
         d = datetime(1970, 1, 1) + timedelta(milliseconds=ts)
