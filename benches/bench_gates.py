@@ -17,11 +17,11 @@ live_edge_100_markets      one new candle for each of 100 markets inside    the 
 =========================  ===============================================  =====================================  =====
 
 The write gate holds 4.0, not issue 20's 3x, which this machine no longer meets: the subject
-is the batch's validation and private copy (``prepare``, a compiled pass that costs about what
-the merge does), the merge itself, and about 9 us of Python around them (27% less than
-before), so the ratio is ~2.2 plus that; when the merge kernel got 20% faster (typed
-memoryviews dropped) the ratio rose from 2.7-3.2 to 3.0-3.6, over the same runs. 4.0 still
-fails a store that loses a quarter of its margin.
+is the batch's validation and private copy (``prepare``, a compiled pass, two thirds of the
+merge), the merge itself, and about 9 us of Python around them (27% less than before), so the
+ratio is ~1.7 plus that; when the merge kernel got 20% faster (typed memoryviews dropped) the
+ratio rose from 2.7-3.2 to 3.0-3.6 over the same runs, and the faster ``prepare`` brought it
+to 2.9-3.05. 4.0 still fails a store that loses a quarter of its margin.
 
 The write gate's baseline is the compiled core, the others' plain numpy or Python, so a run
 with ``MDS_PUREPYTHON=1`` (the numpy twin behind the public API) fails the gaps, write,

@@ -1019,7 +1019,10 @@ class LatencyRing:
     def __init__(self, size: int = 4096) -> None:
         if size <= 0:
             raise InvalidRequestError(f"size must be positive, got {size}")
-        self._buf = np.zeros(size, np.float64)
+        try:
+            self._buf = np.zeros(size, np.float64)
+        except ValueError:  # more bytes than an array can address: as the compiled ring says
+            raise MemoryError(f"a latency ring of {size} samples") from None
         self.size = int(size)
         self.count = 0
 

@@ -104,6 +104,7 @@ class Store:
         self.path = Path(path).expanduser() if path is not None else default_path()
         self._lock = counting(threading.RLock())  # Tiers.off_lock asks how often it is held
         self._metrics = Metrics()
+        self._memory_hit = self._metrics.memory_hit  # the memory hit's one compiled call, at hand
         self._symbols_ok: set[str] = set()
         self._closed = False
         self._live: list[Any] = []  # the LiveFeeds started by follow(), closed by close()
@@ -321,7 +322,7 @@ class Store:
                         return arr
                 arr = self._reader.fast_latest(sym, tf, count)
                 if arr is not None:
-                    self._metrics.memory_hit(t0)
+                    self._memory_hit(t0)
                     return arr
             arr, source = self._reader.read(sym, tf, count, start, end, include_partial, allow_layer1=True)
         self._metrics.served(source, "api.candles", (_perf_counter() - t0) * 1000)

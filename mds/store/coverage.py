@@ -98,7 +98,7 @@ class Coverage:
         """
         slots = self.slots
         if slots.array is None:
-            if self.tiers.durable:  # without a durable tier, no other process writes what this one holds
+            if self.tiers.durable:  # no durable tier: no commit counter to ask
                 self._refresh_shared()  # no stamps (the mmap failed): the coarser durable-tier check
             return False
         key = (sym, tf.name)
