@@ -192,6 +192,34 @@ def test_two_writes_of_one_minute_in_a_batch_the_last_wins(edge: tuple[mds.Store
     st.close()
 
 
+def test_an_append_after_a_write_lmdb_takes_in_one_batch_reaches_lmdb(
+    edge: tuple[mds.Store, Clock, np.ndarray], tmp_path: Path
+) -> None:
+    """A batch's first write rewrites candles LMDB holds and runs past its end (LMDB takes it,
+    with its own rows); a second write of the batch then rewrites that new part as a small
+    append. LMDB decides both before the commit, but fills them in order after it: the second
+    must reach LMDB too, or LMDB keeps the first write's superseded rows there."""
+    st, clock, hist = edge
+    clock.t = T0 + 2_005 * M + 1_000
+    assert _lmdb_held(st)[-1][1] == T0 + 2_000 * M
+    first = dense_candles(10, T0 + 1_995 * M, seed=10)  # 1995..2004: a correction and an append
+    second = dense_candles(5, T0 + 2_000 * M, seed=11)  # 2000..2004 again, other bytes
+    second["volume"] = first["volume"][5:] + 1.0
+    second["value"] = first["value"][5:] + 1.0
+    with st.batch():
+        st.write_candles(SYM, "1m", first)
+        st.write_candles(SYM, "1m", second)
+    want = np.concatenate([hist[:-5], first[:5], second])
+    disk = st._health.tier("disk")
+    got = disk.get_range(SYM, TF, T0 + 1_995 * M, T0 + 2_005 * M)
+    assert got is None or got.tobytes() == want[-10:].tobytes()  # not held, or exactly what is stored
+    assert st.check().ok
+    other = mds.open(tmp_path, clock=clock)  # memory empty: the latest rows come from LMDB
+    assert other.candles(SYM, "1m", count=100).tobytes() == want[-100:].tobytes()
+    other.close()
+    st.close()
+
+
 def test_a_rolled_back_batch_leaves_every_tier_as_it_was(edge: tuple[mds.Store, Clock, np.ndarray]) -> None:
     st, clock, hist = edge
     clock.t = T0 + 2_002 * M + 1_000

@@ -373,7 +373,9 @@ class Store:
         """Every write inside commits as one durable transaction, all or nothing.
 
         The faster tiers (LMDB, memory) are updated after the commit; if the batch fails nothing
-        of it is stored anywhere.
+        of it is stored anywhere. A store without a durable tier (``tiers=("memory",)`` or
+        ``("memory", "disk")``) has no transaction to roll back: there each write inside is
+        stored when it returns, and a failure later in the batch keeps the writes before it.
         """
         self._check_open()
         with self._writer.batch():

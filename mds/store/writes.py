@@ -281,13 +281,22 @@ class Writer:
         held = dict(zip(series, got))
         to_disk: list[bool] = []
         for f in deferred:
-            flat = held[(f.sym, f.tf.name)]
+            key = (f.sym, f.tf.name)
+            flat = held[key]
             small = f.rows < LMDB_APPEND_MIN
             if small and flat and f.start >= flat[-1]:
                 to_disk.append(False)  # the usual case at the live edge, decided without arrays
             else:
                 held_spans = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
-                to_disk.append(not self._unhold_disk(f.sym, f.tf, f.spans, held_spans, small))
+                took = not self._unhold_disk(f.sym, f.tf, f.spans, held_spans, small)
+                to_disk.append(took)
+                if took:
+                    # The fills run in order after the commit: LMDB will hold this fill's spans
+                    # (an exact fill: with this write's rows) when the later writes of the series
+                    # are filled, so they are decided against that, not against what it holds now.
+                    # Else a later small append inside these spans skips LMDB and leaves it this
+                    # write's superseded rows.
+                    held[key] = K.interval_union(held_spans, f.spans).ravel().tolist()
         return to_disk
 
     def _unhold_disk(
