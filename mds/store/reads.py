@@ -416,13 +416,13 @@ class Reader:
             if not allow_layer1:
                 raise NeedsLayer1()
             return read_only(self.fetcher.range(sym, tf, s, e)), "layer1_api"
-        if mem is not None:
-            held = mem.held(sym, tf)
-            if held is not None:
-                got = mem.range(sym, tf, max(s, held[0]), min(e, held[1]))
-                if got is not None:
-                    return got, "storage_memory"
-        return EMPTY_CANDLES, source
+        return self._held_parts(sym, tf, s, e, source)
+
+    def _held_parts(self, sym: str, tf: Timeframe, s: int, e: int, source: str) -> Answer:
+        """Without a durable tier, a range that neither fast tier holds whole: every part of it
+        one of them holds (:meth:`Coverage.held_rows`); a part neither holds is not stored."""
+        rows, from_disk = self.coverage.held_rows(sym, tf, s, e)
+        return read_only(rows), slowest(source, "storage_disk") if from_disk else source
 
     def _range_from_layer1(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> Answer:
         if e <= s:

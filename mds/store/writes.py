@@ -24,7 +24,7 @@ from mds.errors import InvalidCandleError, InvalidRequestError, StorageUnavailab
 from mds.models import Config, WriteResult
 from mds.store.changes import ChangeSlots
 from mds.store.coverage import EMPTY_RANGES, Coverage, intersect
-from mds.store.health import BACKEND_ERRORS, Tiers
+from mds.store.health import BACKEND_ERRORS, Tiers, storage_errors
 from mds.tiers.durable import DamagedChunkError, SharedHistory
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import to_ms
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Appends of fewer closed candles than this are left out of LMDB (see Writer._unhold_disk).
 LMDB_APPEND_MIN = 64
+#: Tries of a write without a durable tier whose LMDB fill other processes' writes keep refusing.
+_SHARED_TRIES = 5
 
 
 class _Fill(NamedTuple):
@@ -218,13 +220,44 @@ class Writer:
         if mem is not None and tiers.tier("disk") is None:
             counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
         else:
-            counts = _memory_counts(mem, sym, tf, closed)
-            spans = _spans(tf, closed, covered)
-            if len(spans):
-                self._fill_fast_tiers(sym, tf, spans, closed)
+            counts = self._store_shared(sym, tf, closed, covered)
         if len(partial) and mem is not None:
             mem.set_partial(sym, tf, partial[-1:].copy())
         return counts
+
+    def _store_shared(self, sym: str, tf: Timeframe, closed: np.ndarray, covered: np.ndarray) -> tuple[int, int, int]:
+        """Without a durable tier, LMDB is the store every process on the path shares. The write
+        stamps the series as a durable write does, so that what other processes keep of it in
+        memory is dropped at their next read, and fills LMDB only while no other process began
+        a write of the series since this stamp (checked inside LMDB's write transaction): a fill
+        refused so is merged again with what the other left, up to :data:`_SHARED_TRIES` times.
+
+        Raises StorageUnavailableError when other processes kept writing the series; spans this
+        write filled before that keep its rows."""
+        mem = self.tiers.tier("memory")
+        spans = _spans(tf, closed, covered)
+        slots = self.slots
+        try:
+            for _ in range(_SHARED_TRIES):
+                slots.begin(sym, tf)
+                counts = _memory_counts(mem, sym, tf, closed)
+                if not len(spans):
+                    return counts
+                refused: list[bool] = []
+                self._fill_fast_tiers(sym, tf, spans, closed, own=_unmoved(slots, sym, tf, refused))
+                if not refused:
+                    return counts
+                # another process wrote the series between this stamp and the fill: merge again
+                logger.info("%s %s: another process wrote the series meanwhile; merging again", sym, tf.name)
+                self.coverage.forget(sym, tf)
+                if len(covered):
+                    self.coverage.add(sym, tf, covered)
+        finally:
+            self.end_changes()
+        raise StorageUnavailableError(
+            f"{sym} {tf.name}: other processes on this store directory kept writing the series "
+            f"({_SHARED_TRIES} tries); the write was not completed, retry it"
+        )
 
     def end_changes(self) -> set[tuple[str, str]]:
         """Final stamps for the series written, unless a batch still holds them open; the
@@ -355,12 +388,14 @@ class Writer:
         batch: np.ndarray | None,
         exact: np.ndarray | None = None,
         to_disk: bool = True,
+        own: Callable[[], bool] | None = None,
     ) -> None:
         """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written).
 
         ``batch``: without a durable tier, the rows written (merged with what the fast tiers
-        hold). ``exact``: the rows the durable tier holds in the one span, as this store committed
-        them (no read back). ``to_disk`` False: an append that LMDB does not take.
+        hold); ``own`` then guards their LMDB fill (see :meth:`_store_shared`). ``exact``: the
+        rows the durable tier holds in the one span, as this store committed them (no read
+        back). ``to_disk`` False: an append that LMDB does not take.
         """
         tiers = self.tiers
         mem = tiers.tier("memory")
@@ -387,6 +422,7 @@ class Writer:
                     self.invalidate_fast(sym, tf, s, e)
                     continue
             else:
+                guard = own
                 rows = self._merge_with_fast(sym, tf, s, e, batch)
             if to_disk:
                 self.put_disk(sym, tf, s, e, rows, guard)
@@ -482,52 +518,69 @@ class Writer:
         """Remove ``[s, e)`` from every tier, the fast tiers first: a crash after that leaves them
         missing rows, never stale. The count removed from the durable tier (memory without one)."""
         tiers = self.tiers
+        self.check_writable()
+        with self.lock:
+            self._unexact((sym, tf.name))
+            if not tiers.durable and tiers.tier("disk") is not None:
+                # LMDB is the store the processes on the path share: they learn of the delete by
+                # the stamp (as of a durable one), final once LMDB committed it
+                self.slots.begin(sym, tf)
+                try:
+                    return self._delete(sym, tf, s, e)
+                finally:
+                    self.end_changes()
+            return self._delete(sym, tf, s, e)
+
+    def _delete(self, sym: str, tf: Timeframe, s: int | None, e: int | None) -> int:
+        """:meth:`delete` under the lock."""
+        tiers = self.tiers
         lo = -(2**62) if s is None else s
         hi = 2**62 if e is None else e
         key = (sym, tf.name)
-        self.check_writable()
-        with self.lock:
-            self._unexact(key)
-            disk = tiers.tier("disk")
-            if disk is not None:
-                try:
-                    disk.delete(sym, tf, s, e)
-                except BACKEND_ERRORS as exc:
-                    tiers.degrade("disk", exc)
-                    self.invalidate_fast(sym, tf, lo, hi, only="disk")
-            elif tiers.durable:
-                tiers.mark_disk_stale()
-            mem = tiers.tier("memory")
-            kept = None
-            if mem is not None and not tiers.durable:
-                held = mem.held(sym, tf)
-                if held is not None:
-                    rows = mem.range(sym, tf, held[0], held[1])
-                    if rows is not None:
-                        keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
-                        kept = (held, keep, len(rows) - len(keep))
-            if mem is not None:
-                mem.invalidate(sym, tf)
-            self.coverage.frontiers.pop(key, None)
-            db = tiers.tier("sqlite")
-            if tiers.durable:
-                if db is None:
-                    raise StorageUnavailableError(f"{tiers.durable_name} tier is degraded; nothing was deleted")
-                self.slots.begin(sym, tf)
-                try:
-                    removed = int(db.delete(sym, tf, s, e))
-                except BACKEND_ERRORS as exc:
-                    tiers.failed("sqlite", exc)
-                    raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
-                finally:
-                    self.end_changes()
-                self.coverage.drop(key)
-            else:
-                removed = len(self.coverage.stored_ts(sym, tf, s, e)) if kept is None else kept[2]
-                self.coverage.subtract(key, lo, hi)
-            if kept is not None and mem is not None:
-                (hs, he), rows, _ = kept
-                mem.put_range(sym, tf, hs, he, rows)
+        stored = 0
+        if not tiers.durable:  # the fast tiers are the store: what they hold is what goes
+            with storage_errors(sym, tf):
+                stored = len(self.coverage.held_rows(sym, tf, lo, hi)[0])
+        disk = tiers.tier("disk")
+        if disk is not None:
+            try:
+                disk.delete(sym, tf, s, e)
+            except BACKEND_ERRORS as exc:
+                tiers.degrade("disk", exc)
+                self.invalidate_fast(sym, tf, lo, hi, only="disk")
+        elif tiers.durable:
+            tiers.mark_disk_stale()
+        mem = tiers.tier("memory")
+        kept = None
+        if mem is not None and not tiers.durable:
+            held = mem.held(sym, tf)
+            if held is not None:
+                rows = mem.range(sym, tf, held[0], held[1])
+                if rows is not None:
+                    keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
+                    kept = (held, keep, len(rows) - len(keep))
+        if mem is not None:
+            mem.invalidate(sym, tf)
+        self.coverage.frontiers.pop(key, None)
+        db = tiers.tier("sqlite")
+        if tiers.durable:
+            if db is None:
+                raise StorageUnavailableError(f"{tiers.durable_name} tier is degraded; nothing was deleted")
+            self.slots.begin(sym, tf)
+            try:
+                removed = int(db.delete(sym, tf, s, e))
+            except BACKEND_ERRORS as exc:
+                tiers.failed("sqlite", exc)
+                raise StorageUnavailableError(f"delete failed, nothing removed: {exc}") from exc
+            finally:
+                self.end_changes()
+            self.coverage.drop(key)
+        else:
+            removed = stored
+            self.coverage.subtract(key, lo, hi)
+        if kept is not None and mem is not None:
+            (hs, he), rows, _ = kept
+            mem.put_range(sym, tf, hs, he, rows)
         return removed
 
     def quarantine(self, damage: DamagedChunkError) -> bool:
@@ -654,6 +707,20 @@ def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tup
         old = mem.range(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)
     _, ins, upd, unch = K.merge(old if old is not None else EMPTY_CANDLES, closed)
     return (ins, upd, unch)
+
+
+def _unmoved(slots: ChangeSlots, sym: str, tf: Timeframe, refused: list[bool]) -> Callable[[], bool]:
+    """A guard that holds while the series' stamp is the one it has now (no other writer began
+    since); each refusal appends to ``refused``."""
+    token = slots.stamp(sym, tf)
+
+    def guard() -> bool:
+        if token is None or slots.stamp(sym, tf) == token:
+            return True
+        refused.append(True)
+        return False
+
+    return guard
 
 
 def _fill_live_edge(
