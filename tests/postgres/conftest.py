@@ -9,7 +9,28 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from pg_cluster import Cluster, fresh_database, running_cluster
+from pg_cluster import REQUIRE_ENV, Cluster, fresh_database, running_cluster
+
+try:
+    import psycopg  # noqa: F401  (the driver of the tier these modules test)
+except ImportError as exc:  # a developer machine without the postgres extra
+    if os.environ.get(REQUIRE_ENV) == "1":
+        raise
+    _NO_DRIVER = f"psycopg is not installed ({exc}): pip install -e '.[test]' or 'upbit-mds[postgres]'"
+else:
+    _NO_DRIVER = ""
+
+
+class _WithoutDriver(pytest.Module):
+    """A test module of this directory where psycopg is missing: skipped with the reason, not an
+    error at import (its imports need the driver)."""
+
+    def collect(self) -> list[pytest.Item]:
+        raise pytest.skip.Exception(_NO_DRIVER, allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path: os.PathLike[str], parent: pytest.Collector) -> pytest.Module | None:
+    return _WithoutDriver.from_parent(parent, path=module_path) if _NO_DRIVER else None
 
 
 @pytest.fixture(scope="session")
