@@ -166,46 +166,8 @@ class Coverage:
         return self.held_rows(sym, tf, lo, hi)[0]["ts"]  # a strided view: find_gaps reads it as it is
 
     def held_rows(self, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np.ndarray, bool]:
-        """Without a durable tier, where the fast tiers are the store: every candle of ``[lo, hi)``
-        one of them holds (memory's window first, LMDB for the rest; what neither holds is not
-        stored), and whether LMDB answered a part. A configured fast tier that cannot answer now
-        (degraded) leaves what is stored unknown: StorageDown, never fewer rows."""
-        tiers = self.tiers
-        for name in ("memory", "disk"):
-            state = tiers.states.get(name)
-            if state is not None and state.degraded_at is not None:
-                raise StorageDown(reason=f"the {name} tier cannot answer ({state.error})")
-        parts: list[np.ndarray] = []
-        mine = EMPTY_RANGES
-        mem = tiers.tier("memory")
-        held = None if mem is None else mem.held(sym, tf)
-        if held is not None and max(lo, held[0]) < min(hi, held[1]):
-            a, b = max(lo, held[0]), min(hi, held[1])
-            rows = mem.range(sym, tf, a, b)
-            if rows is not None:
-                parts.append(rows)
-                mine = np.array([[a, b]], dtype=np.int64)
-        from_disk = False
-        disk = tiers.tier("disk")
-        if disk is not None:
-            ranges = tiers.guard("disk", disk.held, sym, tf)
-            if ranges is None:
-                raise StorageDown(reason="the disk tier cannot answer")
-            want = np.array([[lo, hi]], dtype=np.int64)
-            rest = K.interval_subtract(intersect(want, np.asarray(ranges, np.int64).reshape(-1, 2)), mine)
-            for a, b in rest.tolist():
-                rows = tiers.guard("disk", disk.get_range, sym, tf, a, b)
-                if rows is None:
-                    raise StorageDown(reason="the disk tier cannot answer")
-                parts.append(rows)
-                from_disk = True
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return EMPTY_CANDLES, from_disk
-        if len(parts) == 1:
-            return parts[0], from_disk
-        parts.sort(key=lambda p: int(p["ts"][0]))  # disjoint parts, each ascending
-        return np.concatenate(parts), from_disk
+        """:func:`fast_rows` of this store's tiers."""
+        return fast_rows(self.tiers, sym, tf, lo, hi)
 
 
 def covered_tail(cov: np.ndarray, end: int) -> int | None:
@@ -248,3 +210,45 @@ def gap_kinds(data: np.ndarray, cov: np.ndarray, tf: Timeframe, s: int | None, e
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a intersect b == a minus (a minus b)."""
     return K.interval_subtract(a, K.interval_subtract(a, b))
+
+
+def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np.ndarray, bool]:
+    """Without a durable tier, where the fast tiers are the store: every candle of ``[lo, hi)``
+    one of them holds (memory's window first, LMDB for the rest; what neither holds is not
+    stored), and whether LMDB answered a part. A configured fast tier that cannot answer now
+    (degraded) leaves what is stored unknown: StorageDown, never fewer rows."""
+    for name in ("memory", "disk"):
+        state = tiers.states.get(name)
+        if state is not None and state.degraded_at is not None:
+            raise StorageDown(reason=f"the {name} tier cannot answer ({state.error})")
+    parts: list[np.ndarray] = []
+    mine = EMPTY_RANGES
+    mem = tiers.tier("memory")
+    held = None if mem is None else mem.held(sym, tf)
+    if held is not None and max(lo, held[0]) < min(hi, held[1]):
+        a, b = max(lo, held[0]), min(hi, held[1])
+        rows = mem.range(sym, tf, a, b)
+        if rows is not None:
+            parts.append(rows)
+            mine = np.array([[a, b]], dtype=np.int64)
+    from_disk = False
+    disk = tiers.tier("disk")
+    if disk is not None:
+        ranges = tiers.guard("disk", disk.held, sym, tf)
+        if ranges is None:
+            raise StorageDown(reason="the disk tier cannot answer")
+        want = np.array([[lo, hi]], dtype=np.int64)
+        rest = K.interval_subtract(intersect(want, np.asarray(ranges, np.int64).reshape(-1, 2)), mine)
+        for a, b in rest.tolist():
+            rows = tiers.guard("disk", disk.get_range, sym, tf, a, b)
+            if rows is None:
+                raise StorageDown(reason="the disk tier cannot answer")
+            parts.append(rows)
+            from_disk = True
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return EMPTY_CANDLES, from_disk
+    if len(parts) == 1:
+        return parts[0], from_disk
+    parts.sort(key=lambda p: int(p["ts"][0]))  # disjoint parts, each ascending
+    return np.concatenate(parts), from_disk

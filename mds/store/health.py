@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 #: A degraded tier is tried again after this many seconds.
 _RETRY_DEGRADED_S = 5.0
+#: The LMDB tier's ttl without a durable tier to refresh from: its chunks never go stale.
+_NEVER_STALE_MS = 1 << 62
 
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, OSError)
 _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = ()
@@ -220,7 +222,9 @@ class Tiers:
                 state.obj = LmdbTier(
                     self.path / "lmdb",
                     retention_ms=int(cfg.disk_days * 86_400_000),
-                    ttl_ms=int(cfg.disk_ttl_s * 1000),
+                    # without a durable tier LMDB is the store: nothing to refresh a chunk from, so
+                    # none goes stale (only the retention window applies)
+                    ttl_ms=int(cfg.disk_ttl_s * 1000) if "sqlite" in cfg.tiers else _NEVER_STALE_MS,
                     map_size=min(64 * 1024 * 1024, cfg.disk_map_size_cap),
                     durable=cfg.durable,
                     map_size_cap=cfg.disk_map_size_cap,
@@ -306,9 +310,10 @@ class Tiers:
                 return None
             if state.obj is None and not self._try_open(name):
                 return None
-            if name == "disk":
+            if name == "disk" and "sqlite" in self.states:
                 # Writes may have gone to SQLite while LMDB could not follow (or could not drop a
-                # span): it is emptied before it is trusted again, and refills lazily.
+                # span): it is emptied before it is trusted again, and refills lazily. Without a
+                # durable tier it is the store, and no write went past it (it raised instead).
                 try:
                     state.obj.clear()
                     self._stale_marker.unlink(missing_ok=True)

@@ -313,46 +313,31 @@ class Reader:
                 self.writer.put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
             return read_only(got), "sqlite_db"
         # no durable tier: what the fast tiers keep is all the store holds
-        if self.fetcher is None and disk is not None:
-            got = self._latest_from_disk_ranges(disk, sym, tf, n, end)
-            if got is not None:
-                return read_only(got), "storage_disk"
-        mem = tiers.tier("memory")
-        if mem is not None:
-            got = mem.latest(sym, tf, n, end)
-            if got is not None:
-                return got, "storage_memory"
-            held = mem.held(sym, tf)
-            if held is not None:
-                got = mem.range(sym, tf, held[0], min(held[1], end))
-                if got is not None:
-                    return got[-n:], "storage_memory"
+        if self.fetcher is None:
+            return read_only(self._latest_from_fast(sym, tf, n, end)), "storage_disk"
         if self.fetcher is not None:
             raise StorageDown()
         return EMPTY_CANDLES, "storage_memory"
 
-    def _latest_from_disk_ranges(self, disk: Any, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray | None:
-        """Without a durable tier, LMDB's held ranges are the store: the newest ``n`` candles
-        before ``end`` from them, newest range first (None when LMDB cannot answer)."""
-        held = self.tiers.guard("disk", disk.held, sym, tf)
-        if held is None:
-            return None
+    def _latest_from_fast(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray:
+        """Without a durable tier the fast tiers are the store: the newest ``n`` candles before
+        ``end`` from every range memory or LMDB holds (memory's window can reach further back than
+        LMDB's disk_days), newest range first. StorageDown when a fast tier cannot answer."""
         parts: list[np.ndarray] = []
         have = 0
-        for s, e in np.asarray(held, dtype=np.int64).reshape(-1, 2)[::-1].tolist():
+        for s, e in self.coverage.fast_held(sym, tf)[::-1].tolist():
             e = min(e, end)
             if e <= s:
                 continue
-            got = self.tiers.guard("disk", disk.get_range, sym, tf, s, e)
-            if got is None:
-                return None
-            parts.insert(0, np.ascontiguousarray(got))
-            have += len(got)
+            rows = self.coverage.held_rows(sym, tf, s, e)[0]
+            parts.insert(0, rows)
+            have += len(rows)
             if have >= n:
                 break
+        parts = [p for p in parts if len(p)]
         if not parts:
             return EMPTY_CANDLES
-        return np.concatenate(parts)[-n:]
+        return np.concatenate(parts)[-n:] if len(parts) > 1 else parts[0][-n:]
 
     def _to_memory(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
         """Fill the memory tier with the latest rows read from a shared tier: they are exactly the
@@ -411,8 +396,11 @@ class Reader:
             got = tiers.read_db("read_range", sym, tf, s, e, guard=guard)
             self.writer.put_disk(sym, tf, s, e, got, guard)
             return read_only(got), slowest(source, "sqlite_db")
-        mem = tiers.tier("memory")
-        if self.fetcher is not None and (mem is None or mem.held(sym, tf) is None):
+        if self.fetcher is not None and len(
+            K.interval_subtract(np.array([[s, e]], dtype=np.int64), self.coverage.of(sym, tf))
+        ):
+            # the fast tiers (the store) do not hold all of it even after the fetch (older than
+            # LMDB keeps, newer than memory's window): Layer 1's answer
             if not allow_layer1:
                 raise NeedsLayer1()
             return read_only(self.fetcher.range(sym, tf, s, e)), "layer1_api"

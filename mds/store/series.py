@@ -13,18 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from mds._dtypes import CANDLE_DTYPE
 from mds.errors import StorageUnavailableError
 from mds.models import SeriesInfo
 from mds.store.changes import ChangeSlots
-from mds.store.coverage import EMPTY_RANGES, Coverage
+from mds.store.coverage import Coverage, fast_rows
 from mds.store.health import StorageDown, Tiers
 from mds.timeframes import TIMEFRAMES, Timeframe
 
 __all__ = ["covered_share", "list_series", "series_stamp", "stored_rows"]
 
 _ORDER = {name: i for i, name in enumerate(TIMEFRAMES)}
-_NO_ROWS = np.zeros(0, dtype=CANDLE_DTYPE)
 
 
 def covered_share(cov: np.ndarray, tf: Timeframe, first: int | None, last: int | None) -> float | None:
@@ -66,6 +64,7 @@ def list_series(tiers: Tiers, coverage: Coverage) -> list[SeriesInfo]:
                 tf = TIMEFRAMES.get(key[1])
                 if tf is None:
                     continue
+                coverage.sync(key[0], tf)  # another process may have changed it: not from memory
                 ts = stored_rows(tiers, key[0], tf, -(2**62), 2**62)["ts"]
                 found[key] = (len(ts), int(ts[0]), int(ts[-1])) if len(ts) else (0, None, None)
         out: list[SeriesInfo] = []
@@ -101,44 +100,14 @@ def _fast_series(tiers: Tiers) -> set[tuple[str, str]]:
 def stored_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> np.ndarray:
     """The candles a store holds in ``[lo, hi)``, ascending, without asking Layer 1.
 
-    The durable tier's rows when the store has one (:class:`StorageDown` when it cannot answer);
-    otherwise the union of what LMDB and memory hold.
+    The durable tier's rows when the store has one; otherwise every candle memory or LMDB holds
+    (:func:`mds.store.coverage.fast_rows`). :class:`StorageDown` when a tier cannot answer.
     """
     db = tiers.db()
     if db is not None:
         rows: np.ndarray = tiers.ask_db(db.read_range, sym, tf, lo, hi)
         return rows
-    parts: list[np.ndarray] = []
-    held: np.ndarray = EMPTY_RANGES
-    disk = tiers.tier("disk")
-    if disk is not None:
-        got_held = tiers.guard("disk", disk.held, sym, tf)
-        if got_held is None:
-            raise StorageDown(reason="the LMDB tier could not answer")
-        held = np.asarray(got_held, dtype=np.int64).reshape(-1, 2)
-        for a, b in held.tolist():
-            a, b = max(a, lo), min(b, hi)
-            if b <= a:
-                continue
-            got = tiers.guard("disk", disk.get_range, sym, tf, a, b)
-            if got is None:
-                raise StorageDown(reason="the LMDB tier could not answer")
-            parts.append(np.ascontiguousarray(got))
-    mem = tiers.tier("memory")
-    window = None if mem is None else mem.held(sym, tf)
-    if mem is not None and window is not None:
-        a, b = max(window[0], lo), min(window[1], hi)
-        got = mem.range(sym, tf, a, b) if b > a else None
-        if got is not None and len(got):
-            ts = got["ts"]
-            # memory and LMDB are filled by the same writes: memory adds only what LMDB lacks
-            i = np.searchsorted(held[:, 0], ts, side="right") - 1
-            in_disk = (i >= 0) & (ts < held[np.maximum(i, 0), 1]) if len(held) else np.zeros(len(ts), bool)
-            parts.append(np.ascontiguousarray(got[~in_disk]))
-    if not parts:
-        return _NO_ROWS
-    rows = np.concatenate(parts)
-    return rows[np.argsort(rows["ts"], kind="stable")] if len(parts) > 1 else rows
+    return fast_rows(tiers, sym, tf, lo, hi)[0]
 
 
 def series_stamp(slots: ChangeSlots, key: tuple[str, str]) -> Any:

@@ -234,13 +234,12 @@ class Writer:
 
         Raises StorageUnavailableError when other processes kept writing the series; spans this
         write filled before that keep its rows."""
-        mem = self.tiers.tier("memory")
         spans = _spans(tf, closed, covered)
         slots = self.slots
         try:
             for _ in range(_SHARED_TRIES):
                 slots.begin(sym, tf)
-                counts = _memory_counts(mem, sym, tf, closed)
+                counts = self._fast_counts(sym, tf, closed)
                 if not len(spans):
                     return counts
                 refused: list[bool] = []
@@ -443,19 +442,25 @@ class Writer:
                 self.put_disk(sym, tf, s, e, rows, guard)
 
     def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
-        """Without a durable tier: what the fast tiers already hold in [s, e) merged with the batch."""
+        """Without a durable tier: every candle the fast tiers hold in [s, e) (in parts too: what
+        neither holds is not stored) merged with the batch."""
         part = EMPTY_CANDLES if batch is None else batch[(batch["ts"] >= s) & (batch["ts"] < e)]
-        held = None
-        for name in ("memory", "disk"):
-            t = self.tiers.tier(name)
-            if t is not None:
-                held = self.tiers.guard(name, t.range if name == "memory" else t.get_range, sym, tf, s, e)
-                if held is not None:
-                    break
-        if held is None or not len(held):
+        with storage_errors(sym, tf):
+            held = self.coverage.held_rows(sym, tf, s, e)[0]
+        if not len(held):
             return np.ascontiguousarray(part)
         merged, *_ = K.merge(np.ascontiguousarray(held), part)
         return merged
+
+    def _fast_counts(self, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
+        """Without a durable tier: ``(inserted, updated, unchanged)`` of ``closed`` against what
+        the fast tiers hold."""
+        if not len(closed):
+            return (0, 0, 0)
+        with storage_errors(sym, tf):
+            old = self.coverage.held_rows(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)[0]
+        _, ins, upd, unch = K.merge(np.ascontiguousarray(old), closed)
+        return (ins, upd, unch)
 
     def _committed_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool]:
         """A guard for filling LMDB with the rows this store just committed (not read back): it
@@ -490,6 +495,14 @@ class Writer:
         if disk is None or not self.tiers.writable:
             return
         done = self.tiers.guard("disk", disk.put_range, sym, tf, s, e, np.ascontiguousarray(rows), guard)
+        if done is None and not self.tiers.durable:
+            # LMDB is the store and its write transaction changed nothing: the write failed (and
+            # LMDB keeps what it held: it must not be emptied as a copy of a durable tier would be)
+            state = self.tiers.states["disk"]
+            raise StorageUnavailableError(
+                f"{sym} {tf.name}: the disk tier, the store's only persistent tier, could not take the write "
+                f"({state.error or 'a transient failure'}); it was not stored"
+            )
         if done is None and self.tiers.states["disk"].degraded_at is not None:
             self.invalidate_fast(sym, tf, s, e, only="disk")
 
@@ -521,6 +534,7 @@ class Writer:
         self.check_writable()
         with self.lock:
             self._unexact((sym, tf.name))
+            self.coverage.sync(sym, tf)  # what another process changed is not counted from memory
             if not tiers.durable and tiers.tier("disk") is not None:
                 # LMDB is the store the processes on the path share: they learn of the delete by
                 # the stamp (as of a durable one), final once LMDB committed it
@@ -559,7 +573,9 @@ class Writer:
                 if rows is not None:
                     keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
                     kept = (held, keep, len(rows) - len(keep))
+        forming = None
         if mem is not None:
+            forming = mem.partial(sym, tf)  # the candle still forming is kept unless deleted
             mem.invalidate(sym, tf)
         self.coverage.frontiers.pop(key, None)
         db = tiers.tier("sqlite")
@@ -581,6 +597,8 @@ class Writer:
         if kept is not None and mem is not None:
             (hs, he), rows, _ = kept
             mem.put_range(sym, tf, hs, he, rows)
+        if forming is not None and mem is not None and not lo <= int(forming["ts"][0]) < hi:
+            mem.set_partial(sym, tf, forming)
         return removed
 
     def quarantine(self, damage: DamagedChunkError) -> bool:
@@ -697,16 +715,6 @@ def _write_memory(
         for i, c in enumerate((len(part), 0, 0) if got is None else got):
             counts[i] += c
     return counts[0], counts[1], counts[2]
-
-
-def _memory_counts(mem: Any, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
-    if not len(closed):
-        return (0, 0, 0)
-    old = None
-    if mem is not None:
-        old = mem.range(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)
-    _, ins, upd, unch = K.merge(old if old is not None else EMPTY_CANDLES, closed)
-    return (ins, upd, unch)
 
 
 def _unmoved(slots: ChangeSlots, sym: str, tf: Timeframe, refused: list[bool]) -> Callable[[], bool]:
