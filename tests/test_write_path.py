@@ -458,3 +458,15 @@ def test_a_validated_tier_write_still_refuses_what_prepare_does_not_promise(tmp_
         with pytest.raises(InvalidCandleError, match="low_above_body"):
             st.write_candles(SYM, "1m", bad)
         assert len(st.candles(SYM, "1m", start=T0, end=T0 + 10 * M)) == 0
+
+
+@pytest.mark.parametrize("tiers", [("memory", "disk", "sqlite"), ("memory", "sqlite"), ("memory", "disk")])
+def test_a_write_longer_than_memory_keeps_no_window_it_made_stale(tmp_path: Path, tiers: tuple[str, ...]) -> None:
+    """Memory takes only the newest ``memory_candles`` of a longer write: a window it held from
+    before, proven empty where the write put candles, must not answer that part any more."""
+    rows = dense_candles(67, T0 + 274 * M, M, seed=5)
+    with mds.open(tmp_path, config=Config(tiers=tiers, memory_candles=50), clock=lambda: T0 + 400 * M + 30_000) as st:
+        st.write_candles(SYM, "1m", rows[:0], complete=(T0 + 274 * M, T0 + 300 * M))  # no trades there
+        st.write_candles(SYM, "1m", rows)  # late candles there, and more: longer than memory keeps
+        got = st.candles(SYM, "1m", start=T0 + 274 * M, end=T0 + 291 * M)
+        assert got.tobytes() == rows[:17].tobytes()

@@ -427,8 +427,12 @@ class Writer:
                 self.put_disk(sym, tf, s, e, rows, guard)
             if mem is not None:
                 if len(rows) > cap:
+                    # memory takes the newest part of the span only: what its window held of the
+                    # rest is older than this write (a window proven empty there would go on
+                    # claiming it so), so the window starts afresh
                     rows = rows[-cap:]
                     s = int(rows["ts"][0])
+                    _drop_window(mem, sym, tf)
                 mem.put_range(sym, tf, s, e, np.ascontiguousarray(rows))
 
     def _refill_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
@@ -715,6 +719,14 @@ def _write_memory(
         for i, c in enumerate((len(part), 0, 0) if got is None else got):
             counts[i] += c
     return counts[0], counts[1], counts[2]
+
+
+def _drop_window(mem: Any, sym: str, tf: Timeframe) -> None:
+    """Forget what memory holds of a series but the candle still forming."""
+    forming = mem.partial(sym, tf)
+    mem.invalidate(sym, tf)
+    if forming is not None:
+        mem.set_partial(sym, tf, forming)
 
 
 def _unmoved(slots: ChangeSlots, sym: str, tf: Timeframe, refused: list[bool]) -> Callable[[], bool]:
