@@ -149,7 +149,7 @@ def test_write_counts_after_another_process_wrote_tell_updated_from_inserted(tmp
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. delete() never syncs with the change stamps before counting: Coverage.held_rows answers this
+# 5. delete() never syncs with the change stamps before counting: coverage.fast_rows answers this
 #    process's memory window first, which still holds what another process deleted.
 def test_delete_counts_what_is_stored_after_another_process_deleted(tmp_path: Path) -> None:
     arr = history()

@@ -163,11 +163,7 @@ class Coverage:
         db = tiers.db()
         if db is not None:
             return tiers.ask_db(db.read_range, sym, tf, lo, hi)["ts"]
-        return self.held_rows(sym, tf, lo, hi)[0]["ts"]  # a strided view: find_gaps reads it as it is
-
-    def held_rows(self, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np.ndarray, bool]:
-        """:func:`fast_rows` of this store's tiers."""
-        return fast_rows(self.tiers, sym, tf, lo, hi)
+        return fast_rows(tiers, sym, tf, lo, hi)[0]["ts"]  # a strided view: find_gaps reads it as it is
 
 
 def covered_tail(cov: np.ndarray, end: int) -> int | None:
@@ -225,9 +221,9 @@ def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[
     mine = EMPTY_RANGES
     mem = tiers.tier("memory")
     held = None if mem is None else mem.held(sym, tf)
-    if held is not None and max(lo, held[0]) < min(hi, held[1]):
+    if held is not None:
         a, b = max(lo, held[0]), min(hi, held[1])
-        rows = mem.range(sym, tf, a, b)
+        rows = mem.range(sym, tf, a, b) if a < b else None
         if rows is not None:
             parts.append(rows)
             mine = np.array([[a, b]], dtype=np.int64)

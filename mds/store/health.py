@@ -310,7 +310,7 @@ class Tiers:
                 return None
             if state.obj is None and not self._try_open(name):
                 return None
-            if name == "disk" and "sqlite" in self.states:
+            if name == "disk" and self.durable:
                 # Writes may have gone to SQLite while LMDB could not follow (or could not drop a
                 # span): it is emptied before it is trusted again, and refills lazily. Without a
                 # durable tier it is the store, and no write went past it (it raised instead).

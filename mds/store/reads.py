@@ -22,7 +22,7 @@ from mds._dtypes import EMPTY_CANDLES, read_only
 from mds.errors import InvalidRequestError, StorageUnavailableError
 from mds.models import Config
 from mds.store.changes import ChangeSlots
-from mds.store.coverage import HISTORY_START, Coverage, covered_tail
+from mds.store.coverage import HISTORY_START, Coverage, covered_tail, fast_rows
 from mds.store.fetch import Fetcher
 from mds.store.health import Moved, StorageDown, Tiers, unanswered
 from mds.store.metrics import SOURCE_RANK, TIER_SOURCE, Metrics, slowest
@@ -312,32 +312,35 @@ class Reader:
             if len(got):
                 self.writer.put_disk(sym, tf, int(got["ts"][0]), end, got, guard)
             return read_only(got), "sqlite_db"
-        # no durable tier: what the fast tiers keep is all the store holds
-        if self.fetcher is None:
-            return read_only(self._latest_from_fast(sym, tf, n, end)), "storage_disk"
+        # no durable tier: what the fast tiers keep is all the store holds (with a Layer 1, the
+        # caller's memory look did not prove the answer: Layer 1 gives it)
         if self.fetcher is not None:
             raise StorageDown()
-        return EMPTY_CANDLES, "storage_memory"
+        rows, from_disk = self._latest_from_fast(sym, tf, n, end)
+        return read_only(rows), "storage_disk" if from_disk else "storage_memory"
 
-    def _latest_from_fast(self, sym: str, tf: Timeframe, n: int, end: int) -> np.ndarray:
+    def _latest_from_fast(self, sym: str, tf: Timeframe, n: int, end: int) -> tuple[np.ndarray, bool]:
         """Without a durable tier the fast tiers are the store: the newest ``n`` candles before
         ``end`` from every range memory or LMDB holds (memory's window can reach further back than
-        LMDB's disk_days), newest range first. StorageDown when a fast tier cannot answer."""
+        LMDB's disk_days), newest range first, and whether LMDB answered a part. StorageDown when
+        a fast tier cannot answer."""
         parts: list[np.ndarray] = []
         have = 0
+        from_disk = False
         for s, e in self.coverage.fast_held(sym, tf)[::-1].tolist():
             e = min(e, end)
             if e <= s:
                 continue
-            rows = self.coverage.held_rows(sym, tf, s, e)[0]
-            parts.insert(0, rows)
-            have += len(rows)
+            rows, disk = fast_rows(self.tiers, sym, tf, s, e)
+            from_disk = from_disk or disk
+            if len(rows):
+                parts.insert(0, rows)
+                have += len(rows)
             if have >= n:
                 break
-        parts = [p for p in parts if len(p)]
         if not parts:
-            return EMPTY_CANDLES
-        return np.concatenate(parts)[-n:] if len(parts) > 1 else parts[0][-n:]
+            return EMPTY_CANDLES, from_disk
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0])[-n:], from_disk
 
     def _to_memory(self, sym: str, tf: Timeframe, rows: np.ndarray, end: int) -> None:
         """Fill the memory tier with the latest rows read from a shared tier: they are exactly the
@@ -408,8 +411,8 @@ class Reader:
 
     def _held_parts(self, sym: str, tf: Timeframe, s: int, e: int, source: str) -> Answer:
         """Without a durable tier, a range that neither fast tier holds whole: every part of it
-        one of them holds (:meth:`Coverage.held_rows`); a part neither holds is not stored."""
-        rows, from_disk = self.coverage.held_rows(sym, tf, s, e)
+        one of them holds (:func:`fast_rows`); a part neither holds is not stored."""
+        rows, from_disk = fast_rows(self.tiers, sym, tf, s, e)
         return read_only(rows), slowest(source, "storage_disk") if from_disk else source
 
     def _range_from_layer1(self, sym: str, tf: Timeframe, s: int, e: int, allow_layer1: bool) -> Answer:

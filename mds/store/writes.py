@@ -23,7 +23,7 @@ from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, StorageUnavailableError
 from mds.models import Config, WriteResult
 from mds.store.changes import ChangeSlots
-from mds.store.coverage import EMPTY_RANGES, Coverage, intersect
+from mds.store.coverage import EMPTY_RANGES, Coverage, fast_rows, intersect
 from mds.store.health import BACKEND_ERRORS, Tiers, storage_errors
 from mds.tiers.durable import DamagedChunkError, SharedHistory
 from mds.timeframes import Timeframe, parse_timeframe
@@ -239,13 +239,13 @@ class Writer:
         try:
             for _ in range(_SHARED_TRIES):
                 slots.begin(sym, tf)
-                counts = self._fast_counts(sym, tf, closed)
                 if not len(spans):
-                    return counts
+                    return (0, 0, 0)
                 refused: list[bool] = []
-                self._fill_fast_tiers(sym, tf, spans, closed, own=_unmoved(slots, sym, tf, refused))
+                counts = [0, 0, 0]  # every closed row lies in one span: the spans' merges count them
+                self._fill_fast_tiers(sym, tf, spans, closed, own=_unmoved(slots, sym, tf, refused), counts=counts)
                 if not refused:
-                    return counts
+                    return counts[0], counts[1], counts[2]
                 # another process wrote the series between this stamp and the fill: merge again
                 logger.info("%s %s: another process wrote the series meanwhile; merging again", sym, tf.name)
                 self.coverage.forget(sym, tf)
@@ -388,11 +388,13 @@ class Writer:
         exact: np.ndarray | None = None,
         to_disk: bool = True,
         own: Callable[[], bool] | None = None,
+        counts: list[int] | None = None,
     ) -> None:
         """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written).
 
         ``batch``: without a durable tier, the rows written (merged with what the fast tiers
-        hold); ``own`` then guards their LMDB fill (see :meth:`_store_shared`). ``exact``: the
+        hold); ``own`` then guards their LMDB fill (see :meth:`_store_shared`), and ``counts``
+        adds up ``(inserted, updated, unchanged)`` of the merges. ``exact``: the
         rows the durable tier holds in the one span, as this store committed them (no read
         back). ``to_disk`` False: an append that LMDB does not take.
         """
@@ -422,7 +424,7 @@ class Writer:
                     continue
             else:
                 guard = own
-                rows = self._merge_with_fast(sym, tf, s, e, batch)
+                rows = self._merge_with_fast(sym, tf, s, e, batch, counts)
             if to_disk:
                 self.put_disk(sym, tf, s, e, rows, guard)
             if mem is not None:
@@ -445,26 +447,21 @@ class Writer:
             if rows is not None:
                 self.put_disk(sym, tf, s, e, rows, guard)
 
-    def _merge_with_fast(self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None) -> np.ndarray:
+    def _merge_with_fast(
+        self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None, counts: list[int] | None = None
+    ) -> np.ndarray:
         """Without a durable tier: every candle the fast tiers hold in [s, e) (in parts too: what
-        neither holds is not stored) merged with the batch."""
+        neither holds is not stored) merged with the batch; its ``(inserted, updated,
+        unchanged)`` are added to ``counts``."""
         part = EMPTY_CANDLES if batch is None else batch[(batch["ts"] >= s) & (batch["ts"] < e)]
         with storage_errors(sym, tf):
-            held = self.coverage.held_rows(sym, tf, s, e)[0]
-        if not len(held):
-            return np.ascontiguousarray(part)
-        merged, *_ = K.merge(np.ascontiguousarray(held), part)
+            held = fast_rows(self.tiers, sym, tf, s, e)[0]
+        merged, ins, upd, unch = K.merge(np.ascontiguousarray(held), np.ascontiguousarray(part))
+        if counts is not None:
+            counts[0] += ins
+            counts[1] += upd
+            counts[2] += unch
         return merged
-
-    def _fast_counts(self, sym: str, tf: Timeframe, closed: np.ndarray) -> tuple[int, int, int]:
-        """Without a durable tier: ``(inserted, updated, unchanged)`` of ``closed`` against what
-        the fast tiers hold."""
-        if not len(closed):
-            return (0, 0, 0)
-        with storage_errors(sym, tf):
-            old = self.coverage.held_rows(sym, tf, int(closed["ts"][0]), int(closed["ts"][-1]) + 1)[0]
-        _, ins, upd, unch = K.merge(np.ascontiguousarray(old), closed)
-        return (ins, upd, unch)
 
     def _committed_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool]:
         """A guard for filling LMDB with the rows this store just committed (not read back): it
@@ -558,7 +555,7 @@ class Writer:
         stored = 0
         if not tiers.durable:  # the fast tiers are the store: what they hold is what goes
             with storage_errors(sym, tf):
-                stored = len(self.coverage.held_rows(sym, tf, lo, hi)[0])
+                stored = len(fast_rows(tiers, sym, tf, lo, hi)[0])
         disk = tiers.tier("disk")
         if disk is not None:
             try:
@@ -576,7 +573,7 @@ class Writer:
                 rows = mem.range(sym, tf, held[0], held[1])
                 if rows is not None:
                     keep = np.ascontiguousarray(rows[(rows["ts"] < lo) | (rows["ts"] >= hi)])
-                    kept = (held, keep, len(rows) - len(keep))
+                    kept = (held, keep)
         forming = None
         if mem is not None:
             forming = mem.partial(sym, tf)  # the candle still forming is kept unless deleted
@@ -599,7 +596,7 @@ class Writer:
             removed = stored
             self.coverage.subtract(key, lo, hi)
         if kept is not None and mem is not None:
-            (hs, he), rows, _ = kept
+            (hs, he), rows = kept
             mem.put_range(sym, tf, hs, he, rows)
         if forming is not None and mem is not None and not lo <= int(forming["ts"][0]) < hi:
             mem.set_partial(sym, tf, forming)
