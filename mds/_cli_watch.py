@@ -80,14 +80,17 @@ class Recorder:
         self.frames = 0
         self.losses = 0
         self.error: OSError | None = None
+        self._last = 0  # ``received`` of the last frame written
 
     def __call__(self, frame: bytes | str) -> None:
         if self.fh is None:
             return
         binary = not isinstance(frame, str)
         text = frame if isinstance(frame, str) else frame.decode("utf-8", "surrogateescape")
-        if self._write({"received": self.clock(), "binary": binary, "frame": text}):
+        received = self.clock()
+        if self._write({"received": received, "binary": binary, "frame": text}):
             self.frames += 1
+            self._last = received
 
     def events(self, events: list[Any]) -> None:
         """Mark the connection losses among the stream's ``events`` (the watch loop's batches).
@@ -95,12 +98,16 @@ class Recorder:
         The watch loop drains every queued event whenever it runs, and the stream reconnects only
         after an ``await`` that lets it run, so the marker lands before the next connection's
         first frame. An ``overflow`` or ``stopped`` end is no loss of the recording.
+
+        The marker's ``received`` is this recorder's stamp of the last frame it wrote, as the
+        replay ends the epoch there; the stream's ``Disconnected.at`` can be earlier (after a
+        keepalive answer it is what that answer proves, see :class:`~mds.layer1.stream.Disconnected`).
         """
         from mds.layer1.stream import Disconnected
 
         for ev in events:
             lost = type(ev) is Disconnected and ev.reason not in ("overflow", "stopped")
-            if lost and self._write({"received": ev.at, "lost": True}):
+            if lost and self._write({"received": max(ev.at, self._last), "lost": True}):
                 self.losses += 1
 
     def flush(self) -> None:

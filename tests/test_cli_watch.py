@@ -311,6 +311,26 @@ def test_a_recording_across_a_lost_connection_replays_with_the_lost_span_uncover
         store.close()
 
 
+def test_the_loss_marker_sits_at_the_last_frame_recorded_even_after_a_keepalive() -> None:
+    """A keepalive answer is recorded when it arrives, but the stream's ``Disconnected.at`` after
+    it is what the answer proves (earlier): the marker still says when the last frame arrived."""
+    from mds.layer1.stream import Disconnected
+
+    ticks = iter([1_000, 2_000, 3_009])
+    fh = io.StringIO()
+    recorder = Recorder(fh, clock=lambda: next(ticks))
+    recorder('{"ty":"trade"}')
+    recorder('{"status":"UP"}')
+    recorder.events([Disconnected(1, 1_400, 3_500, "closed")])  # the answer proved 1,400 only
+    recorder('{"ty":"trade"}')
+    recorder.events([Disconnected(2, 3_010, 3_600, "error")])  # the stream read its clock later
+    recorder.events([Disconnected(3, 3_020, 3_700, "overflow")])  # no loss of the recording
+    lines = [json.loads(line) for line in fh.getvalue().splitlines()]
+    assert [ln["received"] for ln in lines] == [1_000, 2_000, 2_000, 3_009, 3_010]
+    assert [ln.get("lost", False) for ln in lines] == [False, False, True, False, True]
+    assert recorder.losses == 2 and recorder.frames == 3
+
+
 def test_an_unwritable_recording_is_one_error_line_and_no_reconnects(fake: FakeUpbit) -> None:
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
