@@ -360,3 +360,31 @@ def test_a_newer_version_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     for readonly in (False, True):
         with pytest.raises(StorageUnavailableError, match="schema version 5, newer than this mds \\(4\\): upgrade mds"):
             _store(path, now, readonly=readonly)
+
+
+def test_a_decoded_chunk_is_reused_only_for_the_same_stored_bytes() -> None:
+    """Decoded codec-2 chunks are kept for the next read of the same bytes; any other bytes under
+    the same key (a rewritten chunk with an equal checksum and length, damage) decode again."""
+    a = dense_candles(CHUNK_SLOTS, T0, seed=3)
+    crc = row_checksum(a, 0, len(a))
+    blob = encode(a, CODEC_2)
+    first = verified(CODEC_2, crc, blob)
+    assert first.tobytes() == a.tobytes() and not first.flags.writeable
+    again = verified(CODEC_2, crc, bytes(blob))  # equal bytes, another object
+    assert again is first
+    # the same length and checksum, other bytes: a flipped bit of the compressed stream
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x10
+    with pytest.raises(Damage):
+        verified(CODEC_2, crc, bytes(bad))
+    # the same rows written under other blosc settings: other bytes, decoded again, the same rows
+    blosc.set_blocksize(8192)
+    try:
+        other = encode(a, CODEC_2)
+    finally:
+        blosc.set_blocksize(0)
+    assert other != blob
+    rows = verified(CODEC_2, crc, memoryview(other))
+    assert rows is not first and rows.tobytes() == a.tobytes()
+    with pytest.raises(ValueError):
+        rows["close"][0] = 1.0  # shared with later reads: nobody may change them
