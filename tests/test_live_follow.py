@@ -96,7 +96,9 @@ def test_twenty_markets_for_thirty_minutes_with_drops(tmp_path: Path) -> None:
                     n = live.stats()["epochs"]
                     wait_for(lambda n=n: live.stats()["epochs"] > n, "the reconnect")  # type: ignore[misc]
                 if minute == 5 and not up.ws.faults:
-                    up.ws.inject("duplicate", times=5)
+                    # the next 60 frames twice, whichever kind comes next (tickers, trades, candles):
+                    # enough trades among them for the dedup figures below
+                    up.ws.inject("duplicate", times=60)
                 clock.advance(3_000)
                 if not lost_until:
                     now = clock()

@@ -8,6 +8,8 @@ its change stamp moves (another process or store wrote it), see :meth:`Coverage.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from mds import _kernels as K
@@ -54,17 +56,21 @@ class Coverage:
         return cov
 
     def fast_held(self, sym: str, tf: Timeframe) -> np.ndarray:
-        """The union of the ranges memory and LMDB hold of a series (each exactly as stored)."""
+        """The union of the whole intervals memory and LMDB hold of a series: StorageDown when
+        one cannot answer. LMDB's retention cuts its ranges at a time that is rarely on the
+        timeframe's grid: the interval it cuts through is not held (its candle is gone)."""
+        mem, disk = usable_fast(self.tiers)
         parts = [EMPTY_RANGES]
-        mem = self.tiers.tier("memory")
         held = None if mem is None else mem.held(sym, tf)
         if held is not None:
             parts.append(np.array([held], dtype=np.int64))
-        disk = self.tiers.tier("disk")
-        ranges = None if disk is None else self.tiers.guard("disk", disk.held, sym, tf)
-        if ranges is not None and len(ranges):
+        if disk is not None:
+            ranges = self.tiers.guard("disk", disk.held, sym, tf)
+            if ranges is None:
+                raise StorageDown(reason="the disk tier cannot answer")
             parts.append(np.asarray(ranges, dtype=np.int64).reshape(-1, 2))
-        return K.interval_normalize(np.concatenate(parts))
+        whole = [(tf.ceil(a), tf.floor(b)) for a, b in np.concatenate(parts).tolist()]
+        return K.interval_normalize(np.array([ab for ab in whole if ab[0] < ab[1]], dtype=np.int64).reshape(-1, 2))
 
     def set(self, key: tuple[str, str], cov: np.ndarray) -> None:
         self.ranges[key] = cov
@@ -208,18 +214,27 @@ def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return K.interval_subtract(a, K.interval_subtract(a, b))
 
 
+def usable_fast(tiers: Tiers) -> tuple[Any, Any]:
+    """Without a durable tier, where the fast tiers are the store: ``(memory, LMDB)`` as
+    configured (None: not configured). A configured one that cannot answer now (degraded) leaves
+    what is stored unknown: StorageDown, never a store that looks emptier."""
+    state = tiers.states.get("memory")
+    if state is not None and state.degraded_at is not None:
+        raise StorageDown(reason=f"the memory tier cannot answer ({state.error})")
+    disk = tiers.tier("disk")
+    if disk is None and "disk" in tiers.states:
+        raise StorageDown(reason=f"the disk tier cannot answer ({tiers.states['disk'].error or 'degraded'})")
+    return tiers.tier("memory"), disk
+
+
 def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np.ndarray, bool]:
     """Without a durable tier, where the fast tiers are the store: every candle of ``[lo, hi)``
     one of them holds (memory's window first, LMDB for the rest; what neither holds is not
     stored), and whether LMDB answered a part. A configured fast tier that cannot answer now
     (degraded) leaves what is stored unknown: StorageDown, never fewer rows."""
-    for name in ("memory", "disk"):
-        state = tiers.states.get(name)
-        if state is not None and state.degraded_at is not None:
-            raise StorageDown(reason=f"the {name} tier cannot answer ({state.error})")
+    mem, disk = usable_fast(tiers)
     parts: list[np.ndarray] = []
     mine = EMPTY_RANGES
-    mem = tiers.tier("memory")
     held = None if mem is None else mem.held(sym, tf)
     if held is not None:
         a, b = max(lo, held[0]), min(hi, held[1])
@@ -228,7 +243,6 @@ def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[
             parts.append(rows)
             mine = np.array([[a, b]], dtype=np.int64)
     from_disk = False
-    disk = tiers.tier("disk")
     if disk is not None:
         ranges = tiers.guard("disk", disk.held, sym, tf)
         if ranges is None:

@@ -16,7 +16,7 @@ import numpy as np
 from mds.errors import StorageUnavailableError
 from mds.models import SeriesInfo
 from mds.store.changes import ChangeSlots
-from mds.store.coverage import Coverage, fast_rows
+from mds.store.coverage import Coverage, fast_rows, usable_fast
 from mds.store.health import StorageDown, Tiers
 from mds.timeframes import TIMEFRAMES, Timeframe
 
@@ -85,13 +85,15 @@ def list_series(tiers: Tiers, coverage: Coverage) -> list[SeriesInfo]:
 def _fast_series(tiers: Tiers) -> set[tuple[str, str]]:
     """The series memory and LMDB hold a range of (the store has no durable tier)."""
     keys: set[tuple[str, str]] = set()
-    disk = tiers.tier("disk")
+    try:
+        mem, disk = usable_fast(tiers)
+    except StorageDown as down:
+        raise StorageUnavailableError(f"cannot list the stored series: {down.reason}") from None
     if disk is not None:
         listed = tiers.guard("disk", disk.series)
         if listed is None:
             raise StorageUnavailableError("the LMDB tier cannot list its series")
         keys.update((str(s), str(t)) for s, t in listed)
-    mem = tiers.tier("memory")
     if mem is not None:
         keys.update(mem.series())
     return keys

@@ -23,8 +23,8 @@ from mds.convert import candles_from_upbit
 from mds.errors import InvalidCandleError, InvalidRequestError, StorageUnavailableError
 from mds.models import Config, WriteResult
 from mds.store.changes import ChangeSlots
-from mds.store.coverage import EMPTY_RANGES, Coverage, fast_rows, intersect
-from mds.store.health import BACKEND_ERRORS, Tiers, storage_errors
+from mds.store.coverage import EMPTY_RANGES, Coverage, fast_rows, intersect, usable_fast
+from mds.store.health import BACKEND_ERRORS, StorageDown, Tiers, storage_errors
 from mds.tiers.durable import DamagedChunkError, SharedHistory
 from mds.timeframes import Timeframe, parse_timeframe
 from mds.timeutil import to_ms
@@ -195,7 +195,7 @@ class Writer:
                     start = first if not len(covered) else int(spans[0, 0])
                     self._deferred.append(_Fill(sym, tf, spans, exact, n, start))  # filled after the commit
                 else:
-                    self._fill_fast_tiers(sym, tf, spans, None, exact, to_disk)
+                    self._fill_fast_tiers(sym, tf, spans, exact, to_disk)
             if len(partial) and mem is not None:
                 mem.set_partial(sym, tf, partial[-1:].copy())
             if not self.depth:  # a batch maintains once, after its commit
@@ -212,15 +212,19 @@ class Writer:
         first: int,
         last: int,
     ) -> tuple[int, int, int]:
-        """:meth:`store` without a durable tier (under the lock): the fast tiers are the store."""
-        tiers = self.tiers
-        if len(covered):
-            self.coverage.add(sym, tf, covered)
-        mem = tiers.tier("memory")
-        if mem is not None and tiers.tier("disk") is None:
+        """:meth:`store` without a durable tier (under the lock): the fast tiers are the store.
+        Their coverage is added once the rows are stored (a refused write proves nothing)."""
+        try:
+            mem, disk = usable_fast(self.tiers)
+        except StorageDown as down:
+            raise StorageUnavailableError(f"{sym} {tf.name}: {down.reason}; nothing was stored") from None
+        if disk is None:
+            assert mem is not None  # a store has at least one tier
             counts = _write_memory(mem, sym, tf, closed, covered, first, last)  # memory is the whole store
         else:
             counts = self._store_shared(sym, tf, closed, covered)
+        if len(covered):
+            self.coverage.add(sym, tf, covered)
         if len(partial) and mem is not None:
             mem.set_partial(sym, tf, partial[-1:].copy())
         return counts
@@ -232,25 +236,25 @@ class Writer:
         a write of the series since this stamp (checked inside LMDB's write transaction): a fill
         refused so is merged again with what the other left, up to :data:`_SHARED_TRIES` times.
 
-        Raises StorageUnavailableError when other processes kept writing the series; spans this
-        write filled before that keep its rows."""
+        Raises StorageUnavailableError when other processes kept writing the series, or LMDB
+        could not take the write: nothing of it is stored then."""
         spans = _spans(tf, closed, covered)
         slots = self.slots
         try:
             for _ in range(_SHARED_TRIES):
                 slots.begin(sym, tf)
+                if (sym, tf.name) in slots.contested:
+                    # another writer moved the stamp since this process last looked (after the
+                    # store's sync, too): what memory holds of the series may predate its write
+                    self.coverage.forget(sym, tf)
                 if not len(spans):
                     return (0, 0, 0)
-                refused: list[bool] = []
-                counts = [0, 0, 0]  # every closed row lies in one span: the spans' merges count them
-                self._fill_fast_tiers(sym, tf, spans, closed, own=_unmoved(slots, sym, tf, refused), counts=counts)
-                if not refused:
-                    return counts[0], counts[1], counts[2]
+                counts = self._fill_shared(sym, tf, spans, closed)
+                if counts is not None:
+                    return counts
                 # another process wrote the series between this stamp and the fill: merge again
                 logger.info("%s %s: another process wrote the series meanwhile; merging again", sym, tf.name)
                 self.coverage.forget(sym, tf)
-                if len(covered):
-                    self.coverage.add(sym, tf, covered)
         finally:
             self.end_changes()
         raise StorageUnavailableError(
@@ -384,19 +388,13 @@ class Writer:
         sym: str,
         tf: Timeframe,
         spans: np.ndarray,
-        batch: np.ndarray | None,
         exact: np.ndarray | None = None,
         to_disk: bool = True,
-        own: Callable[[], bool] | None = None,
-        counts: list[int] | None = None,
     ) -> None:
         """Make LMDB and memory hold exactly what the durable tier holds in ``spans`` (just written).
 
-        ``batch``: without a durable tier, the rows written (merged with what the fast tiers
-        hold); ``own`` then guards their LMDB fill (see :meth:`_store_shared`), and ``counts``
-        adds up ``(inserted, updated, unchanged)`` of the merges. ``exact``: the
-        rows the durable tier holds in the one span, as this store committed them (no read
-        back). ``to_disk`` False: an append that LMDB does not take.
+        ``exact``: the rows the durable tier holds in the one span, as this store committed them
+        (no read back). ``to_disk`` False: an append that LMDB does not take.
         """
         tiers = self.tiers
         mem = tiers.tier("memory")
@@ -405,7 +403,6 @@ class Writer:
         db = tiers.tier("sqlite")
         if tiers.tier("disk") is None and mem is None:
             return
-        cap = self.config.memory_candles
         for s, e in spans.tolist():
             guard: Callable[[], bool] | None = None
             rows: np.ndarray | None
@@ -413,29 +410,60 @@ class Writer:
                 if to_disk:
                     guard = self._committed_guard(sym, tf)
                 rows = exact
-            elif db is not None:
+            else:
                 # Another store (thread or process) may commit the same series between this read
                 # and the LMDB write: the guard, checked inside LMDB's write transaction, then
                 # refuses the fill, so LMDB never keeps the earlier of two commits.
                 guard = self.fill_guard(sym, tf)
-                rows = tiers.guard("sqlite", db.read_range, sym, tf, s, e)
+                rows = None if db is None else tiers.guard("sqlite", db.read_range, sym, tf, s, e)
                 if rows is None:
                     self.invalidate_fast(sym, tf, s, e)
                     continue
-            else:
-                guard = own
-                rows = self._merge_with_fast(sym, tf, s, e, batch, counts)
             if to_disk:
                 self.put_disk(sym, tf, s, e, rows, guard)
             if mem is not None:
-                if len(rows) > cap:
-                    # memory takes the newest part of the span only: what its window held of the
-                    # rest is older than this write (a window proven empty there would go on
-                    # claiming it so), so the window starts afresh
-                    rows = rows[-cap:]
-                    s = int(rows["ts"][0])
-                    _drop_window(mem, sym, tf)
-                mem.put_range(sym, tf, s, e, np.ascontiguousarray(rows))
+                self._fill_memory(mem, sym, tf, s, e, rows)
+
+    def _fill_memory(self, mem: Any, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray) -> None:
+        """Memory holds exactly ``rows`` in ``[s, e)``, or, when they are more than its window, the
+        newest of them: what its window held of the rest is older than this write (a window
+        proven empty there would go on claiming it so), so the window starts afresh."""
+        cap = self.config.memory_candles
+        if len(rows) > cap:
+            rows = rows[-cap:]
+            s = int(rows["ts"][0])
+            _drop_window(mem, sym, tf)
+        mem.put_range(sym, tf, s, e, np.ascontiguousarray(rows))
+
+    def _fill_shared(
+        self, sym: str, tf: Timeframe, spans: np.ndarray, batch: np.ndarray
+    ) -> tuple[int, int, int] | None:
+        """Without a durable tier (see :meth:`_store_shared`): each span's rows, what the fast tiers
+        hold merged with ``batch``, go to LMDB in one transaction (all spans or none), then to
+        memory. Returns the merges' ``(inserted, updated, unchanged)``; None, with nothing
+        stored, when another writer began a write of the series since its stamp now."""
+        tiers = self.tiers
+        refused: list[bool] = []
+        own = _unmoved(self.slots, sym, tf, refused)
+        counts = [0, 0, 0]  # every row of the batch lies in one span: the spans' merges count them
+        parts = [(s, e, self._merge_with_fast(sym, tf, s, e, batch, counts)) for s, e in spans.tolist()]
+        disk = tiers.tier("disk")
+        if disk is None or not tiers.writable:
+            raise StorageUnavailableError(f"{sym} {tf.name}: the disk tier cannot take the write; nothing was stored")
+        done = tiers.guard("disk", disk.put_ranges, sym, tf, parts, own)
+        if refused:
+            return None
+        if done is None:
+            state = tiers.states["disk"]
+            raise StorageUnavailableError(
+                f"{sym} {tf.name}: the disk tier, the store's only persistent tier, could not take the write "
+                f"({state.error or 'a transient failure'}); it was not stored"
+            )
+        mem = tiers.tier("memory")
+        if mem is not None:
+            for s, e, rows in parts:
+                self._fill_memory(mem, sym, tf, s, e, rows)
+        return counts[0], counts[1], counts[2]
 
     def _refill_disk(self, sym: str, tf: Timeframe, spans: np.ndarray) -> None:
         db = self.tiers.tier("sqlite")
@@ -448,19 +476,18 @@ class Writer:
                 self.put_disk(sym, tf, s, e, rows, guard)
 
     def _merge_with_fast(
-        self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray | None, counts: list[int] | None = None
+        self, sym: str, tf: Timeframe, s: int, e: int, batch: np.ndarray, counts: list[int]
     ) -> np.ndarray:
         """Without a durable tier: every candle the fast tiers hold in [s, e) (in parts too: what
         neither holds is not stored) merged with the batch; its ``(inserted, updated,
         unchanged)`` are added to ``counts``."""
-        part = EMPTY_CANDLES if batch is None else batch[(batch["ts"] >= s) & (batch["ts"] < e)]
+        part = batch[(batch["ts"] >= s) & (batch["ts"] < e)]
         with storage_errors(sym, tf):
             held = fast_rows(self.tiers, sym, tf, s, e)[0]
         merged, ins, upd, unch = K.merge(np.ascontiguousarray(held), np.ascontiguousarray(part))
-        if counts is not None:
-            counts[0] += ins
-            counts[1] += upd
-            counts[2] += unch
+        counts[0] += ins
+        counts[1] += upd
+        counts[2] += unch
         return merged
 
     def _committed_guard(self, sym: str, tf: Timeframe) -> Callable[[], bool]:
@@ -514,7 +541,7 @@ class Writer:
             mem = states.get("memory")
             if mem is not None:
                 mem.obj.invalidate(sym, tf)
-        if only in (None, "disk"):
+        if only in (None, "disk") and self.tiers.durable:  # without one, LMDB is the store, no copy
             state = states.get("disk")
             if state is not None and state.obj is not None:
                 try:
@@ -562,6 +589,11 @@ class Writer:
                 disk.delete(sym, tf, s, e)
             except BACKEND_ERRORS as exc:
                 tiers.degrade("disk", exc)
+                if not tiers.durable:  # LMDB is the store: its transaction changed nothing
+                    raise StorageUnavailableError(
+                        f"{sym} {tf.name}: the disk tier, the store's only persistent tier, could not take "
+                        f"the delete ({exc}); nothing was removed"
+                    ) from exc
                 self.invalidate_fast(sym, tf, lo, hi, only="disk")
         elif tiers.durable:
             tiers.mark_disk_stale()
@@ -668,7 +700,7 @@ class Writer:
                 # no flags: the batch began without the durable tier (fills as without a batch)
                 for f, disk_too in zip(work, to_disk or [True] * len(work)):
                     if not _fill_live_edge(mem, cap, f.sym, f.tf, f.spans, f.exact, disk_too):
-                        self._fill_fast_tiers(f.sym, f.tf, f.spans, None, f.exact, disk_too)
+                        self._fill_fast_tiers(f.sym, f.tf, f.spans, f.exact, disk_too)
                 self.maybe_maintain()
 
     def maybe_maintain(self) -> None:

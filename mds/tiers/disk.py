@@ -397,29 +397,47 @@ class LmdbTier:
             The map is full at its cap or the disk failed; the tier is then degraded (reads
             keep working, the write changed nothing).
         """
-        start, end = int(start), int(end)
-        if candles.dtype != CANDLE_DTYPE:
-            raise TypeError(f"candles must be CANDLE_DTYPE, got {candles.dtype}")
+        return self.put_ranges(symbol, tf, [(start, end, candles)], guard)
+
+    def put_ranges(
+        self,
+        symbol: str,
+        tf: Timeframe,
+        parts: list[tuple[int, int, np.ndarray]],
+        guard: Callable[[], bool] | None = None,
+    ) -> int:
+        """:meth:`put_range` of each ``(start, end, candles)`` of one series, all in one
+        transaction: every range is stored, or (a full map, a refusing ``guard``) none."""
+        for _, _, candles in parts:
+            if candles.dtype != CANDLE_DTYPE:
+                raise TypeError(f"candles must be CANDLE_DTYPE, got {candles.dtype}")
         now = self.clock()
         cutoff = self._cutoff(now)
-        start = max(start, cutoff)
-        if end <= start:
+        todo: list[tuple[int, int, np.ndarray]] = []
+        for start, end, candles in parts:
+            start, end = max(int(start), cutoff), int(end)
+            if end <= start:
+                continue
+            ts = candles["ts"]
+            todo.append(
+                (start, end, np.ascontiguousarray(candles[int(ts.searchsorted(start)) : int(ts.searchsorted(end))]))
+            )
+        if not todo:
             return 0
-        ts = candles["ts"]
-        rows = np.ascontiguousarray(candles[int(ts.searchsorted(start)) : int(ts.searchsorted(end))])
         prefix = self._prefix(symbol, tf)
         period = self._period(tf)
 
         def apply(h: _Env, txn: Any) -> None:
             if guard is not None and not guard():
                 raise _Refused
-            _store_range(h, txn, prefix, period, start, end, rows, now, cutoff)
+            for start, end, rows in todo:
+                _store_range(h, txn, prefix, period, start, end, rows, now, cutoff)
 
         try:
-            self._write(apply, needed=rows.nbytes + 4096)
+            self._write(apply, needed=sum(rows.nbytes + 4096 for _, _, rows in todo))
         except _Refused:
             return 0
-        return len(rows)
+        return sum(len(rows) for _, _, rows in todo)
 
     def delete(self, symbol: str, tf: Timeframe, start: int | None = None, end: int | None = None) -> int:
         """Remove the series' candles in ``[start, end)`` (None: unbounded) and stop holding it.
