@@ -56,9 +56,10 @@ class Coverage:
         return cov
 
     def fast_held(self, sym: str, tf: Timeframe) -> np.ndarray:
-        """The union of the whole intervals memory and LMDB hold of a series: StorageDown when
-        one cannot answer. LMDB's retention cuts its ranges at a time that is rarely on the
-        timeframe's grid: the interval it cuts through is not held (its candle is gone)."""
+        """The union of the ranges memory and LMDB hold of a series, as intervals of the
+        timeframe (both ends rounded up: the same open times); StorageDown when one cannot
+        answer. LMDB's retention cuts its ranges at a time that is rarely on the timeframe's
+        grid: the interval it cuts through is not held (its candle opened before the cut)."""
         mem, disk = usable_fast(self.tiers)
         parts = [EMPTY_RANGES]
         held = None if mem is None else mem.held(sym, tf)
@@ -69,7 +70,7 @@ class Coverage:
             if ranges is None:
                 raise StorageDown(reason="the disk tier cannot answer")
             parts.append(np.asarray(ranges, dtype=np.int64).reshape(-1, 2))
-        whole = [(tf.ceil(a), tf.floor(b)) for a, b in np.concatenate(parts).tolist()]
+        whole = [(tf.ceil(a), tf.ceil(b)) for a, b in np.concatenate(parts).tolist()]
         return K.interval_normalize(np.array([ab for ab in whole if ab[0] < ab[1]], dtype=np.int64).reshape(-1, 2))
 
     def set(self, key: tuple[str, str], cov: np.ndarray) -> None:
@@ -151,9 +152,12 @@ class Coverage:
             if last is not None:
                 ends.append(tf.add(int(last), 1))
         else:
-            for name in ("disk", "memory"):
-                t = self.tiers.tier(name)
+            store = not self.tiers.durable  # the fast tiers are the store: each must answer
+            mem, disk = usable_fast(self.tiers) if store else (self.tiers.tier("memory"), self.tiers.tier("disk"))
+            for name, t in (("disk", disk), ("memory", mem)):
                 held = None if t is None else self.tiers.guard(name, t.held, sym, tf)
+                if held is None and store and name == "disk" and t is not None:
+                    raise StorageDown(reason="the disk tier cannot answer")
                 if held is not None and len(held):
                     ends.append(int(np.asarray(held, dtype=np.int64).reshape(-1, 2)[-1, 1]))
         front = max(ends) if ends else None

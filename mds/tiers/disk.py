@@ -353,7 +353,10 @@ class LmdbTier:
         """:meth:`held` of several series, read in one transaction (a batch's writes look at
         LMDB once before they commit), each as a flat list ``[s0, e0, s1, e1, ...]``."""
         prefixes = [self._prefix(symbol, tf) for symbol, tf in series]
-        flats = self._read(lambda h, txn: [_held_of(h, txn, p) for p in prefixes]) or [[] for _ in prefixes]
+        flats = self._read(lambda h, txn: [_held_of(h, txn, p) for p in prefixes])
+        if flats is None:
+            # never "nothing held": where LMDB is the store, that would read as an empty store
+            raise StorageUnavailableError("the LMDB disk tier could not be read (see the log)")
         cutoff = self._cutoff(self.clock())
         return [_subtract(flat, -(1 << 62), cutoff) if flat and flat[0] < cutoff else flat for flat in flats]
 
