@@ -20,6 +20,16 @@ logger = logging.getLogger(__name__)
 #: How long a write waits for another host's lock on the same series before it fails.
 LOCK_TIMEOUT_MS = 30_000
 
+#: Run once on every new connection: the server process allocates and frees a 4 MiB value.
+#: A chunk (56 KiB) is read into memory the server allocates outside its pools; on glibc, a new
+#: server process gives such memory back to the system after every statement (its trim threshold
+#: starts at 128 KiB) and takes it again at the next one, page faults and all. Freeing one large
+#: block raises that threshold for the life of the process (glibc's dynamic mmap threshold, to
+#: 2x the block: 8 MiB kept at most). Measured on PostgreSQL 15 here: a 1,000-candle range
+#: statement on a new connection 113-118 us, after this statement 75-80 us (as on a connection
+#: that had written a large batch); it costs about 0.3 ms once. Harmless elsewhere.
+_SQL_WARM = "SELECT length(repeat('x', 4194304))"
+
 
 def translate(exc: BaseException, where: str) -> StorageUnavailableError:
     """The StorageUnavailableError for a psycopg error raised while talking to ``where``."""
@@ -100,6 +110,11 @@ def connect(
             keepalives_count=3,
         )
     except psycopg.Error as exc:
+        raise translate(exc, redact(url)) from exc
+    try:
+        conn.execute(_SQL_WARM, prepare=False)
+    except psycopg.Error as exc:
+        close_quietly(conn)
         raise translate(exc, redact(url)) from exc
     conn.prepare_threshold = 1  # the few statements of the hot paths run prepared from their 2nd use
     return conn
