@@ -7,6 +7,7 @@ failed on the code it was written against (fixed in the commit that added them).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
@@ -73,11 +74,20 @@ class _ReadsFail:
         return getattr(self._env, name)
 
 
-def _lmdb_reads_fail(st: mds.Store) -> tuple[object, lmdb.Environment]:
-    handle = st._health.states["disk"].obj._env
-    real = handle.env
-    handle.env = _ReadsFail(real)
-    return handle, real
+@contextlib.contextmanager
+def _stored_then_lmdb_reads_fail(tmp_path: Path, tiers: tuple) -> Iterator[tuple[mds.Store, np.ndarray]]:
+    """200 candles stored and the store opened again, its LMDB reads failing inside the block."""
+    arr = dense_candles(200, T - 200 * MIN, MIN, seed=3)
+    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
+        st.write_candles(SYM, TF, arr)
+    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
+        handle = st._health.states["disk"].obj._env
+        real = handle.env
+        handle.env = _ReadsFail(real)
+        try:
+            yield st, arr
+        finally:
+            handle.env = real
 
 
 @pytest.mark.parametrize("tiers", FAST)
@@ -91,23 +101,16 @@ def test_a_failed_lmdb_read_never_answers_an_empty_store(tmp_path: Path, tiers: 
     StorageUnavailableError (a typed error, as series() and gaps() do here). Not new in 851ac61
     (it fails on 3beaa13 too), but that commit's promise, "a degraded LMDB answers nothing",
     rests on held() reporting a failure it swallows."""
-    arr = dense_candles(200, T - 200 * MIN, MIN, seed=3)
-    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
-        st.write_candles(SYM, TF, arr)
-    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
-        handle, real = _lmdb_reads_fail(st)
-        try:
-            for want, read in (
-                (arr, lambda: st.candles(SYM, TF, start=int(arr["ts"][0]), end=T)),
-                (arr[-10:], lambda: st.candles(SYM, TF, count=10)),
-            ):
-                try:
-                    got = read()
-                except mds.MdsError:
-                    continue  # a typed error: right
-                assert np.array_equal(got, want)  # before the fix: an empty array
-        finally:
-            handle.env = real
+    with _stored_then_lmdb_reads_fail(tmp_path, tiers) as (st, arr):
+        for want, read in (
+            (arr, lambda: st.candles(SYM, TF, start=int(arr["ts"][0]), end=T)),
+            (arr[-10:], lambda: st.candles(SYM, TF, count=10)),
+        ):
+            try:
+                got = read()
+            except mds.MdsError:
+                continue  # a typed error: right
+            assert np.array_equal(got, want)  # before the fix: an empty array
 
 
 @pytest.mark.parametrize("tiers", FAST)
@@ -117,16 +120,8 @@ def test_a_write_while_lmdb_reads_fail_erases_no_stored_candle(tmp_path: Path, t
     that the span's content. Writing back 2 of 200 stored candles (ts[10] and ts[20], unchanged)
     deletes the 9 stored candles between them, and write_candles reports 2 inserted. The write
     should raise StorageUnavailableError and change nothing (or merge with what is stored)."""
-    arr = dense_candles(200, T - 200 * MIN, MIN, seed=3)
-    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
-        st.write_candles(SYM, TF, arr)
-    with mds.open(tmp_path, config=Config(tiers=tiers), clock=clock) as st:
-        handle, real = _lmdb_reads_fail(st)
-        try:
-            with contextlib.suppress(mds.MdsError):
-                st.write_candles(SYM, TF, arr[[10, 20]])
-        finally:
-            handle.env = real
+    with _stored_then_lmdb_reads_fail(tmp_path, tiers) as (st, arr), contextlib.suppress(mds.MdsError):
+        st.write_candles(SYM, TF, arr[[10, 20]])
     with mds.open(tmp_path, config=Config(tiers=("disk",)), clock=clock) as fresh:
         got = fresh.candles(SYM, TF, start=int(arr["ts"][0]), end=T)
         assert len(got) == 200  # before the fix: 191, ts[11] .. ts[19] erased

@@ -66,10 +66,7 @@ class Coverage:
         if held is not None:
             parts.append(np.array([held], dtype=np.int64))
         if disk is not None:
-            ranges = self.tiers.guard("disk", disk.held, sym, tf)
-            if ranges is None:
-                raise StorageDown(reason="the disk tier cannot answer")
-            parts.append(np.asarray(ranges, dtype=np.int64).reshape(-1, 2))
+            parts.append(disk_held(self.tiers, disk, sym, tf))
         whole = [(tf.ceil(a), tf.ceil(b)) for a, b in np.concatenate(parts).tolist()]
         return K.interval_normalize(np.array([ab for ab in whole if ab[0] < ab[1]], dtype=np.int64).reshape(-1, 2))
 
@@ -154,10 +151,14 @@ class Coverage:
         else:
             store = not self.tiers.durable  # the fast tiers are the store: each must answer
             mem, disk = usable_fast(self.tiers) if store else (self.tiers.tier("memory"), self.tiers.tier("disk"))
-            for name, t in (("disk", disk), ("memory", mem)):
-                held = None if t is None else self.tiers.guard(name, t.held, sym, tf)
-                if held is None and store and name == "disk" and t is not None:
-                    raise StorageDown(reason="the disk tier cannot answer")
+            helds: list[Any] = []
+            if disk is not None:
+                helds.append(
+                    disk_held(self.tiers, disk, sym, tf) if store else self.tiers.guard("disk", disk.held, sym, tf)
+                )
+            if mem is not None:
+                helds.append(self.tiers.guard("memory", mem.held, sym, tf))
+            for held in helds:
                 if held is not None and len(held):
                     ends.append(int(np.asarray(held, dtype=np.int64).reshape(-1, 2)[-1, 1]))
         front = max(ends) if ends else None
@@ -231,6 +232,15 @@ def usable_fast(tiers: Tiers) -> tuple[Any, Any]:
     return tiers.tier("memory"), disk
 
 
+def disk_held(tiers: Tiers, disk: Any, sym: str, tf: Timeframe) -> np.ndarray:
+    """LMDB's held ranges of a series, ``int64[k, 2]``, where LMDB is the store: StorageDown when
+    it cannot answer (never "holds nothing")."""
+    ranges = tiers.guard("disk", disk.held, sym, tf)
+    if ranges is None:
+        raise StorageDown(reason="the disk tier cannot answer")
+    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+
+
 def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[np.ndarray, bool]:
     """Without a durable tier, where the fast tiers are the store: every candle of ``[lo, hi)``
     one of them holds (memory's window first, LMDB for the rest; what neither holds is not
@@ -248,11 +258,8 @@ def fast_rows(tiers: Tiers, sym: str, tf: Timeframe, lo: int, hi: int) -> tuple[
             mine = np.array([[a, b]], dtype=np.int64)
     from_disk = False
     if disk is not None:
-        ranges = tiers.guard("disk", disk.held, sym, tf)
-        if ranges is None:
-            raise StorageDown(reason="the disk tier cannot answer")
         want = np.array([[lo, hi]], dtype=np.int64)
-        rest = K.interval_subtract(intersect(want, np.asarray(ranges, np.int64).reshape(-1, 2)), mine)
+        rest = K.interval_subtract(intersect(want, disk_held(tiers, disk, sym, tf)), mine)
         for a, b in rest.tolist():
             rows = tiers.guard("disk", disk.get_range, sym, tf, a, b)
             if rows is None:

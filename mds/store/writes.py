@@ -516,21 +516,14 @@ class Writer:
     def put_disk(
         self, sym: str, tf: Timeframe, s: int, e: int, rows: np.ndarray, guard: Callable[[], bool] | None = None
     ) -> None:
-        """Make LMDB hold ``rows`` as exactly the stored candles of ``[s, e)``; the tier itself
-        keeps only the part inside its retention window. A failed write leaves LMDB not holding
-        the span, so it cannot answer older data later."""
+        """Make LMDB, a copy of the durable tier, hold ``rows`` as exactly the stored candles of
+        ``[s, e)``; the tier itself keeps only the part inside its retention window. A failed
+        write leaves LMDB not holding the span, so it cannot answer older data later. (Without
+        a durable tier LMDB is the store, written by :meth:`_fill_shared`.)"""
         disk = self.tiers.tier("disk")
         if disk is None or not self.tiers.writable:
             return
         done = self.tiers.guard("disk", disk.put_range, sym, tf, s, e, np.ascontiguousarray(rows), guard)
-        if done is None and not self.tiers.durable:
-            # LMDB is the store and its write transaction changed nothing: the write failed (and
-            # LMDB keeps what it held: it must not be emptied as a copy of a durable tier would be)
-            state = self.tiers.states["disk"]
-            raise StorageUnavailableError(
-                f"{sym} {tf.name}: the disk tier, the store's only persistent tier, could not take the write "
-                f"({state.error or 'a transient failure'}); it was not stored"
-            )
         if done is None and self.tiers.states["disk"].degraded_at is not None:
             self.invalidate_fast(sym, tf, s, e, only="disk")
 
